@@ -1,0 +1,50 @@
+"""Configuration, read once from the environment variables that template.yaml declares."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from core.allowlist import parse_allowed_hosts
+
+DEFAULT_PREFIX = "servicenow-oauth/"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob the functions have; defaults are the documented ones."""
+
+    secret_prefix: str = DEFAULT_PREFIX
+    allowed_hosts: tuple[str, ...] = parse_allowed_hosts(None)
+    refresh_leeway_seconds: int = 600
+    refresh_token_warning_days: int = 14
+    state_key_secret_id: str = f"{DEFAULT_PREFIX}_state-key"
+    callback_url: str | None = None
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a whole number, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"environment variable {name} must not be negative")
+    return value
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build `Settings` from the environment (`os.environ` unless a mapping is given)."""
+    env = os.environ if environ is None else environ
+    prefix = env.get("CONNECTION_SECRET_PREFIX") or DEFAULT_PREFIX
+    return Settings(
+        secret_prefix=prefix,
+        allowed_hosts=parse_allowed_hosts(env.get("SERVICENOW_ALLOWED_HOSTS")),
+        refresh_leeway_seconds=_int(env, "REFRESH_LEEWAY_SECONDS", 600),
+        refresh_token_warning_days=_int(env, "REFRESH_TOKEN_WARNING_DAYS", 14),
+        state_key_secret_id=env.get("STATE_KEY_SECRET_ID") or f"{prefix}_state-key",
+        callback_url=env.get("CALLBACK_URL") or None,
+    )

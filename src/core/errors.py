@@ -1,0 +1,91 @@
+"""One exception hierarchy, so callers decide retry vs. alarm from a class, not by matching strings.
+
+Messages name the connection, instance and grant and say what to do; they never carry a token,
+code, client secret or password (callers may log them verbatim).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+FailureKind = Literal["rejected", "unavailable", "rate_limited", "transient"]
+
+
+class ServiceNowOAuthError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ProviderError(ServiceNowOAuthError):
+    """ServiceNow did not issue a token; `kind` tells the caller what to do about it."""
+
+    kind: FailureKind = "transient"
+    retryable: bool = True
+
+    def __init__(self, instance: str, grant: str, detail: str) -> None:
+        self.instance = instance
+        self.grant = grant
+        self.detail = detail
+        super().__init__(f"{grant} request to {instance} failed: {detail}")
+
+
+class CredentialRejected(ProviderError):
+    """ServiceNow refused the credential (its usual 401 `access_denied`): a person must act."""
+
+    kind: FailureKind = "rejected"
+    retryable = False
+
+
+class InstanceUnavailable(ProviderError):
+    """The instance answered with something other than the token API (hibernating, maintenance, wrong URL)."""
+
+    kind: FailureKind = "unavailable"
+
+
+class RateLimited(ProviderError):
+    """HTTP 429 even after the session's own retries."""
+
+    kind: FailureKind = "rate_limited"
+
+    def __init__(self, instance: str, grant: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(instance, grant, detail)
+        self.retry_after = retry_after
+
+
+class TransientProviderError(ProviderError):
+    """5xx, timeout or dropped connection even after the session's own retries."""
+
+    kind: FailureKind = "transient"
+
+
+class InstanceNotAllowed(ServiceNowOAuthError):
+    """An instance URL outside SERVICENOW_ALLOWED_HOSTS: refused before any request is made."""
+
+
+class SecretFormatError(ServiceNowOAuthError):
+    """A connection secret that does not hold a valid connection document."""
+
+    def __init__(self, connection: str, key: str, problem: str) -> None:
+        self.connection = connection
+        self.key = key
+        super().__init__(
+            f"connection {connection!r}: secret key {key!r} {problem}; "
+            "fix the secret value (see docs/secret-format.md) and try again"
+        )
+
+
+class ConnectionNotFound(ServiceNowOAuthError):
+    """No secret exists for the connection name."""
+
+    def __init__(self, connection: str, secret_id: str) -> None:
+        self.connection = connection
+        super().__init__(
+            f"connection {connection!r} not found (no secret {secret_id!r}); create it first (see README, Operations)"
+        )
+
+
+class ConcurrentUpdate(ServiceNowOAuthError):
+    """A compare-and-swap write lost: someone else changed the secret after we read it."""
+
+    def __init__(self, connection: str) -> None:
+        self.connection = connection
+        super().__init__(f"connection {connection!r} changed while it was being updated; re-read it and try again")

@@ -1,0 +1,308 @@
+"""ServiceNow's OAuth endpoints (`oauth_auth.do`, `oauth_token.do`, `oauth_revoke_token.do`) and their quirks.
+
+Building requests and parsing answers are pure functions; `ServiceNowClient` only adds the HTTP
+session. Every failure is raised as one of `core.errors`' classes, decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ResponseError
+from urllib3.util.retry import Retry
+
+from core.clock import Clock, utc_now
+from core.errors import (
+    CredentialRejected,
+    InstanceUnavailable,
+    ProviderError,
+    RateLimited,
+    TransientProviderError,
+)
+
+GrantType = Literal["authorization_code", "refresh_token", "password", "client_credentials"]
+
+AUTHORIZE_PATH = "/oauth_auth.do"
+TOKEN_PATH = "/oauth_token.do"
+REVOKE_PATH = "/oauth_revoke_token.do"
+
+# (connect, read) seconds: a token call that takes longer than this is failing, and Lambda bills the wait.
+DEFAULT_TIMEOUT = (3.05, 10.0)
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_SAFE_ERROR_CODE = re.compile(r"^[a-z_]{1,40}$")
+
+
+@dataclass(frozen=True)
+class OAuthApp:
+    """A ServiceNow Application Registry entry as seen by its client: where, who, and the shared secret."""
+
+    instance_url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.instance_url).netloc
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token response; the absolute expiry is fixed at receipt so it never depends on when it is read."""
+
+    access_token: str = field(repr=False)
+    token_type: str
+    access_token_expires_at: datetime
+    scope: str | None = None
+    refresh_token: str | None = field(default=None, repr=False)
+
+
+class _BoundedRetry(Retry):
+    """urllib3 `Retry` that gives up instead of sleeping through a `Retry-After` longer than the budget.
+
+    urllib3's own `retry_after_max` only shortens the sleep and retries anyway; a Lambda with a
+    5-minute sweep should instead stop, report rate limiting, and try on a later run.
+    """
+
+    retry_after_budget: float = 10.0
+
+    def new(self, **kwargs: Any) -> _BoundedRetry:
+        fresh = super().new(**kwargs)
+        fresh.retry_after_budget = self.retry_after_budget
+        return fresh
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def,override]
+        if response is not None:
+            retry_after = self.get_retry_after(response)
+            if retry_after is not None and retry_after > self.retry_after_budget:
+                raise MaxRetryError(_pool, url, ResponseError(f"Retry-After {retry_after:.0f}s exceeds budget"))
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def build_session(
+    *,
+    retries: int = 2,
+    backoff_factor: float = 0.5,
+    backoff_max: float = 4.0,
+    retry_after_max: float = 10.0,
+    pool_connections: int = 64,
+    pool_maxsize: int = 16,
+) -> requests.Session:
+    """One pooled session with bounded retries (backoff with jitter, honouring `Retry-After`).
+
+    POST is retried on purpose: refresh, password and client_credentials grants are safe to repeat
+    (ServiceNow hands back the still-valid token). The single-use code exchange uses a session built
+    with `retries=0` instead.
+    """
+    retry = _BoundedRetry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=0,
+        allowed_methods=frozenset({"GET", "POST"}),
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=backoff_factor,
+        backoff_max=backoff_max,
+        backoff_jitter=backoff_factor,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        raise_on_redirect=False,
+        retry_after_max=86_400,  # read the real value; the budget below decides
+    )
+    retry.retry_after_budget = retry_after_max
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=pool_connections, pool_maxsize=pool_maxsize)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.headers.update({"Accept": "application/json", "User-Agent": "servicenow-oauth-aws"})
+    return session
+
+
+def new_code_verifier() -> str:
+    """PKCE verifier: 64 URL-safe characters (RFC 7636 allows 43-128)."""
+    return secrets.token_urlsafe(48)
+
+
+def code_challenge(verifier: str) -> str:
+    """PKCE S256 challenge: base64url(SHA-256(verifier)) without padding."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def authorization_url(
+    app: OAuthApp, *, redirect_uri: str, state: str, challenge: str, scope: str | None = None
+) -> str:
+    """The `oauth_auth.do` link a person opens to consent (authorization code flow with PKCE S256)."""
+    params = {
+        "response_type": "code",
+        "client_id": app.client_id,
+        "redirect_uri": redirect_uri,
+        "state": state,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    if scope:
+        params["scope"] = scope
+    return f"{app.instance_url}{AUTHORIZE_PATH}?{urlencode(params)}"
+
+
+def grant_form(app: OAuthApp, grant: GrantType, **values: str | None) -> dict[str, str]:
+    """The form body for a token grant; credentials go in the body only (ServiceNow refuses them in the query)."""
+    form = {"grant_type": grant, "client_id": app.client_id, "client_secret": app.client_secret}
+    form.update({key: value for key, value in values.items() if value})
+    return form
+
+
+def _json_body(response: requests.Response) -> Any:
+    content_type = response.headers.get("Content-Type", "")
+    if "json" not in content_type.lower():
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    try:
+        return float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
+def classify_failure(app: OAuthApp, grant: str, response: requests.Response) -> ProviderError:
+    """Map a non-success answer to its error class; the body's text is never copied into the message."""
+    status = response.status_code
+    body = _json_body(response)
+    if status == 429:
+        return RateLimited(app.host, grant, "rate limited (HTTP 429); retry later", _retry_after(response))
+    if status >= 500:
+        return TransientProviderError(app.host, grant, f"server error (HTTP {status}); retry later")
+    if body is None:
+        return InstanceUnavailable(
+            app.host,
+            grant,
+            f"instance answered HTTP {status} with a non-JSON page (hibernating, maintenance or wrong URL); "
+            "wake the instance or check instanceUrl",
+        )
+    if status in (400, 401, 403) and isinstance(body, Mapping):
+        code = str(body.get("error", ""))
+        described = str(body.get("error_description", ""))
+        shown = "/".join(c for c in (code, described) if _SAFE_ERROR_CODE.match(c)) or "error"
+        return CredentialRejected(
+            app.host,
+            grant,
+            f"credential rejected (HTTP {status} {shown}); check the client id and secret, "
+            "or re-authorize the connection if its refresh token expired or was revoked",
+        )
+    return InstanceUnavailable(app.host, grant, f"unexpected HTTP {status} from the token endpoint; check instanceUrl")
+
+
+def parse_token(app: OAuthApp, grant: str, response: requests.Response, received_at: datetime) -> Token:
+    """Turn a 200 JSON answer into a `Token`, or raise the classified error."""
+    body = _json_body(response)
+    if response.status_code != 200 or not isinstance(body, Mapping):
+        raise classify_failure(app, grant, response)
+    access_token = body.get("access_token")
+    try:
+        expires_in = int(body.get("expires_in", 0))
+    except (TypeError, ValueError):
+        expires_in = 0
+    if not isinstance(access_token, str) or not access_token or expires_in <= 0:
+        raise InstanceUnavailable(app.host, grant, "token endpoint answered 200 without an access token or expiry")
+    refresh_token = body.get("refresh_token")
+    return Token(
+        access_token=access_token,
+        token_type=str(body.get("token_type") or "Bearer"),
+        access_token_expires_at=received_at + timedelta(seconds=expires_in),
+        scope=str(body["scope"]) if body.get("scope") else None,
+        refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
+    )
+
+
+class ServiceNowClient:
+    """Calls one ServiceNow endpoint set through an injected session; tests point it at the emulator."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        *,
+        single_shot: requests.Session | None = None,
+        clock: Clock = utc_now,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._session = session
+        self._single_shot = single_shot
+        self._clock = clock
+        self._timeout = timeout
+
+    def _post(self, session: requests.Session, app: OAuthApp, path: str, grant: str, form: dict[str, str]):  # type: ignore[no-untyped-def]
+        try:
+            return session.post(f"{app.instance_url}{path}", data=form, timeout=self._timeout, allow_redirects=False)
+        except requests.Timeout:
+            raise TransientProviderError(app.host, grant, "timed out; retry later") from None
+        except requests.RequestException as exc:
+            raise TransientProviderError(
+                app.host, grant, f"connection failed ({type(exc).__name__}); retry later"
+            ) from None
+
+    def _grant(self, app: OAuthApp, grant: GrantType, *, retry: bool = True, **values: str | None) -> Token:
+        session = self._session if retry else (self._single_shot or build_session(retries=0))
+        response = self._post(session, app, TOKEN_PATH, grant, grant_form(app, grant, **values))
+        return parse_token(app, grant, response, self._clock())
+
+    def exchange_code(self, app: OAuthApp, *, code: str, redirect_uri: str, code_verifier: str) -> Token:
+        """authorization_code grant. Never retried: the code is single-use, and a retry after a lost
+        answer would be refused and hide the success."""
+        return self._grant(
+            app, "authorization_code", retry=False, code=code, redirect_uri=redirect_uri, code_verifier=code_verifier
+        )
+
+    def refresh(self, app: OAuthApp, refresh_token: str) -> Token:
+        """refresh_token grant: ServiceNow returns the same refresh token and does not extend its life."""
+        return self._grant(app, "refresh_token", refresh_token=refresh_token)
+
+    def password_grant(self, app: OAuthApp, *, username: str, password: str, scope: str | None = None) -> Token:
+        """password grant: also issues a refresh token with a fresh lifespan."""
+        return self._grant(app, "password", username=username, password=password, scope=scope)
+
+    def client_credentials(self, app: OAuthApp, *, scope: str | None = None) -> Token:
+        """client_credentials grant (Washington DC or later, with an OAuth Application User): no refresh token."""
+        return self._grant(app, "client_credentials", scope=scope)
+
+    def revoke(self, app: OAuthApp, token: str) -> None:
+        """Mark a token expired in ServiceNow (`oauth_revoke_token.do`); the response body is undocumented."""
+        form = {"token": token, "client_id": app.client_id, "client_secret": app.client_secret}
+        response = self._post(self._session, app, REVOKE_PATH, "revoke", form)
+        if response.status_code >= 300:
+            raise classify_failure(app, "revoke", response)
+
+    def current_user(self, instance_url: str, access_token: str) -> str:
+        """The user name a token acts as (for `expectedUser` checks), via the Table API."""
+        app = OAuthApp(instance_url, "", "")
+        try:
+            response = self._session.get(
+                f"{instance_url}/api/now/table/sys_user",
+                params={"sysparm_query": "user_name=javascript:gs.getUserName()", "sysparm_fields": "user_name"},
+                headers={"Authorization": f"Bearer {access_token}"},
+                timeout=self._timeout,
+            )
+        except requests.RequestException as exc:
+            raise TransientProviderError(app.host, "whoami", f"connection failed ({type(exc).__name__})") from None
+        body = _json_body(response)
+        if response.status_code != 200 or not isinstance(body, Mapping):
+            raise classify_failure(app, "whoami", response)
+        result = body.get("result") or []
+        if not result or not isinstance(result[0], Mapping) or not result[0].get("user_name"):
+            raise InstanceUnavailable(app.host, "whoami", "Table API returned no user for the token")
+        return str(result[0]["user_name"])

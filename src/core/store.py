@@ -1,0 +1,149 @@
+"""Reads and writes connection secrets in Secrets Manager, with a compare-and-swap write.
+
+A plain `PutSecretValue` moves AWSCURRENT unconditionally, so two writers would silently overwrite
+each other. Instead a write puts the new version under a private staging label, then moves
+AWSCURRENT with `UpdateSecretVersionStage(RemoveFromVersionId=<the version we read>)`, which
+Secrets Manager refuses when AWSCURRENT has moved on. The loser's version is left unlabelled and
+expires; the winner's value is never touched. The old version keeps AWSPREVIOUS.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from core.errors import ConcurrentUpdate, ConnectionNotFound, SecretFormatError
+from core.secret import Connection, parse_connection
+
+AWSCURRENT = "AWSCURRENT"
+AWSPREVIOUS = "AWSPREVIOUS"
+AWSPENDING = "AWSPENDING"
+# Label for a version written but not yet promoted; distinct from AWSPENDING, which rotation owns.
+CANDIDATE = "SNOWCANDIDATE"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class StoredConnection:
+    """A connection together with the version it was read from: the base of a compare-and-swap."""
+
+    connection: Connection
+    version_id: str
+    arn: str
+
+
+def validate_name(name: str) -> str:
+    """Connection names become secret names and URL path segments: keep them boring."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise SecretFormatError(
+            str(name)[:64] if isinstance(name, str) else "?",
+            "(name)",
+            "must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+class ConnectionStore:
+    """All Secrets Manager access for connection secrets; the client is injected (moto in tests)."""
+
+    def __init__(self, client: Any, *, prefix: str, allowed_hosts: Iterable[str]) -> None:
+        self._client = client
+        self.prefix = prefix
+        self.allowed_hosts = tuple(allowed_hosts)
+
+    def secret_id(self, name: str) -> str:
+        return f"{self.prefix}{validate_name(name)}"
+
+    def name_of(self, secret_name: str) -> str | None:
+        """The connection name for a secret name under the prefix, or None for anything else."""
+        if not secret_name.startswith(self.prefix):
+            return None
+        name = secret_name[len(self.prefix) :]
+        return name if NAME_PATTERN.match(name) else None
+
+    def parse(self, name: str, secret_string: str, version_id: str, arn: str) -> StoredConnection:
+        return StoredConnection(parse_connection(name, secret_string, self.allowed_hosts), version_id, arn)
+
+    def get(self, name: str, *, version_stage: str = AWSCURRENT) -> StoredConnection:
+        """Read and validate one connection.
+
+        Raises:
+            ConnectionNotFound: no such secret (or it is scheduled for deletion).
+            SecretFormatError: the value is not a valid connection document.
+        """
+        secret_id = self.secret_id(name)
+        try:
+            answer = self._client.get_secret_value(SecretId=secret_id, VersionStage=version_stage)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("ResourceNotFoundException", "InvalidRequestException"):
+                raise ConnectionNotFound(name, secret_id) from None
+            raise
+        if "SecretString" not in answer:
+            raise SecretFormatError(name, "(document)", "must be a SecretString, not binary")
+        return self.parse(name, answer["SecretString"], answer["VersionId"], answer["ARN"])
+
+    def create(self, connection: Connection, *, description: str | None = None, kms_key_id: str | None = None) -> StoredConnection:
+        """Create the secret for a new connection (fails if it exists: never overwrite by accident)."""
+        token = str(uuid.uuid4())
+        kwargs: dict[str, Any] = {
+            "Name": self.secret_id(connection.name),
+            "ClientRequestToken": token,
+            "SecretString": connection.to_json(),
+            "Description": description or f"ServiceNow OAuth connection {connection.name} ({connection.host})",
+        }
+        if kms_key_id:
+            kwargs["KmsKeyId"] = kms_key_id
+        answer = self._client.create_secret(**kwargs)
+        return StoredConnection(connection, answer["VersionId"], answer["ARN"])
+
+    def compare_and_swap(
+        self, read: StoredConnection, new: Connection, *, request_token: str | None = None
+    ) -> StoredConnection:
+        """Make `new` the current value only if AWSCURRENT is still the version `read` came from.
+
+        `request_token` makes a retried call idempotent (it becomes the VersionId).
+
+        Raises:
+            ConcurrentUpdate: someone else wrote first; their value stays current.
+        """
+        token = request_token or str(uuid.uuid4())
+        secret_id = read.arn
+        self._client.put_secret_value(
+            SecretId=secret_id, ClientRequestToken=token, SecretString=new.to_json(), VersionStages=[CANDIDATE]
+        )
+        try:
+            self._client.update_secret_version_stage(
+                SecretId=secret_id, VersionStage=AWSCURRENT, MoveToVersionId=token, RemoveFromVersionId=read.version_id
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidParameterException":
+                if self._current_version(secret_id) == token:
+                    # A retried call whose first attempt already promoted this very version.
+                    return StoredConnection(new, token, read.arn)
+                raise ConcurrentUpdate(new.name) from None
+            raise
+        return StoredConnection(new, token, read.arn)
+
+    def _current_version(self, secret_id: str) -> str | None:
+        stages = self._client.describe_secret(SecretId=secret_id).get("VersionIdsToStages", {})
+        return next((version for version, labels in stages.items() if AWSCURRENT in labels), None)
+
+    def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:
+        """Read, apply `change(connection) -> connection`, and compare-and-swap; re-read on a lost race.
+
+        `change` sees the freshest value each time, so a concurrent writer's update is built on, not lost.
+        """
+        for attempt in range(attempts):
+            read = self.get(name)
+            new = change(read.connection)
+            try:
+                return self.compare_and_swap(read, new)
+            except ConcurrentUpdate:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
