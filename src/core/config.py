@@ -17,10 +17,7 @@ class Settings:
 
     secret_prefix: str = DEFAULT_PREFIX
     allowed_hosts: tuple[str, ...] = parse_allowed_hosts(None)
-    refresh_leeway_seconds: int = 600
-    refresh_token_warning_days: int = 14
     state_key_secret_id: str = f"{DEFAULT_PREFIX}_state-key"
-    callback_url: str | None = None
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -43,8 +40,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         secret_prefix=prefix,
         allowed_hosts=parse_allowed_hosts(env.get("SERVICENOW_ALLOWED_HOSTS")),
-        refresh_leeway_seconds=_int(env, "REFRESH_LEEWAY_SECONDS", 600),
-        refresh_token_warning_days=_int(env, "REFRESH_TOKEN_WARNING_DAYS", 14),
         state_key_secret_id=env.get("STATE_KEY_SECRET_ID") or f"{prefix}_state-key",
-        callback_url=env.get("CALLBACK_URL") or None,
     )

@@ -139,9 +139,7 @@ def code_challenge(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def authorization_url(
-    app: OAuthApp, *, redirect_uri: str, state: str, challenge: str, scope: str | None = None
-) -> str:
+def authorization_url(app: OAuthApp, *, redirect_uri: str, state: str, challenge: str, scope: str | None = None) -> str:
     """The `oauth_auth.do` link a person opens to consent (authorization code flow with PKCE S256)."""
     params = {
         "response_type": "code",

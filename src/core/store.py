@@ -87,7 +87,9 @@ class ConnectionStore:
             raise SecretFormatError(name, "(document)", "must be a SecretString, not binary")
         return self.parse(name, answer["SecretString"], answer["VersionId"], answer["ARN"])
 
-    def create(self, connection: Connection, *, description: str | None = None, kms_key_id: str | None = None) -> StoredConnection:
+    def create(
+        self, connection: Connection, *, description: str | None = None, kms_key_id: str | None = None
+    ) -> StoredConnection:
         """Create the secret for a new connection (fails if it exists: never overwrite by accident)."""
         token = str(uuid.uuid4())
         kwargs: dict[str, Any] = {

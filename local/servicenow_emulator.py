@@ -1,0 +1,950 @@
+"""A faithful ServiceNow OAuth 2.0 provider emulator served over real HTTP on 127.0.0.1.
+
+Why: the project's refresh, consent and Secrets Manager code must be tested against ServiceNow's real quirks
+(401 ``server_error`` for every failure, the same refresh token returned without extending it, the current
+access token handed out again, hibernating instances answering 200 HTML, ...) without a live instance.
+Behaviour follows /work/shared/domain-notes.md, "ServiceNow as OAuth provider".
+
+Nothing is ever printed or logged that could carry a secret: request logging is switched off (query strings
+carry authorization codes) and ``requests_log`` records only method, path, grant type and status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import html
+import json
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+TOKEN_PATH = "/oauth_token.do"
+AUTH_PATH = "/oauth_auth.do"
+REVOKE_PATH = "/oauth_revoke_token.do"
+TABLE_PREFIX = "/api/now/table/"
+CURRENT_USER_PATH = "/api/now/ui/user/current_user"
+ADMIN_PREFIX = "/_emulator/"
+
+DEFAULT_SCOPE = "useraccount"
+FORM_TYPE = "application/x-www-form-urlencoded"
+FAULT_KINDS = frozenset({"hibernate", "rate_limit", "server_error", "slow", "drop"})
+# ServiceNow with glide.oauth.allow.parameters.in.post.body.only refuses these in the query string.
+QUERY_CREDENTIALS = frozenset({"client_secret", "password", "refresh_token", "code", "code_verifier", "assertion"})
+WHOAMI_QUERY = "user_name=javascript:gs.getUserName()"
+RATE_LIMIT = 100
+MAX_BODY = 1_000_000
+
+ACCESS_DENIED = {"error_description": "access_denied", "error": "server_error"}
+NOT_AUTHENTICATED = {
+    "error": {"message": "User Not Authenticated", "detail": "Required to provide Auth information"},
+    "status": "failure",
+}
+HIBERNATE_HTML = (
+    "<!DOCTYPE html><html><head><title>Instance Hibernating page</title></head><body>"
+    '<div class="instance-hibernating-page"><h1>Your instance is hibernating</h1>'
+    "<p>Developer instances hibernate when not in use. Sign in to the developer site to wake it up.</p>"
+    "</div></body></html>"
+)
+SERVER_ERROR_HTML = (
+    "<!DOCTYPE html><html><head><title>500 Internal Server Error</title></head><body>"
+    "<h1>Internal Server Error</h1><p>The server encountered an unexpected condition.</p></body></html>"
+)
+
+
+class OAuthFailure(Exception):
+    """Raised inside grant handling; always rendered as ServiceNow's single 401 shape."""
+
+
+@dataclass
+class _Client:
+    """An OAuth registry entry (oauth_entity)."""
+
+    secret: str
+    redirect_uris: list[str]
+    client_credentials_user: str | None
+    access_lifespan: int | None
+    refresh_lifespan: int | None
+
+
+@dataclass
+class _Code:
+    """An authorization code; single use, short-lived."""
+
+    client_id: str
+    user: str
+    redirect_uri: str
+    scope: str
+    code_challenge: str | None
+    expires_at: float
+    used: bool = False
+
+
+@dataclass
+class _Refresh:
+    """A refresh token row in oauth_credential; ``family`` survives rotation so revocation reaches its tokens."""
+
+    client_id: str
+    user: str
+    scope: str
+    expires_at: float
+    family: str
+    current_access: str | None = None
+
+
+@dataclass
+class _Access:
+    """An access token row in oauth_credential."""
+
+    client_id: str
+    user: str
+    scope: str
+    expires_at: float
+    family: str | None
+
+
+@dataclass
+class _Fault:
+    """A queued fault for the next ``remaining`` requests to ``path``."""
+
+    kind: str
+    path: str
+    remaining: int
+    retry_after: int
+    delay: float
+
+
+@dataclass
+class _Reply:
+    """A fully built HTTP answer; ``drop`` means close the socket without answering."""
+
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    drop: bool = False
+
+
+def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Reply:
+    """JSON answers are how ServiceNow's OAuth and REST endpoints speak."""
+    return _Reply(status, json.dumps(payload).encode(), "application/json;charset=UTF-8", headers or {})
+
+
+def _html_reply(status: int, text: str) -> _Reply:
+    """HTML answers for browser-facing pages and for the glitches clients must not mistake for JSON."""
+    return _Reply(status, text.encode(), "text/html;charset=UTF-8")
+
+
+def _html_page(title: str, body: str) -> str:
+    """Wrap a fragment in a minimal but valid document so browsers (and Playwright) render it."""
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
+        f"<body>{body}</body></html>"
+    )
+
+
+def _error_page(message: str) -> _Reply:
+    """ServiceNow shows an HTML error page (400) instead of redirecting for bad authorize requests."""
+    return _html_reply(
+        400, _html_page("OAuth error", f'<div class="oauth-error"><h1>{html.escape(message)}</h1></div>')
+    )
+
+
+def _first(params: dict[str, list[str]], name: str) -> str | None:
+    """First value of a parsed form field; duplicates are ignored like most servlet containers do."""
+    values = params.get(name)
+    return values[0] if values else None
+
+
+def _s256(verifier: str) -> str:
+    """PKCE S256 transform (RFC 7636): BASE64URL(SHA256(verifier)) without padding."""
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii", "replace")).digest()).rstrip(b"=").decode()
+
+
+def _sys_id(username: str) -> str:
+    """Stable 32-hex sys_id derived from the user name so repeated lookups agree."""
+    return hashlib.sha256(f"sys_user:{username}".encode()).hexdigest()[:32]
+
+
+def _add_query(uri: str, params: dict[str, str]) -> str:
+    """Append params to a redirect URI, with '&' when it already carries a query."""
+    separator = "&" if "?" in uri else "?"
+    return uri + separator + urllib.parse.urlencode(params)
+
+
+class ServiceNowEmulator:
+    """In-memory ServiceNow instance: OAuth endpoints, a sliver of the Table API, fault injection."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        access_lifespan: int = 1800,
+        refresh_lifespan: int = 8_640_000,
+        code_lifespan: int = 60,
+        clock: Callable[[], float] = time.time,
+        rotate_refresh_tokens: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.access_lifespan = access_lifespan
+        self.refresh_lifespan = refresh_lifespan
+        self.code_lifespan = code_lifespan
+        self.clock = clock
+        self.rotate_refresh_tokens = rotate_refresh_tokens
+        self.consent_user = "admin"
+        self.latency = 0.0
+        self.requests_log: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._clients: dict[str, _Client] = {}
+        self._users: dict[str, str] = {}
+        self._codes: dict[str, _Code] = {}
+        self._refresh: dict[str, _Refresh] = {}
+        self._access: dict[str, _Access] = {}
+        self._faults: list[_Fault] = []
+        self._records: dict[str, list[dict[str, Any]]] = {}
+        self._issued: set[str] = set()  # every secret value ever configured or issued, for leak checks
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self.add_user("admin", secrets.token_urlsafe(16))
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        """Base URL of the running instance, like https://<instance>.service-now.com."""
+        if self._server is None:
+            raise RuntimeError("emulator not started")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServiceNowEmulator:
+        """Serve in a daemon thread; a restart after stop() reuses the same port so clients can recover."""
+        if self._server is not None:
+            return self
+        server = _Server((self.host, self.port), _Handler)
+        server.emulator = self
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="servicenow-emulator", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and cut kept-alive connections so a stopped instance really looks down."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> ServiceNowEmulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ configuration
+    def register_client(
+        self,
+        client_id: str,
+        client_secret: str,
+        redirect_uris: list[str] | None = None,
+        *,
+        client_credentials_user: str | None = None,
+        access_lifespan: int | None = None,
+        refresh_lifespan: int | None = None,
+    ) -> None:
+        """Create or replace an OAuth registry entry; client_credentials needs an "OAuth Application User"."""
+        with self._lock:
+            self._clients[client_id] = _Client(
+                client_secret, list(redirect_uris or []), client_credentials_user, access_lifespan, refresh_lifespan
+            )
+            self._issued.add(client_secret)
+
+    def set_client_secret(self, client_id: str, new_secret: str) -> None:
+        """Operator rotates the client secret in ServiceNow; issued tokens stay valid."""
+        with self._lock:
+            self._clients[client_id].secret = new_secret
+            self._issued.add(new_secret)
+
+    def add_user(self, username: str, password: str) -> None:
+        """Create or update a sys_user usable by the password grant."""
+        with self._lock:
+            self._users[username] = password
+            self._issued.add(password)
+
+    def add_record(self, table: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Add a row returned by GET /api/now/table/<table>; a sys_id is generated if absent."""
+        row = dict(record)
+        row.setdefault("sys_id", secrets.token_hex(16))
+        with self._lock:
+            self._records.setdefault(table, []).append(row)
+        return dict(row)
+
+    def revoke_user_tokens(self, username: str) -> None:
+        """Delete every oauth_credential row of a user, as an admin would in Manage Tokens."""
+        with self._lock:
+            for token in [t for t, r in self._refresh.items() if r.user == username]:
+                del self._refresh[token]
+            for token in [t for t, a in self._access.items() if a.user == username]:
+                del self._access[token]
+
+    def inject(
+        self, fault: str, *, path: str = TOKEN_PATH, count: int = 1, retry_after: int = 1, delay: float = 0.0
+    ) -> None:
+        """Queue a fault for the next ``count`` requests to ``path`` ("*" = any non-admin path)."""
+        if fault not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULT_KINDS)}")
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        with self._lock:
+            self._faults.append(_Fault(fault, path, count, int(retry_after), float(delay)))
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault."""
+        with self._lock:
+            self._faults.clear()
+
+    # ------------------------------------------------------------------ introspection (never secrets)
+    def token_requests(self, grant_type: str | None = None) -> int:
+        """How many requests reached /oauth_token.do (faulted ones included), optionally for one grant."""
+        with self._lock:
+            return sum(
+                1
+                for entry in self.requests_log
+                if entry["path"] == TOKEN_PATH and (grant_type is None or entry["grant_type"] == grant_type)
+            )
+
+    def active_access_token_count(self) -> int:
+        """Access tokens that would authenticate a REST call right now."""
+        with self._lock:
+            now = self.clock()
+            return sum(1 for a in self._access.values() if a.expires_at > now)
+
+    def active_refresh_token_count(self) -> int:
+        """Refresh tokens that would be accepted by a refresh grant right now."""
+        with self._lock:
+            now = self.clock()
+            return sum(1 for r in self._refresh.values() if r.expires_at > now)
+
+    def token_info(self, token: str) -> dict[str, Any] | None:
+        """Metadata of an access or refresh token (kind, user, client, scope, expires_at, active); no secrets."""
+        with self._lock:
+            now = self.clock()
+            row: _Access | _Refresh | None = self._access.get(token)
+            kind = "access"
+            if row is None:
+                row, kind = self._refresh.get(token), "refresh"
+            if row is None:
+                return None
+            return {
+                "kind": kind,
+                "user": row.user,
+                "client_id": row.client_id,
+                "scope": row.scope,
+                "expires_at": row.expires_at,
+                "active": row.expires_at > now,
+            }
+
+    def secret_values(self) -> set[str]:
+        """Every secret ever configured, issued or received (client secrets, passwords, codes, PKCE verifiers,
+        tokens), so tests can assert none of them leaked into logs or output. In-process only, never served."""
+        with self._lock:
+            return set(self._issued)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the admin endpoint and out-of-process tests; contains no secret material."""
+        with self._lock:
+            now = self.clock()
+            log = [dict(entry) for entry in self.requests_log]
+            by_path: dict[str, int] = {}
+            by_status: dict[str, int] = {}
+            by_grant: dict[str, int] = {}
+            for entry in log:
+                by_path[entry["path"]] = by_path.get(entry["path"], 0) + 1
+                status = str(entry["status"])
+                by_status[status] = by_status.get(status, 0) + 1
+                if entry["path"] == TOKEN_PATH:
+                    grant = str(entry["grant_type"])
+                    by_grant[grant] = by_grant.get(grant, 0) + 1
+            return {
+                "requests": len(log),
+                "by_path": by_path,
+                "by_status": by_status,
+                "token_requests": sum(by_grant.values()),
+                "token_requests_by_grant": by_grant,
+                "active_access_tokens": sum(1 for a in self._access.values() if a.expires_at > now),
+                "active_refresh_tokens": sum(1 for r in self._refresh.values() if r.expires_at > now),
+                "pending_faults": sum(f.remaining for f in self._faults),
+                "requests_log": log,
+            }
+
+    # ------------------------------------------------------------------ request handling
+    def _take_fault(self, path: str) -> _Fault | None:
+        """Pop one use of the first queued fault matching this path."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.path in ("*", path):
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    def _log(self, method: str, path: str, grant_type: str | None, status: int | None) -> None:
+        """Record a request without anything secret: no query string, no body values except grant_type."""
+        with self._lock:
+            self.requests_log.append({"method": method, "path": path, "grant_type": grant_type, "status": status})
+
+    def _fault_reply(self, fault: _Fault, path: str) -> _Reply | None:
+        """Build the answer for a fault; None means answer normally (slow)."""
+        if fault.kind == "slow":
+            time.sleep(fault.delay)
+            return None
+        if fault.kind == "drop":
+            return _Reply(0, drop=True)
+        if fault.kind == "hibernate":
+            return _html_reply(200, HIBERNATE_HTML)
+        if fault.kind == "rate_limit":
+            reset = int(self.clock()) + fault.retry_after
+            return _json_reply(
+                429,
+                {
+                    "error": {
+                        "message": "Rate limit exceeded",
+                        "detail": f"Rate limit of {RATE_LIMIT} requests per hour exceeded; retry later",
+                    },
+                    "status": "failure",
+                },
+                {
+                    "Retry-After": str(fault.retry_after),
+                    "X-RateLimit-Limit": str(RATE_LIMIT),
+                    "X-RateLimit-Reset": str(reset),
+                },
+            )
+        if path.startswith("/api/"):
+            return _json_reply(
+                500,
+                {"error": {"message": "Internal Server Error", "detail": "Transaction failed"}, "status": "failure"},
+            )
+        return _html_reply(500, SERVER_ERROR_HTML)
+
+    def handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> tuple[_Reply, str | None]:
+        """Route one request; returns the reply and the grant_type to log."""
+        parsed = urllib.parse.urlsplit(raw_path)
+        path = parsed.path
+        query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
+        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        form: dict[str, list[str]] = {}
+        if content_type == FORM_TYPE:
+            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        grant_type = _first(form, "grant_type") if path == TOKEN_PATH else None
+
+        fault = self._take_fault(path)
+        if fault is not None:
+            reply = self._fault_reply(fault, path)
+            if reply is not None:
+                return reply, grant_type
+        if path == TOKEN_PATH and self.latency > 0:
+            time.sleep(self.latency)
+
+        if path == AUTH_PATH:
+            if method == "GET":
+                return self._authorize_page(query), None
+            if method == "POST":
+                return self._authorize_decision(form if content_type == FORM_TYPE else None), None
+            return self._not_allowed("GET, POST"), None
+        if path == TOKEN_PATH:
+            if method != "POST":
+                return self._not_allowed("POST"), grant_type
+            return self._token(query, form if content_type == FORM_TYPE else None), grant_type
+        if path == REVOKE_PATH:
+            if method != "POST":
+                return self._not_allowed("POST"), None
+            return self._revoke(form), None
+        if path == CURRENT_USER_PATH or path.startswith(TABLE_PREFIX):
+            if method != "GET":
+                return self._not_allowed("GET"), None
+            return self._rest(path, query, headers.get("Authorization") or ""), None
+        return self._not_found(path), None
+
+    @staticmethod
+    def _not_allowed(allow: str) -> _Reply:
+        reply = _json_reply(405, {"error": {"message": "Method not Supported", "detail": None}, "status": "failure"})
+        reply.headers["Allow"] = allow
+        return reply
+
+    @staticmethod
+    def _not_found(path: str) -> _Reply:
+        if path.startswith("/api/"):
+            return _json_reply(
+                404,
+                {
+                    "error": {"message": "Requested URI does not represent any resource", "detail": None},
+                    "status": "failure",
+                },
+            )
+        return _html_reply(404, _html_page("Not Found", "<h1>404 - Not Found</h1>"))
+
+    # ---------------------------------------------------------------- /oauth_auth.do
+    def _check_authorize(self, params: dict[str, list[str]]) -> tuple[_Reply | None, str]:
+        """Validate authorize parameters; returns (error page or None, effective redirect URI)."""
+        client_id = _first(params, "client_id") or ""
+        with self._lock:
+            client = self._clients.get(client_id)
+            redirect_uris = list(client.redirect_uris) if client else []
+        if client is None:
+            return _error_page("Invalid client_id"), ""
+        if _first(params, "response_type") != "code":
+            return _error_page("Unsupported response_type"), ""
+        if not _first(params, "state"):
+            return _error_page("Missing State parameter in request"), ""
+        method = _first(params, "code_challenge_method")
+        if method is not None and method != "S256":
+            return _error_page("Unsupported code_challenge_method: only S256 is supported"), ""
+        if method is not None and not _first(params, "code_challenge"):
+            return _error_page("Missing code_challenge parameter in request"), ""
+        if not redirect_uris:
+            return _error_page("No redirect URL is configured for this OAuth application"), ""
+        requested = _first(params, "redirect_uri")
+        return None, requested if requested in redirect_uris else redirect_uris[0]
+
+    def _authorize_page(self, query: dict[str, list[str]]) -> _Reply:
+        """The consent ("Connect") page the logged-in user sees."""
+        error, _ = self._check_authorize(query)
+        if error is not None:
+            return error
+        client_id = _first(query, "client_id") or ""
+        names = (
+            "response_type",
+            "client_id",
+            "redirect_uri",
+            "state",
+            "scope",
+            "code_challenge",
+            "code_challenge_method",
+        )
+        hidden = "".join(
+            f'<input type="hidden" name="{name}" value="{html.escape(value)}">'
+            for name in names
+            if (value := _first(query, name)) is not None
+        )
+        scope = _first(query, "scope") or DEFAULT_SCOPE
+        body = (
+            '<div class="oauth-consent"><h1>Connect</h1>'
+            f'<p><span id="client-id">{html.escape(client_id)}</span> would like to connect to your account '
+            f'<span id="user">{html.escape(self.consent_user)}</span>.</p>'
+            f'<p>Requested scope: <span id="scope">{html.escape(scope)}</span></p>'
+            f'<form method="post" action="{AUTH_PATH}">{hidden}'
+            '<button type="submit" name="action" value="allow" id="allow">Allow</button>'
+            '<button type="submit" name="action" value="deny" id="deny">Deny</button>'
+            "</form></div>"
+        )
+        return _html_reply(200, _html_page("OAuth consent", body))
+
+    def _authorize_decision(self, form: dict[str, list[str]] | None) -> _Reply:
+        """The user pressed Allow or Deny: redirect with a code, or with error=access_denied."""
+        if form is None:
+            return _error_page("Invalid request")
+        error, redirect_uri = self._check_authorize(form)
+        if error is not None:
+            return error
+        state = _first(form, "state") or ""
+        action = _first(form, "action")
+        if action == "deny":
+            location = _add_query(
+                redirect_uri,
+                {"error": "access_denied", "error_description": "The user denied the request", "state": state},
+            )
+            return _Reply(302, headers={"Location": location})
+        if action != "allow":
+            return _error_page("Invalid request")
+        code = secrets.token_urlsafe(32)
+        with self._lock:
+            self._issued.add(code)
+            self._codes[code] = _Code(
+                client_id=_first(form, "client_id") or "",
+                user=self.consent_user,
+                redirect_uri=redirect_uri,
+                scope=_first(form, "scope") or DEFAULT_SCOPE,
+                code_challenge=_first(form, "code_challenge") or None,
+                expires_at=self.clock() + self.code_lifespan,
+            )
+        return _Reply(302, headers={"Location": _add_query(redirect_uri, {"code": code, "state": state})})
+
+    # ---------------------------------------------------------------- /oauth_token.do
+    def _token(self, query: dict[str, list[str]], form: dict[str, list[str]] | None) -> _Reply:
+        """Token endpoint: every failure is ServiceNow's 401 server_error/access_denied."""
+        if form is None or QUERY_CREDENTIALS.intersection(query):
+            return _json_reply(401, ACCESS_DENIED)
+        try:
+            with self._lock:
+                payload = self._grant(form)
+        except OAuthFailure:
+            return _json_reply(401, ACCESS_DENIED)
+        return _json_reply(200, payload, {"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    def _authenticate_client(self, form: dict[str, list[str]]) -> tuple[str, _Client]:
+        """Check client_id/client_secret from the body (caller holds the lock)."""
+        client_id = _first(form, "client_id") or ""
+        secret = _first(form, "client_secret") or ""
+        client = self._clients.get(client_id)
+        if client is None or not secrets.compare_digest(client.secret.encode(), secret.encode()):
+            raise OAuthFailure
+        return client_id, client
+
+    def _lifespans(self, client: _Client) -> tuple[int, int]:
+        """Per-registry-entry lifespans, falling back to the instance defaults."""
+        access = client.access_lifespan if client.access_lifespan is not None else self.access_lifespan
+        refresh = client.refresh_lifespan if client.refresh_lifespan is not None else self.refresh_lifespan
+        return access, refresh
+
+    def _new_access(self, client_id: str, user: str, scope: str, lifespan: int, family: str | None) -> str:
+        token = secrets.token_urlsafe(48)
+        self._issued.add(token)
+        self._access[token] = _Access(client_id, user, scope, self.clock() + lifespan, family)
+        return token
+
+    def _new_grant(self, client_id: str, client: _Client, user: str, scope: str) -> dict[str, Any]:
+        """Fresh refresh token (full lifespan) plus access token: auth code and password grants."""
+        access_life, refresh_life = self._lifespans(client)
+        refresh = secrets.token_urlsafe(48)
+        self._issued.add(refresh)
+        family = secrets.token_hex(8)
+        record = _Refresh(client_id, user, scope, self.clock() + refresh_life, family)
+        record.current_access = self._new_access(client_id, user, scope, access_life, family)
+        self._refresh[refresh] = record
+        return self._payload(record.current_access, refresh, scope, access_life)
+
+    @staticmethod
+    def _payload(access: str, refresh: str | None, scope: str, access_life: int) -> dict[str, Any]:
+        payload: dict[str, Any] = {"access_token": access}
+        if refresh is not None:
+            payload["refresh_token"] = refresh
+        payload.update({"scope": scope, "token_type": "Bearer", "expires_in": access_life - 1})
+        return payload
+
+    def _grant(self, form: dict[str, list[str]]) -> dict[str, Any]:
+        """Dispatch on grant_type (caller holds the lock)."""
+        grant_type = _first(form, "grant_type")
+        client_id, client = self._authenticate_client(form)
+        now = self.clock()
+        if grant_type == "authorization_code":
+            code = self._codes.get(_first(form, "code") or "")
+            if code is None or code.used or code.client_id != client_id:
+                raise OAuthFailure
+            code.used = True  # any exchange attempt by the owning client burns the code
+            if code.expires_at <= now or _first(form, "redirect_uri") != code.redirect_uri:
+                raise OAuthFailure
+            if code.code_challenge is not None:
+                verifier = _first(form, "code_verifier")
+                if verifier:
+                    self._issued.add(verifier)  # a PKCE verifier is as secret as the code it unlocks
+                if not verifier or not secrets.compare_digest(_s256(verifier), code.code_challenge):
+                    raise OAuthFailure
+            return self._new_grant(client_id, client, code.user, code.scope)
+        if grant_type == "password":
+            username = _first(form, "username") or ""
+            password = _first(form, "password") or ""
+            known = self._users.get(username)
+            if known is None or not secrets.compare_digest(known.encode(), password.encode()):
+                raise OAuthFailure
+            return self._new_grant(client_id, client, username, _first(form, "scope") or DEFAULT_SCOPE)
+        if grant_type == "refresh_token":
+            return self._refresh_grant(client_id, client, _first(form, "refresh_token") or "", now)
+        if grant_type == "client_credentials":
+            if not client.client_credentials_user:
+                raise OAuthFailure
+            access_life, _ = self._lifespans(client)
+            scope = _first(form, "scope") or DEFAULT_SCOPE
+            access = self._new_access(client_id, client.client_credentials_user, scope, access_life, None)
+            return self._payload(access, None, scope, access_life)
+        raise OAuthFailure
+
+    def _refresh_grant(self, client_id: str, client: _Client, token: str, now: float) -> dict[str, Any]:
+        """Same refresh token, expiry untouched; the current access token is reused while it lives."""
+        record = self._refresh.get(token)
+        if record is None or record.client_id != client_id or record.expires_at <= now:
+            raise OAuthFailure
+        access_life, _ = self._lifespans(client)
+        current = self._access.get(record.current_access or "")
+        if current is not None and current.expires_at > now:
+            current.expires_at = now + access_life
+            access = record.current_access or ""
+        else:
+            access = self._new_access(client_id, record.user, record.scope, access_life, record.family)
+            record.current_access = access
+        if self.rotate_refresh_tokens:
+            del self._refresh[token]
+            token = secrets.token_urlsafe(48)
+            self._issued.add(token)
+            self._refresh[token] = record
+        return self._payload(access, token, record.scope, access_life)
+
+    # ---------------------------------------------------------------- /oauth_revoke_token.do
+    def _revoke(self, form: dict[str, list[str]]) -> _Reply:
+        """Mark a token expired; a refresh token takes the access tokens issued from it along."""
+        token = _first(form, "token") or ""
+        with self._lock:
+            if _first(form, "client_id") is not None:
+                try:
+                    self._authenticate_client(form)
+                except OAuthFailure:
+                    return _json_reply(401, ACCESS_DENIED)
+            now = self.clock()
+            access = self._access.get(token)
+            if access is not None:
+                access.expires_at = min(access.expires_at, now)
+            record = self._refresh.get(token)
+            if record is not None:
+                record.expires_at = min(record.expires_at, now)
+                for row in self._access.values():
+                    if row.family == record.family:
+                        row.expires_at = min(row.expires_at, now)
+        return _Reply(200)
+
+    # ---------------------------------------------------------------- REST API
+    def _rest(self, path: str, query: dict[str, list[str]], authorization: str) -> _Reply:
+        """Bearer-protected Table API and current_user, enough to ask "who owns this token"."""
+        scheme, _, token = authorization.partition(" ")
+        with self._lock:
+            access = self._access.get(token.strip()) if scheme.lower() == "bearer" else None
+            if access is None or access.expires_at <= self.clock():
+                return _json_reply(401, NOT_AUTHENTICATED)
+            user = access.user
+            if path == CURRENT_USER_PATH:
+                return _json_reply(200, {"result": {"user_name": user, "user_sys_id": _sys_id(user)}})
+            table = path[len(TABLE_PREFIX) :]
+            if not table or "/" in table:
+                return self._not_found(path)
+            sysparm_query = _first(query, "sysparm_query") or ""
+            if table == "sys_user" and WHOAMI_QUERY in sysparm_query:
+                rows: list[dict[str, Any]] = [{"user_name": user, "sys_id": _sys_id(user)}]
+            else:
+                rows = [dict(row) for row in self._records.get(table, [])]
+        limit = _first(query, "sysparm_limit")
+        if limit and limit.isdigit():
+            rows = rows[: int(limit)]
+        return _json_reply(200, {"result": rows})
+
+    # ---------------------------------------------------------------- /_emulator/ admin
+    def handle_admin(self, method: str, path: str, body: bytes) -> _Reply:
+        """JSON control plane for an emulator running in another process."""
+        try:
+            data = json.loads(body or b"{}") if method == "POST" else {}
+            if not isinstance(data, dict):
+                raise ValueError("body must be a JSON object")
+            if path == "/_emulator/stats" and method == "GET":
+                return _json_reply(200, self.stats())
+            if path == "/_emulator/faults" and method == "DELETE":
+                self.clear_faults()
+                return _json_reply(200, {"ok": True})
+            if method != "POST":
+                return _json_reply(404, {"error": "unknown admin endpoint"})
+            if path == "/_emulator/clients":
+                self.register_client(
+                    _req_str(data, "client_id"),
+                    _req_str(data, "client_secret"),
+                    _opt_list(data, "redirect_uris"),
+                    client_credentials_user=_opt_str(data, "client_credentials_user"),
+                    access_lifespan=_opt_int(data, "access_lifespan"),
+                    refresh_lifespan=_opt_int(data, "refresh_lifespan"),
+                )
+            elif path == "/_emulator/client_secret":
+                client_id = _req_str(data, "client_id")
+                with self._lock:
+                    known = client_id in self._clients
+                if not known:
+                    return _json_reply(404, {"error": "unknown client"})
+                self.set_client_secret(client_id, _req_str(data, "client_secret"))
+            elif path == "/_emulator/users":
+                self.add_user(_req_str(data, "username"), _req_str(data, "password"))
+            elif path == "/_emulator/revoke_user":
+                self.revoke_user_tokens(_req_str(data, "username"))
+            elif path == "/_emulator/faults":
+                self.inject(
+                    _req_str(data, "fault"),
+                    path=_opt_str(data, "path") or TOKEN_PATH,
+                    count=_opt_int(data, "count") or 1,
+                    retry_after=_opt_int(data, "retry_after") or 1,
+                    delay=float(data.get("delay") or 0.0),
+                )
+            elif path == "/_emulator/settings":
+                if "latency" in data:
+                    self.latency = float(data["latency"])
+                if "consent_user" in data:
+                    self.consent_user = _req_str(data, "consent_user")
+            else:
+                return _json_reply(404, {"error": "unknown admin endpoint"})
+        except (ValueError, TypeError) as exc:
+            return _json_reply(400, {"error": str(exc)})
+        return _json_reply(200, {"ok": True})
+
+
+def _req_str(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string")
+    return value
+
+
+def _opt_str(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string")
+    return value
+
+
+def _opt_int(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{key} must be an integer")
+    return value
+
+
+def _opt_list(data: dict[str, Any], key: str) -> list[str] | None:
+    value = data.get(key)
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        raise ValueError(f"{key} must be a list of strings")
+    return value
+
+
+class _Server(ThreadingHTTPServer):
+    """Threaded server that never prints tracebacks (they could include request data)."""
+
+    daemon_threads = True
+    emulator: ServiceNowEmulator
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Swallow errors such as a client hanging up on a slow answer."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Translates HTTP/1.1 requests into ServiceNowEmulator.handle calls."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ServiceNow"
+    sys_version = ""
+    timeout = 60
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.emulator._lock:
+            self.server.emulator._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.emulator._lock:
+            self.server.emulator._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence: request lines carry authorization codes in their query strings."""
+
+    def _dispatch(self) -> None:
+        emulator = self.server.emulator
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self._send(_json_reply(413, {"error": "body too large"}))
+            self.close_connection = True
+            return
+        body = self.rfile.read(length) if length > 0 else b""
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith(ADMIN_PREFIX):
+            self._send(emulator.handle_admin(self.command, path, body))
+            return
+        try:
+            reply, grant_type = emulator.handle(self.command, self.path, self.headers, body)
+        except Exception:  # an emulator bug must look like a 500, never hang the client
+            reply, grant_type = _html_reply(500, SERVER_ERROR_HTML), None
+        emulator._log(self.command, path, grant_type, None if reply.drop else reply.status)
+        if reply.drop:
+            self.close_connection = True
+            return
+        self._send(reply)
+
+    def _send(self, reply: _Reply) -> None:
+        try:
+            self.send_response(reply.status)
+            if reply.content_type:
+                self.send_header("Content-Type", reply.content_type)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply.body)
+        except OSError:
+            self.close_connection = True
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _dispatch
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run in the foreground for a local stack; prints only the URL (secrets come from the environment)."""
+    parser = argparse.ArgumentParser(description="ServiceNow OAuth emulator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--client-id")
+    parser.add_argument("--client-secret-env", help="name of the environment variable holding the client secret")
+    parser.add_argument("--redirect-uri", action="append", default=[], help="repeatable; first one is the default")
+    parser.add_argument("--client-credentials-user")
+    parser.add_argument("--access-lifespan", type=int, default=1800)
+    parser.add_argument("--refresh-lifespan", type=int, default=8_640_000)
+    parser.add_argument("--rotate-refresh-tokens", action="store_true")
+    args = parser.parse_args(argv)
+
+    emulator = ServiceNowEmulator(
+        args.host,
+        args.port,
+        access_lifespan=args.access_lifespan,
+        refresh_lifespan=args.refresh_lifespan,
+        rotate_refresh_tokens=args.rotate_refresh_tokens,
+    )
+    if args.client_id:
+        if not args.client_secret_env:
+            parser.error("--client-id needs --client-secret-env")
+        secret = os.environ.get(args.client_secret_env)
+        if not secret:
+            parser.error(f"environment variable {args.client_secret_env} is not set")
+        emulator.register_client(
+            args.client_id, secret, args.redirect_uri, client_credentials_user=args.client_credentials_user
+        )
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    emulator.start()
+    print(emulator.url, flush=True)
+    try:
+        while not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emulator.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The test world: a real moto_server process for AWS and the ServiceNow emulator on 127.0.0.1.
+
+Every test that touches a credential also gets `leak_check`, which fails the test if any value the
+emulator issued or was configured with (token, code, client secret, password) shows up in logs,
+captured output or the exceptions the test saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from urllib.parse import parse_qsl, urlsplit
+
+import boto3
+import pytest
+import requests
+from botocore.config import Config
+
+from local.servicenow_emulator import ServiceNowEmulator
+
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real moto server process for the whole session; reset between tests by `aws`."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(f"{url}/moto-api/", timeout=1).status_code < 500:
+                break
+        except requests.RequestException:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("moto_server did not start")
+        time.sleep(0.1)
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SESSION_TOKEN": "testing",
+        }
+    )
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture
+def aws(moto_server: str) -> str:
+    """A clean moto state for each test."""
+    requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
+    return moto_server
+
+
+@pytest.fixture
+def secretsmanager(aws: str):  # type: ignore[no-untyped-def]
+    return boto3.client(
+        "secretsmanager", endpoint_url=aws, region_name=REGION, config=Config(retries={"mode": "standard"})
+    )
+
+
+@dataclass
+class FakeClock:
+    """One clock for the code under test (datetime) and the emulator (epoch seconds)."""
+
+    moment: datetime = field(default_factory=lambda: datetime(2026, 11, 22, 12, 0, tzinfo=UTC))
+
+    def now(self) -> datetime:
+        return self.moment
+
+    def time(self) -> float:
+        return self.moment.timestamp()
+
+    def advance(self, seconds: float) -> None:
+        self.moment += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+CLIENT_ID = "3f1c0a7e9b2d4c6e8a0b1c2d3e4f5a6b"
+CLIENT_SECRET = "emulator-client-secret-Zx81!q"
+REDIRECT_URI = "http://127.0.0.1:9/callback"
+
+
+@pytest.fixture
+def emulator(clock: FakeClock) -> Iterator[ServiceNowEmulator]:
+    """A fresh emulator per test, sharing the test's clock."""
+    with ServiceNowEmulator(clock=clock.time) as server:
+        server.register_client(CLIENT_ID, CLIENT_SECRET, [REDIRECT_URI])
+        server.add_user("svc.integration", "Pa55w0rd-emulator")
+        yield server
+
+
+def secret_values(emulator: ServiceNowEmulator) -> set[str]:
+    """Everything secret the emulator knows: configured secrets plus every token and code it issued."""
+    return {value for value in emulator.secret_values() if value and len(value) >= 8}
+
+
+@pytest.fixture
+def leak_check(emulator: ServiceNowEmulator, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Fail the test if a secret value appears in any log record, captured output or recorded exception."""
+    caplog.set_level(logging.DEBUG)
+    seen_exceptions: list[BaseException] = []
+    yield seen_exceptions
+    out, err = capfd.readouterr()
+    haystacks = [caplog.text, out, err, *(str(e) for e in seen_exceptions), *(repr(e) for e in seen_exceptions)]
+    haystacks += [str(record.args) for record in caplog.records]
+    leaked = [value[:4] + "…" for value in secret_values(emulator) if any(value in text for text in haystacks)]
+    assert not leaked, f"secret values leaked into logs/output/exceptions (prefixes): {leaked}"
+
+
+class _FormParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.action = ""
+        self.fields: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "form":
+            self.action = attributes.get("action") or ""
+        elif tag == "input" and attributes.get("type") == "hidden" and attributes.get("name"):
+            self.fields[str(attributes["name"])] = attributes.get("value") or ""
+
+
+def press_consent(authorize_url: str, button: str = "allow") -> dict[str, str]:
+    """Do what a browser does on the emulator's consent page without one: load it, submit the form.
+
+    Returns the query of the redirect ServiceNow sends the browser to (code/state or error/state).
+    """
+    page = requests.get(authorize_url, timeout=5)
+    assert page.status_code == 200, page.status_code
+    form = _FormParser()
+    form.feed(page.text)
+    base = urlsplit(authorize_url)
+    answer = requests.post(
+        f"{base.scheme}://{base.netloc}{form.action}",
+        data={**form.fields, "action": button},
+        allow_redirects=False,
+        timeout=5,
+    )
+    assert answer.status_code == 302, answer.status_code
+    return dict(parse_qsl(urlsplit(answer.headers["Location"]).query))
