@@ -34,7 +34,9 @@ def client(clock: FakeClock) -> ServiceNowClient:
 
 def consent(app: OAuthApp, *, scope: str | None = None) -> tuple[str, str]:
     verifier = new_code_verifier()
-    url = authorization_url(app, redirect_uri=REDIRECT_URI, state="st4te", challenge=code_challenge(verifier), scope=scope)
+    url = authorization_url(
+        app, redirect_uri=REDIRECT_URI, state="st4te", challenge=code_challenge(verifier), scope=scope
+    )
     redirect = press_consent(url)
     assert redirect["state"] == "st4te"
     return redirect["code"], verifier
@@ -58,7 +60,9 @@ def test_authorization_url_has_every_parameter(app: OAuthApp) -> None:
 
 def test_pkce_challenge_is_rfc7636_s256() -> None:
     # RFC 7636 appendix B test vector.
-    assert code_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+    assert (
+        code_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+    )
     assert 43 <= len(new_code_verifier()) <= 128
 
 
@@ -111,7 +115,9 @@ def test_refresh_returns_same_refresh_token_and_current_access_token(
     assert later.access_token != first.access_token
 
 
-def test_expired_refresh_token_is_rejected(app: OAuthApp, client: ServiceNowClient, clock: FakeClock, leak_check) -> None:
+def test_expired_refresh_token_is_rejected(
+    app: OAuthApp, client: ServiceNowClient, clock: FakeClock, leak_check
+) -> None:
     code, verifier = consent(app)
     token = client.exchange_code(app, code=code, redirect_uri=REDIRECT_URI, code_verifier=verifier)
     assert token.refresh_token
@@ -178,7 +184,13 @@ def test_transient_failures_are_retried_then_succeed(
     ],
 )
 def test_persistent_failures_end_after_the_retry_budget(
-    app: OAuthApp, client: ServiceNowClient, emulator: ServiceNowEmulator, fault: str, error: type, kind: str, leak_check
+    app: OAuthApp,
+    client: ServiceNowClient,
+    emulator: ServiceNowEmulator,
+    fault: str,
+    error: type,
+    kind: str,
+    leak_check,
 ) -> None:
     emulator.inject(fault, count=10, retry_after=0)
     before = emulator.token_requests("password")
@@ -201,7 +213,7 @@ def test_long_retry_after_ends_the_attempt_instead_of_sleeping(
 
 def test_timeout_is_transient(app: OAuthApp, client: ServiceNowClient, emulator: ServiceNowEmulator) -> None:
     emulator.inject("slow", count=3, delay=1.5)
-    with pytest.raises(TransientProviderError, match="timed out|connection failed"):
+    with pytest.raises(TransientProviderError, match=r"timed out|connection failed"):
         client.password_grant(app, username="svc.integration", password="Pa55w0rd-emulator")
 
 

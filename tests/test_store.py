@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from core.errors import ConcurrentUpdate, ConnectionNotFound, SecretFormatError
+from core.errors import ConcurrentUpdate, ConnectionNotFound, InvalidName, SecretFormatError
 from core.secret import Connection
 from core.store import AWSCURRENT, AWSPREVIOUS, ConnectionStore
 
@@ -38,13 +38,13 @@ def test_create_then_get_round_trips(store: ConnectionStore, secretsmanager) -> 
 
 
 def test_unknown_connection_says_so(store: ConnectionStore) -> None:
-    with pytest.raises(ConnectionNotFound, match="'missing'.*servicenow-oauth/missing"):
+    with pytest.raises(ConnectionNotFound, match=r"'missing'.*servicenow-oauth/missing"):
         store.get("missing")
 
 
 @pytest.mark.parametrize("name", ["", "../etc", "a b", "x" * 65, "_state-key", "prod/other"])
 def test_bad_names_are_refused_before_any_call(store: ConnectionStore, name: str) -> None:
-    with pytest.raises(SecretFormatError, match="name"):
+    with pytest.raises(InvalidName, match="connection name"):
         store.get(name)
 
 

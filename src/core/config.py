@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from core.allowlist import parse_allowed_hosts
 
 DEFAULT_PREFIX = "servicenow-oauth/"
+# Outside the connection prefix on purpose: IAM for connections never covers the signing key.
+DEFAULT_STATE_KEY = "servicenow-oauth-state-key"
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,8 @@ class Settings:
 
     secret_prefix: str = DEFAULT_PREFIX
     allowed_hosts: tuple[str, ...] = parse_allowed_hosts(None)
-    state_key_secret_id: str = f"{DEFAULT_PREFIX}_state-key"
+    state_key_secret_id: str = DEFAULT_STATE_KEY
+    callback_url: str | None = None
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -40,5 +43,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         secret_prefix=prefix,
         allowed_hosts=parse_allowed_hosts(env.get("SERVICENOW_ALLOWED_HOSTS")),
-        state_key_secret_id=env.get("STATE_KEY_SECRET_ID") or f"{prefix}_state-key",
+        state_key_secret_id=env.get("STATE_KEY_SECRET_ID") or DEFAULT_STATE_KEY,
+        callback_url=env.get("CALLBACK_URL") or None,
     )

@@ -73,6 +73,10 @@ class SecretFormatError(ServiceNowOAuthError):
         )
 
 
+class InvalidName(ServiceNowOAuthError):
+    """A connection name that cannot be a secret name or a URL path segment."""
+
+
 class ConnectionNotFound(ServiceNowOAuthError):
     """No secret exists for the connection name."""
 
@@ -89,3 +93,40 @@ class ConcurrentUpdate(ServiceNowOAuthError):
     def __init__(self, connection: str) -> None:
         self.connection = connection
         super().__init__(f"connection {connection!r} changed while it was being updated; re-read it and try again")
+
+
+class ConsentError(ServiceNowOAuthError):
+    """A consent request that must be refused; `status` is the HTTP status the callback answers with."""
+
+    status: int = 400
+    reason: str = "bad_request"
+
+    def __init__(self, message: str, *, connection: str | None = None) -> None:
+        self.connection = connection
+        super().__init__(message)
+
+
+class InvalidLink(ConsentError):
+    """An authorize link that is unsigned, forged, for another connection, or expired."""
+
+    status = 403
+    reason = "invalid_link"
+
+
+class InvalidState(ConsentError):
+    """A callback whose `state` is missing, forged, expired, or already used."""
+
+    reason = "invalid_state"
+
+
+class ConsentDenied(ConsentError):
+    """The person pressed Deny in ServiceNow (or ServiceNow refused the request)."""
+
+    reason = "consent_denied"
+
+
+class WrongUser(ConsentError):
+    """The consent was given by someone other than the connection's `expectedUser`."""
+
+    status = 403
+    reason = "wrong_user"

@@ -80,7 +80,7 @@ class _BoundedRetry(Retry):
         fresh.retry_after_budget = self.retry_after_budget
         return fresh
 
-    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def,override]
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def]
         if response is not None:
             retry_after = self.get_retry_after(response)
             if retry_after is not None and retry_after > self.retry_after_budget:

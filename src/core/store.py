@@ -17,7 +17,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from core.errors import ConcurrentUpdate, ConnectionNotFound, SecretFormatError
+from core.errors import ConcurrentUpdate, ConnectionNotFound, InvalidName, SecretFormatError
 from core.secret import Connection, parse_connection
 
 AWSCURRENT = "AWSCURRENT"
@@ -40,10 +40,9 @@ class StoredConnection:
 def validate_name(name: str) -> str:
     """Connection names become secret names and URL path segments: keep them boring."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise SecretFormatError(
-            str(name)[:64] if isinstance(name, str) else "?",
-            "(name)",
-            "must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",
+        raise InvalidName(
+            "a connection name must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     return name
 

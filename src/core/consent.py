@@ -1,0 +1,150 @@
+"""The consent flow: a signed link starts it, ServiceNow's redirect completes it, tokens land in the secret.
+
+Nothing is written until a code has been exchanged and checked; every refusal leaves the secret as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import suppress
+from dataclasses import replace
+from datetime import datetime
+
+from core.clock import from_iso, to_iso
+from core.errors import (
+    ConsentDenied,
+    ConsentError,
+    InvalidState,
+    ProviderError,
+    WrongUser,
+)
+from core.secret import Connection
+from core.servicenow import ServiceNowClient, authorization_url, code_challenge
+from core.signing import ConsentState, code_verifier_for, issue_state, verify_authorize_link, verify_state
+from core.store import ConnectionStore, StoredConnection
+
+AUTHORIZED_AT = "authorizedAt"
+CONSENT_STATE = "consentState"
+_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _require_consent_grant(connection: Connection) -> None:
+    if connection.grant_type != "authorization_code":
+        raise ConsentError(
+            f"connection {connection.name!r} uses the {connection.grant_type} grant and needs no consent; "
+            "the scheduled refresher obtains its tokens",
+            connection=connection.name,
+        )
+
+
+def start_consent(
+    store: ConnectionStore,
+    key: bytes,
+    name: str,
+    *,
+    expires: str | None,
+    signature: str | None,
+    callback_url: str,
+    now: datetime,
+) -> str:
+    """Check the operator's signed link and return the `oauth_auth.do` URL to redirect the browser to."""
+    verify_authorize_link(key, name, expires, signature, now)
+    connection = store.get(name).connection
+    _require_consent_grant(connection)
+    state, consent_state = issue_state(key, name, now)
+    challenge = code_challenge(code_verifier_for(key, consent_state))
+    return authorization_url(
+        connection.app, redirect_uri=callback_url, state=state, challenge=challenge, scope=connection.scope
+    )
+
+
+def _check_unused(connection: Connection, state: ConsentState) -> None:
+    """Single use: a state is spent once its consent is stored, and older states die with a newer consent."""
+    if connection.extra.get(CONSENT_STATE) == state.fingerprint:
+        raise InvalidState(
+            "this consent was already completed; start again from a new authorize link to re-authorize",
+            connection=connection.name,
+        )
+    authorized = connection.extra.get(AUTHORIZED_AT)
+    if isinstance(authorized, str):
+        try:
+            newer = from_iso(authorized).timestamp() > state.issued_at
+        except ValueError:
+            newer = False
+        if newer:
+            raise InvalidState(
+                "a newer consent for this connection was completed after this link was issued; nothing changed",
+                connection=connection.name,
+            )
+
+
+def describe_denial(error: str) -> str:
+    """ServiceNow's error code for the page, only if it is a plain identifier (never reflected raw)."""
+    return error if _SAFE.match(error) else "error"
+
+
+def complete_consent(
+    store: ConnectionStore,
+    client: ServiceNowClient,
+    key: bytes,
+    *,
+    state: str | None,
+    code: str | None,
+    error: str | None,
+    callback_url: str,
+    now: datetime,
+) -> StoredConnection:
+    """Exchange the code from ServiceNow's redirect and store the tokens (compare-and-swap).
+
+    Raises:
+        ConsentError subclasses, ConnectionNotFound, SecretFormatError, ProviderError: all before any write.
+    """
+    if error:
+        connection = None
+        with suppress(InvalidState):  # name the connection on the page only if the state is genuine
+            connection = verify_state(key, state, now).connection
+        raise ConsentDenied(
+            f"ServiceNow did not authorize the connection ({describe_denial(error)}): the person pressed Deny "
+            "or the request was refused; nothing changed. Start again from a new authorize link.",
+            connection=connection,
+        )
+    consent_state = verify_state(key, state, now)
+    name = consent_state.connection
+    if not code:
+        raise InvalidState(
+            "ServiceNow's redirect carried no code; start again from a new authorize link", connection=name
+        )
+    read = store.get(name)
+    _require_consent_grant(read.connection)
+    _check_unused(read.connection, consent_state)
+    token = client.exchange_code(
+        read.connection.app,
+        code=code,
+        redirect_uri=callback_url,
+        code_verifier=code_verifier_for(key, consent_state),
+    )
+    expected_user = read.connection.extra.get("expectedUser")
+    if expected_user:
+        actual = client.current_user(read.connection.instance_url, token.access_token)
+        if actual != expected_user:
+            _discard(client, read.connection, token.refresh_token or token.access_token)
+            raise WrongUser(
+                f"the consent was given by ServiceNow user {actual!r}, but connection {name!r} expects "
+                f"{expected_user!r}; sign in to ServiceNow as {expected_user!r} and use a new authorize link. "
+                "The existing tokens were kept.",
+                connection=name,
+            )
+
+    def store_tokens(current: Connection) -> Connection:
+        _check_unused(current, consent_state)
+        updated = current.with_token(token, grant="authorization_code", now=now)
+        extra = {**current.extra, AUTHORIZED_AT: to_iso(now), CONSENT_STATE: consent_state.fingerprint}
+        return replace(updated, redirect_uri=callback_url, extra=extra)
+
+    return store.update(name, store_tokens)
+
+
+def _discard(client: ServiceNowClient, connection: Connection, token: str) -> None:
+    """Best effort: a token issued to the wrong user should not stay alive in ServiceNow."""
+    with suppress(ProviderError):
+        client.revoke(connection.app, token)
