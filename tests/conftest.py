@@ -131,6 +131,8 @@ def secret_values(emulator: ServiceNowEmulator) -> set[str]:
 def leak_check(emulator: ServiceNowEmulator, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
     """Fail the test if a secret value appears in any log record, captured output or recorded exception."""
     caplog.set_level(logging.DEBUG)
+    for noisy in ("botocore", "boto3", "urllib3"):  # wire-level debug logs are off in Lambda too
+        caplog.set_level(logging.WARNING, logger=noisy)
     seen_exceptions: list[BaseException] = []
     yield seen_exceptions
     out, err = capfd.readouterr()

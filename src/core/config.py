@@ -21,6 +21,9 @@ class Settings:
     allowed_hosts: tuple[str, ...] = parse_allowed_hosts(None)
     state_key_secret_id: str = DEFAULT_STATE_KEY
     callback_url: str | None = None
+    refresh_leeway_seconds: int = 600
+    refresh_token_warning_days: int = 14
+    refresh_concurrency: int = 8
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -45,4 +48,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         allowed_hosts=parse_allowed_hosts(env.get("SERVICENOW_ALLOWED_HOSTS")),
         state_key_secret_id=env.get("STATE_KEY_SECRET_ID") or DEFAULT_STATE_KEY,
         callback_url=env.get("CALLBACK_URL") or None,
+        refresh_leeway_seconds=_int(env, "REFRESH_LEEWAY_SECONDS", 600),
+        refresh_token_warning_days=_int(env, "REFRESH_TOKEN_WARNING_DAYS", 14),
+        refresh_concurrency=max(1, _int(env, "REFRESH_CONCURRENCY", 8)),
     )

@@ -51,7 +51,7 @@ class ConnectionStore:
     """All Secrets Manager access for connection secrets; the client is injected (moto in tests)."""
 
     def __init__(self, client: Any, *, prefix: str, allowed_hosts: Iterable[str]) -> None:
-        self._client = client
+        self.client = client
         self.prefix = prefix
         self.allowed_hosts = tuple(allowed_hosts)
 
@@ -77,7 +77,7 @@ class ConnectionStore:
         """
         secret_id = self.secret_id(name)
         try:
-            answer = self._client.get_secret_value(SecretId=secret_id, VersionStage=version_stage)
+            answer = self.client.get_secret_value(SecretId=secret_id, VersionStage=version_stage)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("ResourceNotFoundException", "InvalidRequestException"):
                 raise ConnectionNotFound(name, secret_id) from None
@@ -99,7 +99,7 @@ class ConnectionStore:
         }
         if kms_key_id:
             kwargs["KmsKeyId"] = kms_key_id
-        answer = self._client.create_secret(**kwargs)
+        answer = self.client.create_secret(**kwargs)
         return StoredConnection(connection, answer["VersionId"], answer["ARN"])
 
     def compare_and_swap(
@@ -114,11 +114,11 @@ class ConnectionStore:
         """
         token = request_token or str(uuid.uuid4())
         secret_id = read.arn
-        self._client.put_secret_value(
+        self.client.put_secret_value(
             SecretId=secret_id, ClientRequestToken=token, SecretString=new.to_json(), VersionStages=[CANDIDATE]
         )
         try:
-            self._client.update_secret_version_stage(
+            self.client.update_secret_version_stage(
                 SecretId=secret_id, VersionStage=AWSCURRENT, MoveToVersionId=token, RemoveFromVersionId=read.version_id
             )
         except ClientError as exc:
@@ -131,7 +131,7 @@ class ConnectionStore:
         return StoredConnection(new, token, read.arn)
 
     def _current_version(self, secret_id: str) -> str | None:
-        stages = self._client.describe_secret(SecretId=secret_id).get("VersionIdsToStages", {})
+        stages = self.client.describe_secret(SecretId=secret_id).get("VersionIdsToStages", {})
         return next((version for version, labels in stages.items() if AWSCURRENT in labels), None)
 
     def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:

@@ -1,0 +1,259 @@
+"""Refreshing one connection, and sweeping all of them: the scheduled refresher and rotation share this.
+
+The rules that keep a credential alive: write only with compare-and-swap on the version read; store
+a new refresh token in the same write as its access token; before declaring a credential dead,
+re-read the secret (someone may just have re-consented); leave the secret untouched on any failure
+that a later run can fix.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from botocore.exceptions import ClientError
+
+from core.errors import (
+    ConcurrentUpdate,
+    CredentialRejected,
+    FailureKind,
+    ProviderError,
+    SecretFormatError,
+)
+from core.secret import Connection
+from core.servicenow import ServiceNowClient, Token
+from core.store import AWSCURRENT, ConnectionStore, StoredConnection
+
+Result = Literal["refreshed", "not_due", "needs_person", "failed", "reauthorization_required", "invalid", "write_failed"]
+BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
+LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    """When a connection is due, and how hard to try writing."""
+
+    leeway: timedelta = timedelta(seconds=600)
+    refresh_warning: timedelta = timedelta(days=14)
+    write_attempts: int = 4
+    write_backoff_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one connection; safe to log as-is (no secret material)."""
+
+    connection: str
+    result: Result
+    failure: FailureKind | None = None
+    detail: str | None = None
+    access_token_expires_at: datetime | None = None
+    refresh_token_expires_at: datetime | None = None
+    refresh_token_expiring: bool = False
+
+
+def needs_person(connection: Connection) -> bool:
+    """True when only a person can produce a token: no consent yet, or the last one was refused."""
+    if connection.status == "reauthorization_required":
+        return True
+    return connection.grant_type == "authorization_code" and not connection.refresh_token
+
+
+def is_due(connection: Connection, now: datetime, leeway: timedelta) -> bool:
+    """Due when the access token is missing or expires within the leeway (and a machine can refresh it)."""
+    if needs_person(connection):
+        return False
+    expires = connection.access_token_expires_at
+    return not connection.access_token or expires is None or expires - now <= leeway
+
+
+def request_token(client: ServiceNowClient, connection: Connection) -> tuple[Token, str]:
+    """The grant this connection refreshes with: refresh_token, password, or client_credentials."""
+    app = connection.app
+    if connection.grant_type == "password":
+        assert connection.username and connection.password  # parse_connection guarantees both
+        token = client.password_grant(
+            app, username=connection.username, password=connection.password, scope=connection.scope
+        )
+        return token, "password"
+    if connection.grant_type == "client_credentials":
+        return client.client_credentials(app, scope=connection.scope), "client_credentials"
+    assert connection.refresh_token  # is_due / needs_person guarantee it
+    return client.refresh(app, connection.refresh_token), "refresh_token"
+
+
+def _same_credential(a: Connection, b: Connection) -> bool:
+    """Whether a re-read secret still holds the credential that was just refused."""
+    return (a.client_id, a.client_secret, a.refresh_token, a.password, a.status) == (
+        b.client_id,
+        b.client_secret,
+        b.refresh_token,
+        b.password,
+        b.status,
+    )
+
+
+def _expiring(connection: Connection, now: datetime, policy: RefreshPolicy) -> bool:
+    expires = connection.refresh_token_expires_at
+    return connection.grant_type == "authorization_code" and expires is not None and expires - now <= policy.refresh_warning
+
+
+class Refresher:
+    """Refreshes connections through injected collaborators (moto and the emulator in tests)."""
+
+    def __init__(
+        self,
+        store: ConnectionStore,
+        client: ServiceNowClient,
+        *,
+        clock: Callable[[], datetime],
+        policy: RefreshPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.clock = clock
+        self.policy = policy or RefreshPolicy()
+        self._sleep = sleep
+
+    def _write(self, read: StoredConnection, new: Connection) -> StoredConnection:
+        """Compare-and-swap with retries for AWS-side failures; one request token keeps retries idempotent."""
+        token = str(uuid.uuid4())
+        for attempt in range(self.policy.write_attempts):
+            try:
+                return self.store.compare_and_swap(read, new, request_token=token)
+            except ClientError:
+                if attempt == self.policy.write_attempts - 1:
+                    raise
+                self._sleep(self.policy.write_backoff_seconds * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _done(self, connection: Connection, result: Result, now: datetime, **kwargs: Any) -> Outcome:
+        return Outcome(
+            connection.name,
+            result,
+            access_token_expires_at=connection.access_token_expires_at,
+            refresh_token_expires_at=connection.refresh_token_expires_at,
+            refresh_token_expiring=_expiring(connection, now, self.policy),
+            **kwargs,
+        )
+
+    def refresh(self, read: StoredConnection, *, force: bool = False) -> Outcome:
+        """Refresh one connection if it is due (or `force`d), never losing what the secret holds."""
+        now = self.clock()
+        connection = read.connection
+        if needs_person(connection):
+            return self._done(connection, "needs_person", now)
+        if not force and not is_due(connection, now, self.policy.leeway):
+            return self._done(connection, "not_due", now)
+        try:
+            token, grant = request_token(self.client, connection)
+        except CredentialRejected as error:
+            return self._rejected(read, error)
+        except ProviderError as error:
+            # Unavailable, rate limited or transient: the stored token stays; a later run retries.
+            return self._done(connection, "failed", now, failure=error.kind, detail=str(error))
+        return self._store_token(read, token, grant, now)
+
+    def _store_token(self, read: StoredConnection, token: Token, grant: str, now: datetime) -> Outcome:
+        for _ in range(3):
+            new = read.connection.with_token(token, grant=grant, now=now)
+            try:
+                written = self._write(read, new)
+                return self._done(written.connection, "refreshed", now)
+            except ConcurrentUpdate:
+                # Someone wrote first (another sweep, a re-consent): build on their value, never over it.
+                read = self.store.get(read.connection.name)
+                if not is_due(read.connection, now, self.policy.leeway):
+                    return self._done(read.connection, "not_due", now, detail="updated concurrently")
+            except ClientError as error:
+                code = error.response.get("Error", {}).get("Code", "ClientError")
+                return self._done(
+                    read.connection, "write_failed", now, failure="transient", detail=f"secret write failed ({code})"
+                )
+        return self._done(read.connection, "failed", now, failure="transient", detail="kept losing write races")
+
+    def _rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
+        """Mark `reauthorization_required` only if the refused credential is still the current one."""
+        now = self.clock()
+        for _ in range(3):
+            fresh = self.store.get(read.connection.name)
+            if not _same_credential(fresh.connection, read.connection):
+                return self._done(fresh.connection, "not_due", now, detail="credential changed while refreshing")
+            marked = replace(fresh.connection, status="reauthorization_required", updated_at=now)
+            try:
+                self._write(fresh, marked)
+                return self._done(marked, "reauthorization_required", now, failure="rejected", detail=str(error))
+            except ConcurrentUpdate:
+                continue
+            except ClientError:
+                break
+        return self._done(read.connection, "failed", now, failure="rejected", detail=str(error))
+
+    # ----------------------------------------------------------------- the sweep
+    def list_connection_secrets(self) -> Iterator[dict[str, Any]]:
+        """Every secret under the prefix, 100 per ListSecrets page (planned deletions excluded)."""
+        paginator = self.store.client.get_paginator("list_secrets")
+        pages = paginator.paginate(
+            Filters=[{"Key": "name", "Values": [self.store.prefix]}], PaginationConfig={"PageSize": LIST_PAGE_SIZE}
+        )
+        for page in pages:
+            for entry in page.get("SecretList", []):
+                if self.store.name_of(entry["Name"]):
+                    yield entry
+
+    def read_batch(self, entries: list[dict[str, Any]]) -> Iterator[StoredConnection | Outcome]:
+        """One BatchGetSecretValue for up to 20 secrets; unreadable ones come back as `invalid` outcomes."""
+        answer = self.store.client.batch_get_secret_value(SecretIdList=[entry["ARN"] for entry in entries])
+        for value in answer.get("SecretValues", []):
+            name = self.store.name_of(value["Name"]) or value["Name"]
+            try:
+                if AWSCURRENT not in value.get("VersionStages", [AWSCURRENT]):
+                    # Not the current version (moto answers with a stale default after a stage move);
+                    # compare-and-swap must start from AWSCURRENT, so read that one explicitly.
+                    yield self.store.get(name)
+                    continue
+                yield self.store.parse(name, value["SecretString"], value["VersionId"], value["ARN"])
+            except (SecretFormatError, KeyError) as error:
+                yield Outcome(name, "invalid", detail=str(error) if isinstance(error, SecretFormatError) else None)
+        for failure in answer.get("Errors", []):
+            name = self.store.name_of(failure.get("SecretId", "")) or str(failure.get("SecretId"))
+            yield Outcome(name, "invalid", detail=f"could not read the secret ({failure.get('ErrorCode')})")
+
+    def sweep(self, *, max_workers: int = 8) -> list[Outcome]:
+        """Read every connection in batches and refresh the due ones concurrently; one failure stops nothing."""
+        outcomes: list[Outcome] = []
+        due: list[StoredConnection] = []
+        now = self.clock()
+        batch: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            for item in self.read_batch(batch):
+                if isinstance(item, Outcome):
+                    outcomes.append(item)
+                elif is_due(item.connection, now, self.policy.leeway):
+                    due.append(item)
+                else:
+                    outcomes.append(self.refresh(item))  # not due: decided locally, no API call
+            batch.clear()
+
+        for entry in self.list_connection_secrets():
+            batch.append(entry)
+            if len(batch) == BATCH_READ_SIZE:
+                flush()
+        if batch:
+            flush()
+        with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+            outcomes.extend(pool.map(self._safe_refresh, due))
+        return outcomes
+
+    def _safe_refresh(self, read: StoredConnection) -> Outcome:
+        try:
+            return self.refresh(read)
+        except Exception as error:  # one broken connection must never stop the others
+            return Outcome(read.connection.name, "failed", failure="transient", detail=type(error).__name__)

@@ -1,0 +1,70 @@
+"""Turns refresh outcomes into one log line per event worth a look, and CloudWatch metrics (EMF).
+
+Logger and metrics are injected (Powertools objects in Lambda), so the sweep, the SQS worker and
+rotation report the same way. Outcomes carry no secret material by construction.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from core.clock import to_iso
+from core.refresh import Outcome
+
+_METRIC_BY_RESULT = {
+    "refreshed": "Refreshed",
+    "not_due": "SkippedNotDue",
+    "needs_person": "NeedsAuthorization",
+    "failed": "RefreshFailed",
+    "write_failed": "SecretWriteFailed",
+    "reauthorization_required": "ReauthorizationRequired",
+    "invalid": "InvalidConnectionSecret",
+}
+_METRIC_BY_FAILURE = {
+    "unavailable": "FailedUnavailable",
+    "rate_limited": "FailedRateLimited",
+    "transient": "FailedTransient",
+    "rejected": "FailedRejected",
+}
+
+
+def report_outcomes(outcomes: Iterable[Outcome], logger: Any, metrics: Any, now: datetime) -> dict[str, int]:
+    """Log and count; returns the counts by result (the Lambda's return value)."""
+    from aws_lambda_powertools.metrics import MetricUnit
+
+    outcomes = list(outcomes)
+    counts = Counter(outcome.result for outcome in outcomes)
+    failures = Counter(outcome.failure for outcome in outcomes if outcome.failure)
+    for result, metric in _METRIC_BY_RESULT.items():
+        metrics.add_metric(name=metric, unit=MetricUnit.Count, value=counts.get(result, 0))
+    for failure, metric in _METRIC_BY_FAILURE.items():
+        if failures.get(failure):
+            metrics.add_metric(name=metric, unit=MetricUnit.Count, value=failures[failure])
+    expiring = [outcome for outcome in outcomes if outcome.refresh_token_expiring]
+    metrics.add_metric(name="RefreshTokenExpiring", unit=MetricUnit.Count, value=len(expiring))
+    access_left = [(o.access_token_expires_at - now).total_seconds() for o in outcomes if o.access_token_expires_at]
+    if access_left:
+        metrics.add_metric(name="MinAccessTokenSecondsLeft", unit=MetricUnit.Seconds, value=max(0.0, min(access_left)))
+    refresh_left = [(o.refresh_token_expires_at - now).total_seconds() for o in outcomes if o.refresh_token_expires_at]
+    if refresh_left:
+        metrics.add_metric(name="MinRefreshTokenDaysLeft", unit=MetricUnit.Count, value=max(0.0, min(refresh_left)) / 86400)
+
+    for outcome in outcomes:
+        fields = {"connection": outcome.connection, "result": outcome.result, "failure": outcome.failure}
+        if outcome.access_token_expires_at:
+            fields["access_token_expires_at"] = to_iso(outcome.access_token_expires_at)
+        if outcome.result == "refreshed":
+            logger.info("refreshed", extra=fields)
+        elif outcome.result in ("reauthorization_required", "write_failed", "invalid"):
+            logger.error(outcome.detail or outcome.result, extra=fields)
+        elif outcome.result == "failed":
+            logger.warning(outcome.detail or "refresh failed", extra=fields)
+        if outcome.refresh_token_expiring and outcome.refresh_token_expires_at:
+            logger.warning(
+                "refresh token expires soon: re-authorize the connection (make authorize-url)",
+                extra={**fields, "refresh_token_expires_at": to_iso(outcome.refresh_token_expires_at)},
+            )
+    return dict(counts)
