@@ -24,6 +24,8 @@ class Settings:
     refresh_leeway_seconds: int = 600
     refresh_token_warning_days: int = 14
     refresh_concurrency: int = 8
+    refresh_queue_url: str | None = None
+    fan_out_above: int = 200
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -51,4 +53,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         refresh_leeway_seconds=_int(env, "REFRESH_LEEWAY_SECONDS", 600),
         refresh_token_warning_days=_int(env, "REFRESH_TOKEN_WARNING_DAYS", 14),
         refresh_concurrency=max(1, _int(env, "REFRESH_CONCURRENCY", 8)),
+        refresh_queue_url=env.get("REFRESH_QUEUE_URL") or None,
+        fan_out_above=_int(env, "FAN_OUT_ABOVE", 200),
     )

@@ -130,3 +130,7 @@ class WrongUser(ConsentError):
 
     status = 403
     reason = "wrong_user"
+
+
+class RotationError(ServiceNowOAuthError):
+    """A Secrets Manager rotation step that must fail (Secrets Manager then reports the rotation as failed)."""

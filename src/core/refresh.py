@@ -29,7 +29,9 @@ from core.secret import Connection
 from core.servicenow import ServiceNowClient, Token
 from core.store import AWSCURRENT, ConnectionStore, StoredConnection
 
-Result = Literal["refreshed", "not_due", "needs_person", "failed", "reauthorization_required", "invalid", "write_failed"]
+Result = Literal[
+    "refreshed", "not_due", "needs_person", "failed", "reauthorization_required", "invalid", "write_failed", "queued"
+]
 BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 
@@ -100,7 +102,11 @@ def _same_credential(a: Connection, b: Connection) -> bool:
 
 def _expiring(connection: Connection, now: datetime, policy: RefreshPolicy) -> bool:
     expires = connection.refresh_token_expires_at
-    return connection.grant_type == "authorization_code" and expires is not None and expires - now <= policy.refresh_warning
+    return (
+        connection.grant_type == "authorization_code"
+        and expires is not None
+        and expires - now <= policy.refresh_warning
+    )
 
 
 class Refresher:
@@ -154,7 +160,7 @@ class Refresher:
         try:
             token, grant = request_token(self.client, connection)
         except CredentialRejected as error:
-            return self._rejected(read, error)
+            return self.mark_rejected(read, error)
         except ProviderError as error:
             # Unavailable, rate limited or transient: the stored token stays; a later run retries.
             return self._done(connection, "failed", now, failure=error.kind, detail=str(error))
@@ -178,7 +184,7 @@ class Refresher:
                 )
         return self._done(read.connection, "failed", now, failure="transient", detail="kept losing write races")
 
-    def _rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
+    def mark_rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
         """Mark `reauthorization_required` only if the refused credential is still the current one."""
         now = self.clock()
         for _ in range(3):
@@ -225,8 +231,8 @@ class Refresher:
             name = self.store.name_of(failure.get("SecretId", "")) or str(failure.get("SecretId"))
             yield Outcome(name, "invalid", detail=f"could not read the secret ({failure.get('ErrorCode')})")
 
-    def sweep(self, *, max_workers: int = 8) -> list[Outcome]:
-        """Read every connection in batches and refresh the due ones concurrently; one failure stops nothing."""
+    def scan(self) -> tuple[list[Outcome], list[StoredConnection]]:
+        """Read every connection in batches: outcomes for those that need nothing, and the due ones."""
         outcomes: list[Outcome] = []
         due: list[StoredConnection] = []
         now = self.clock()
@@ -248,6 +254,21 @@ class Refresher:
                 flush()
         if batch:
             flush()
+        return outcomes, due
+
+    def sweep(
+        self,
+        *,
+        max_workers: int = 8,
+        fan_out: Callable[[list[str]], None] | None = None,
+        fan_out_above: int | None = None,
+    ) -> list[Outcome]:
+        """Refresh every due connection: here with a bounded pool, or, when more are due than one
+        invocation should handle, by handing their names to `fan_out` (the SQS queue's workers)."""
+        outcomes, due = self.scan()
+        if fan_out is not None and fan_out_above is not None and len(due) > fan_out_above:
+            fan_out([read.connection.name for read in due])
+            return outcomes + [Outcome(read.connection.name, "queued") for read in due]
         with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
             outcomes.extend(pool.map(self._safe_refresh, due))
         return outcomes

@@ -36,8 +36,8 @@ def report_outcomes(outcomes: Iterable[Outcome], logger: Any, metrics: Any, now:
     from aws_lambda_powertools.metrics import MetricUnit
 
     outcomes = list(outcomes)
-    counts = Counter(outcome.result for outcome in outcomes)
-    failures = Counter(outcome.failure for outcome in outcomes if outcome.failure)
+    counts: Counter[str] = Counter(outcome.result for outcome in outcomes)
+    failures: Counter[str] = Counter(outcome.failure for outcome in outcomes if outcome.failure)
     for result, metric in _METRIC_BY_RESULT.items():
         metrics.add_metric(name=metric, unit=MetricUnit.Count, value=counts.get(result, 0))
     for failure, metric in _METRIC_BY_FAILURE.items():
@@ -50,7 +50,9 @@ def report_outcomes(outcomes: Iterable[Outcome], logger: Any, metrics: Any, now:
         metrics.add_metric(name="MinAccessTokenSecondsLeft", unit=MetricUnit.Seconds, value=max(0.0, min(access_left)))
     refresh_left = [(o.refresh_token_expires_at - now).total_seconds() for o in outcomes if o.refresh_token_expires_at]
     if refresh_left:
-        metrics.add_metric(name="MinRefreshTokenDaysLeft", unit=MetricUnit.Count, value=max(0.0, min(refresh_left)) / 86400)
+        metrics.add_metric(
+            name="MinRefreshTokenDaysLeft", unit=MetricUnit.Count, value=max(0.0, min(refresh_left)) / 86400
+        )
 
     for outcome in outcomes:
         fields = {"connection": outcome.connection, "result": outcome.result, "failure": outcome.failure}

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities import parameters
-from botocore.config import Config
 
 from core.clock import utc_now
 from core.config import load_settings
@@ -27,7 +25,7 @@ from core.errors import (
 )
 from core.pages import SECURITY_HEADERS, authorized_page, error_page
 from core.servicenow import ServiceNowClient, build_session
-from core.store import ConnectionStore
+from handlers.runtime import build_store
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -36,11 +34,7 @@ logger = Logger()
 metrics = Metrics()
 app = APIGatewayHttpResolver()
 settings = load_settings()
-store = ConnectionStore(
-    boto3.client("secretsmanager", config=Config(retries={"mode": "standard"})),
-    prefix=settings.secret_prefix,
-    allowed_hosts=settings.allowed_hosts,
-)
+store = build_store(settings)
 servicenow = ServiceNowClient(build_session())
 
 # Upstream failures the person can do nothing about in this request get 5xx; their own request, 4xx.

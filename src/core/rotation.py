@@ -1,0 +1,107 @@
+"""Secrets Manager's rotation protocol (createSecret, setSecret, testSecret, finishSecret) for a connection.
+
+The shape follows AWS's SecretsManagerRotationTemplate: every step first checks that rotation is
+enabled and the token is staged AWSPENDING, and returns early when the token is already current, so
+re-delivered steps are harmless. The token request itself is the refresher's, not a fork of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from core.errors import CredentialRejected, RotationError
+from core.refresh import Refresher, request_token
+from core.store import AWSCURRENT, AWSPENDING
+
+Step = Callable[["Rotation", str, str, str], None]
+
+
+class Rotation:
+    """Runs one rotation step for one secret; collaborators come from the refresher (store, client, clock)."""
+
+    def __init__(self, refresher: Refresher, logger: Any) -> None:
+        self.refresher = refresher
+        self.store = refresher.store
+        self.client = refresher.store.client
+        self.logger = logger
+
+    def run(self, step: str, secret_id: str, token: str) -> None:
+        """Guard like AWS's template, then dispatch.
+
+        Raises:
+            RotationError: rotation disabled, unknown token, token not pending, unknown step, or a failed test.
+        """
+        metadata = self.client.describe_secret(SecretId=secret_id)
+        name = self.store.name_of(metadata["Name"])
+        if name is None:
+            raise RotationError(f"secret {metadata['Name']!r} is not a connection under {self.store.prefix!r}")
+        if not metadata.get("RotationEnabled"):
+            raise RotationError(f"connection {name!r}: rotation is not enabled for its secret")
+        versions = metadata.get("VersionIdsToStages", {})
+        if token not in versions:
+            raise RotationError(f"connection {name!r}: version {token} has no stage for rotation")
+        if AWSCURRENT in versions[token]:
+            # Already current: a re-delivered event, nothing to do.
+            self.logger.info(f"{step}: version already current", extra={"connection": name})
+            return
+        if AWSPENDING not in versions[token]:
+            raise RotationError(f"connection {name!r}: version {token} is not AWSPENDING")
+        handler = STEPS.get(step)
+        if handler is None:
+            raise RotationError(f"connection {name!r}: unknown rotation step {step!r}")
+        handler(self, metadata["ARN"], name, token)
+
+    def create_secret(self, arn: str, name: str, token: str) -> None:
+        """Obtain a fresh token and store it as the AWSPENDING version (idempotent on the request token)."""
+        try:
+            self.client.get_secret_value(SecretId=arn, VersionId=token, VersionStage=AWSPENDING)
+            self.logger.info("createSecret: pending version already exists", extra={"connection": name})
+            return
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                raise
+        current = self.store.get(name)
+        try:
+            fresh, grant = request_token(self.refresher.client, current.connection)
+        except CredentialRejected as error:
+            self.refresher.mark_rejected(current, error)
+            raise RotationError(f"connection {name!r}: {error}") from None
+        new = current.connection.with_token(fresh, grant=grant, now=self.refresher.clock())
+        self.client.put_secret_value(
+            SecretId=arn, ClientRequestToken=token, SecretString=new.to_json(), VersionStages=[AWSPENDING]
+        )
+        self.logger.info("createSecret: stored pending version", extra={"connection": name})
+
+    def set_secret(self, arn: str, name: str, token: str) -> None:
+        """Nothing to set: ServiceNow itself issued the pending token in createSecret."""
+        self.logger.info("setSecret: nothing to do for OAuth tokens", extra={"connection": name})
+
+    def test_secret(self, arn: str, name: str, token: str) -> None:
+        """Prove the pending access token works against ServiceNow's Table API."""
+        pending = self.store.get(name, version_stage=AWSPENDING)
+        if pending.version_id != token or not pending.connection.access_token:
+            raise RotationError(f"connection {name!r}: the pending version holds no access token")
+        user = self.refresher.client.current_user(pending.connection.instance_url, pending.connection.access_token)
+        self.logger.info("testSecret: pending token works", extra={"connection": name, "servicenow_user": user})
+
+    def finish_secret(self, arn: str, name: str, token: str) -> None:
+        """Move AWSCURRENT to the pending version, naming the version it leaves (as AWS's template does)."""
+        stages = self.client.describe_secret(SecretId=arn)["VersionIdsToStages"]
+        current = next((version for version, labels in stages.items() if AWSCURRENT in labels), None)
+        if current == token:
+            return
+        self.client.update_secret_version_stage(
+            SecretId=arn, VersionStage=AWSCURRENT, MoveToVersionId=token, RemoveFromVersionId=current
+        )
+        self.logger.info("finishSecret: pending version is now current", extra={"connection": name})
+
+
+STEPS: dict[str, Step] = {
+    "createSecret": Rotation.create_secret,
+    "setSecret": Rotation.set_secret,
+    "testSecret": Rotation.test_secret,
+    "finishSecret": Rotation.finish_secret,
+}

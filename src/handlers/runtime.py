@@ -1,0 +1,34 @@
+"""Clients built once per Lambda container and shared by the handlers (not an entry point)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import boto3
+from botocore.config import Config
+
+from core.clock import utc_now
+from core.config import Settings
+from core.refresh import Refresher, RefreshPolicy
+from core.servicenow import ServiceNowClient, build_session
+from core.store import ConnectionStore
+
+# boto3's standard retry mode backs off on throttling (PutSecretValue shares 50 writes/s per region).
+AWS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=3, read_timeout=10)
+
+
+def build_store(settings: Settings) -> ConnectionStore:
+    client = boto3.client("secretsmanager", config=AWS_CONFIG)
+    return ConnectionStore(client, prefix=settings.secret_prefix, allowed_hosts=settings.allowed_hosts)
+
+
+def build_refresher(settings: Settings) -> Refresher:
+    return Refresher(
+        build_store(settings),
+        ServiceNowClient(build_session(pool_maxsize=settings.refresh_concurrency)),
+        clock=utc_now,
+        policy=RefreshPolicy(
+            leeway=timedelta(seconds=settings.refresh_leeway_seconds),
+            refresh_warning=timedelta(days=settings.refresh_token_warning_days),
+        ),
+    )

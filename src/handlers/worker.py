@@ -1,0 +1,49 @@
+"""SQS: refresh the connections a sweep queued because too many were due for one invocation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+from core.clock import utc_now
+from core.config import load_settings
+from core.errors import ConnectionNotFound
+from core.fanout import connection_from_message
+from core.refresh import Outcome
+from core.report import report_outcomes
+from handlers.runtime import build_refresher
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+logger = Logger()
+metrics = Metrics()
+processor = BatchProcessor(event_type=EventType.SQS)
+refresher = build_refresher(load_settings())
+
+
+def refresh_record(record: SQSRecord) -> Outcome | None:
+    """Re-read the connection (the queue holds only its name) and refresh it if still due.
+
+    Provider failures are outcomes, not exceptions: the next sweep retries them, so SQS need not.
+    """
+    name = connection_from_message(record.body)
+    try:
+        read = refresher.store.get(name)
+    except ConnectionNotFound:
+        logger.warning("queued connection no longer exists", extra={"connection": name})
+        return None
+    return refresher.refresh(read)
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context(log_event=False)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """SQS event with ReportBatchItemFailures: only records that raised are retried."""
+    with processor(records=event.get("Records", []), handler=refresh_record, lambda_context=context):
+        processed = processor.process()
+    report_outcomes([r[1] for r in processed if r[0] == "success" and r[1] is not None], logger, metrics, utc_now())
+    return dict(processor.response())

@@ -1,0 +1,108 @@
+"""The scheduled refresher and the SQS worker as Lambda handlers, on events from events/."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from core.clock import to_iso
+from core.servicenow import OAuthApp, ServiceNowClient, build_session
+from local.servicenow_emulator import ServiceNowEmulator
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, REGION
+from tests.test_callback import FakeContext
+
+EVENTS = Path(__file__).resolve().parent.parent / "events"
+PREFIX = "servicenow-oauth/"
+
+
+@pytest.fixture
+def env(aws: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVICENOW_ALLOWED_HOSTS", "127.0.0.1")
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "servicenow-oauth")
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "ServiceNowOAuth")
+
+
+def add_due_connection(secretsmanager: Any, emulator: ServiceNowEmulator, name: str) -> str:
+    token = ServiceNowClient(build_session()).password_grant(
+        OAuthApp(emulator.url, CLIENT_ID, CLIENT_SECRET), username="svc.integration", password="Pa55w0rd-emulator"
+    )
+    document = {
+        "instanceUrl": emulator.url,
+        "clientId": CLIENT_ID,
+        "clientSecret": CLIENT_SECRET,
+        "status": "active",
+        "accessToken": token.access_token,
+        "refreshToken": token.refresh_token,
+        "accessTokenExpiresAt": to_iso(datetime.now(UTC) + timedelta(seconds=60)),
+        "refreshTokenExpiresAt": to_iso(datetime.now(UTC) + timedelta(days=99)),
+    }
+    secretsmanager.create_secret(Name=f"{PREFIX}{name}", SecretString=json.dumps(document))
+    return token.access_token
+
+
+def expiry(secretsmanager: Any, name: str) -> datetime:
+    value = secretsmanager.get_secret_value(SecretId=f"{PREFIX}{name}", VersionStage="AWSCURRENT")
+    return datetime.fromisoformat(json.loads(value["SecretString"])["accessTokenExpiresAt"].replace("Z", "+00:00"))
+
+
+def test_scheduled_sweep_refreshes_due_connections(
+    env: None, secretsmanager: Any, emulator: ServiceNowEmulator, leak_check: list
+) -> None:
+    add_due_connection(secretsmanager, emulator, "prod")
+    import handlers.refresh
+
+    handler = importlib.reload(handlers.refresh)
+    counts = handler.lambda_handler(json.loads((EVENTS / "schedule.json").read_text()), FakeContext())
+    assert counts == {"refreshed": 1}
+    assert expiry(secretsmanager, "prod") > datetime.now(UTC) + timedelta(minutes=20)
+
+
+def test_many_due_connections_fan_out_through_sqs(
+    env: None,
+    aws: str,
+    secretsmanager: Any,
+    emulator: ServiceNowEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    leak_check: list,
+) -> None:
+    sqs = boto3.client("sqs", endpoint_url=aws, region_name=REGION)
+    queue_url = sqs.create_queue(QueueName="refresh")["QueueUrl"]
+    monkeypatch.setenv("REFRESH_QUEUE_URL", queue_url)
+    monkeypatch.setenv("FAN_OUT_ABOVE", "2")
+    names = [f"c{i}" for i in range(5)]
+    for name in names:
+        add_due_connection(secretsmanager, emulator, name)
+    import handlers.refresh
+    import handlers.worker
+
+    counts = importlib.reload(handlers.refresh).lambda_handler({}, FakeContext())
+    assert counts == {"queued": 5}
+    assert all(expiry(secretsmanager, name) < datetime.now(UTC) + timedelta(minutes=2) for name in names)
+
+    messages: list[dict[str, Any]] = []
+    while len(messages) < 5:
+        answer = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        messages += answer.get("Messages", [])
+    template = json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0]
+    records = []
+    for message in messages:
+        record = copy.deepcopy(template)
+        record.update(messageId=message["MessageId"], receiptHandle=message["ReceiptHandle"], body=message["Body"])
+        records.append(record)
+    poison = copy.deepcopy(template)
+    poison.update(messageId="poison-1", body="not json")
+    gone = copy.deepcopy(template)
+    gone.update(messageId="gone-1", body=json.dumps({"connection": "deleted-meanwhile"}))
+
+    worker = importlib.reload(handlers.worker)
+    response = worker.lambda_handler({"Records": [*records, poison, gone]}, FakeContext())
+    assert response == {"batchItemFailures": [{"itemIdentifier": "poison-1"}]}
+    assert all(expiry(secretsmanager, name) > datetime.now(UTC) + timedelta(minutes=20) for name in names)
+    assert sorted(json.loads(message["Body"])["connection"] for message in messages) == names  # names only
