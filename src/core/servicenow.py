@@ -282,7 +282,8 @@ class ServiceNowClient:
         """Mark a token expired in ServiceNow (`oauth_revoke_token.do`); the response body is undocumented."""
         form = {"token": token, "client_id": app.client_id, "client_secret": app.client_secret}
         response = self._post(self._session, app, REVOKE_PATH, "revoke", form)
-        if response.status_code >= 300:
+        # A 200 HTML page is the hibernation or login page, not a revocation.
+        if response.status_code >= 300 or "html" in response.headers.get("Content-Type", "").lower():
             raise classify_failure(app, "revoke", response)
 
     def current_user(self, instance_url: str, access_token: str) -> str:

@@ -1,0 +1,1 @@
+"""The operators' command line (not deployed to Lambda): add, list, authorize, refresh and revoke connections."""

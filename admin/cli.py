@@ -1,0 +1,222 @@
+"""`python -m admin` (or `make` targets): manage connections against AWS or the local stack.
+
+Secrets are read from a prompt or standard input, never from argv (argv lands in shell history and
+`ps`). Output never contains a token, client secret or password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+import boto3
+
+from core.allowlist import normalize_instance_url, parse_allowed_hosts
+from core.clock import to_iso, utc_now
+from core.config import load_settings
+from core.errors import ConnectionNotFound, InstanceNotAllowed, InvalidName, SecretFormatError, ServiceNowOAuthError
+from core.refresh import Refresher
+from core.revoke import revoke_connection
+from core.secret import Connection
+from core.servicenow import ServiceNowClient, build_session
+from core.signing import sign_authorize_link
+from core.store import ConnectionStore, StoredConnection, validate_name
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+BAD_INPUT = (ConnectionNotFound, InvalidName, SecretFormatError, InstanceNotAllowed)
+
+
+class CliError(Exception):
+    """A refusal with its exit code; the message is safe to print."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _read_secret(prompt: str, stdin: TextIO) -> str:
+    value = getpass.getpass(prompt) if stdin.isatty() else stdin.readline().rstrip("\n")
+    if not value:
+        raise CliError(f"no value given for {prompt.strip(': ')} (prompt or standard input)")
+    return value
+
+
+def _stack_outputs(stack: str) -> dict[str, str]:
+    outputs = boto3.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0].get("Outputs", [])
+    return {output["OutputKey"]: output["OutputValue"] for output in outputs}
+
+
+def _store(args: argparse.Namespace) -> ConnectionStore:
+    settings = load_settings()
+    allowed = parse_allowed_hosts(args.allowed_hosts) if args.allowed_hosts else settings.allowed_hosts
+    return ConnectionStore(
+        boto3.client("secretsmanager"), prefix=args.prefix or settings.secret_prefix, allowed_hosts=allowed
+    )
+
+
+def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    store = _store(args)
+    name = validate_name(args.name)
+    try:
+        instance = normalize_instance_url(args.instance_url, store.allowed_hosts)
+    except InstanceNotAllowed as error:
+        raise CliError(f"connection {name!r}: {error}") from None
+    client_secret = _read_secret("Client secret: ", stdin)
+    password = _read_secret("ServiceNow password: ", stdin) if args.grant_type == "password" else None
+    if args.grant_type == "password" and not args.username:
+        raise CliError(f"connection {name!r}: --username is required with --grant-type password")
+    extra: dict[str, Any] = {"expectedUser": args.expected_user} if args.expected_user else {}
+    connection = Connection(
+        name=name,
+        instance_url=instance,
+        client_id=args.client_id,
+        client_secret=client_secret,
+        grant_type=args.grant_type,
+        username=args.username,
+        password=password,
+        scope=args.scope,
+        status="pending_authorization",
+        updated_at=utc_now(),
+        extra=extra,
+    )
+    try:
+        store.create(connection)
+    except store.client.exceptions.ResourceExistsException:
+        raise CliError(f"connection {name!r} already exists; delete its secret first or pick another name") from None
+    out.write(f"created connection {name} ({connection.host}), status pending_authorization\n")
+    if args.grant_type == "authorization_code":
+        out.write(f"next: authorize it with `make authorize-url CONNECTION={name}`\n")
+    return 0
+
+
+def _when(moment: datetime | None) -> str:
+    return to_iso(moment) if moment else "-"
+
+
+def cmd_list(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    store = _store(args)
+    refresher = Refresher(store, ServiceNowClient(build_session()), clock=utc_now)
+    rows = [("CONNECTION", "INSTANCE", "GRANT", "STATUS", "ACCESS EXPIRES", "REFRESH EXPIRES")]
+    entries = list(refresher.list_connection_secrets())
+    for start in range(0, len(entries), 20):
+        for item in refresher.read_batch(entries[start : start + 20]):
+            if isinstance(item, StoredConnection):
+                c = item.connection
+                rows.append(
+                    (
+                        c.name,
+                        c.host,
+                        c.grant_type,
+                        c.status,
+                        _when(c.access_token_expires_at),
+                        _when(c.refresh_token_expires_at),
+                    )
+                )
+            else:
+                rows.append((item.connection, "-", "-", "invalid secret", "-", "-"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
+def cmd_authorize_url(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    store = _store(args)
+    name = validate_name(args.name)
+    store.get(name)  # refuse links for connections that do not exist
+    api_url, key_id = args.api_url or os.environ.get("SERVICENOW_OAUTH_API_URL"), args.state_key_secret
+    if args.stack:
+        outputs = _stack_outputs(args.stack)
+        api_url, key_id = api_url or outputs.get("ApiUrl"), key_id or outputs.get("StateKeySecretArn")
+    if not api_url:
+        raise CliError("the consent API's URL is unknown: pass --stack NAME or --api-url URL")
+    key_id = key_id or load_settings().state_key_secret_id
+    key = store.client.get_secret_value(SecretId=key_id, VersionStage="AWSCURRENT")["SecretString"].encode()
+    ttl = timedelta(minutes=args.ttl_minutes)
+    out.write(sign_authorize_link(key, api_url, name, datetime.now(UTC), ttl) + "\n")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    store = _store(args)
+    refresher = Refresher(store, ServiceNowClient(build_session()), clock=utc_now)
+    outcome = refresher.refresh(store.get(validate_name(args.name)), force=args.force)
+    line = f"{outcome.connection}: {outcome.result}"
+    if outcome.access_token_expires_at:
+        line += f", access token valid until {to_iso(outcome.access_token_expires_at)}"
+    if outcome.detail:
+        line += f" ({outcome.detail})"
+    out.write(line + "\n")
+    return 0 if outcome.result in ("refreshed", "not_due") else EXIT_FAILED
+
+
+def cmd_revoke(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    store = _store(args)
+    stored = revoke_connection(store, ServiceNowClient(build_session()), validate_name(args.name), utc_now())
+    out.write(f"revoked the tokens of {stored.connection.name}; status reauthorization_required\n")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="servicenow-oauth", description=__doc__.splitlines()[0])
+    root.add_argument(
+        "--prefix", help="connection secret prefix (default: $CONNECTION_SECRET_PREFIX or servicenow-oauth/)"
+    )
+    root.add_argument("--allowed-hosts", help="allowed instance host patterns (default: $SERVICENOW_ALLOWED_HOSTS)")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    connections = commands.add_parser("connections", help="add or list connections").add_subparsers(
+        dest="action", required=True
+    )
+    add = connections.add_parser("add", help="create a connection secret (client secret read from prompt/stdin)")
+    add.add_argument("name")
+    add.add_argument("--instance-url", required=True, help="https://<name>.service-now.com")
+    add.add_argument("--client-id", required=True)
+    add.add_argument(
+        "--grant-type", default="authorization_code", choices=["authorization_code", "password", "client_credentials"]
+    )
+    add.add_argument("--username", help="password grant only (the password is read from prompt/stdin)")
+    add.add_argument("--scope")
+    add.add_argument("--expected-user", help="refuse consents given by any other ServiceNow user")
+    add.set_defaults(run=cmd_add)
+    listing = connections.add_parser("list", help="name, instance, status and expiries (never tokens)")
+    listing.set_defaults(run=cmd_list)
+
+    link = commands.add_parser("authorize-url", help="print a signed, short-lived consent link")
+    link.add_argument("name")
+    link.add_argument("--stack", help="CloudFormation stack to read ApiUrl and StateKeySecretArn from")
+    link.add_argument("--api-url", help="the consent API's base URL (default: $SERVICENOW_OAUTH_API_URL)")
+    link.add_argument("--state-key-secret", help="secret id of the signing key (default: $STATE_KEY_SECRET_ID)")
+    link.add_argument("--ttl-minutes", type=int, default=15, choices=range(1, 61), metavar="1-60")
+    link.set_defaults(run=cmd_authorize_url)
+
+    refresh = commands.add_parser("refresh", help="refresh one connection now")
+    refresh.add_argument("name")
+    refresh.add_argument("--force", action="store_true", help="refresh even if the access token is not due")
+    refresh.set_defaults(run=cmd_refresh)
+
+    revoke = commands.add_parser("revoke", help="revoke the tokens at ServiceNow and clear them from the secret")
+    revoke.add_argument("name")
+    revoke.set_defaults(run=cmd_revoke)
+    return root
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr, stdin: TextIO = sys.stdin
+) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args, out, stdin))
+    except CliError as error:
+        err.write(f"error: {error}\n")
+        return error.code
+    except ServiceNowOAuthError as error:
+        # Our errors' messages name the connection and what to do, and never carry secrets.
+        err.write(f"error: {error}\n")
+        return EXIT_BAD_INPUT if isinstance(error, BAD_INPUT) else EXIT_FAILED

@@ -1,0 +1,38 @@
+"""Retiring a connection's tokens: revoke them in ServiceNow, then clear them from the secret."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+
+from core.servicenow import ServiceNowClient
+from core.store import ConnectionStore, StoredConnection
+
+
+def revoke_connection(store: ConnectionStore, client: ServiceNowClient, name: str, now: datetime) -> StoredConnection:
+    """Revoke the refresh and access tokens at ServiceNow, then store the connection without them.
+
+    ServiceNow is asked first: if it cannot be reached the secret keeps its tokens (nothing is lost
+    and the operator can retry), and the tokens are only cleared once they are dead.
+
+    Raises:
+        ProviderError: ServiceNow refused or could not be reached; the secret is unchanged.
+    """
+    read = store.get(name)
+    for token in (read.connection.refresh_token, read.connection.access_token):
+        if token:
+            client.revoke(read.connection.app, token)
+
+    return store.update(
+        name,
+        lambda connection: replace(
+            connection,
+            access_token=None,
+            refresh_token=None,
+            token_type=None,
+            access_token_expires_at=None,
+            refresh_token_expires_at=None,
+            status="reauthorization_required",
+            updated_at=now,
+        ),
+    )
