@@ -31,19 +31,27 @@ class World:
         self.calls: Counter[str] = Counter()
         secretsmanager.meta.events.register("before-call.secretsmanager.*", self._count)
         self.store = ConnectionStore(secretsmanager, prefix=PREFIX, allowed_hosts=("127.0.0.1",))
-        self.client = ServiceNowClient(build_session(backoff_factor=0.01, backoff_max=0.05), clock=clock.now, timeout=(1, 1))
+        self.client = ServiceNowClient(
+            build_session(backoff_factor=0.01, backoff_max=0.05), clock=clock.now, timeout=(1, 1)
+        )
 
     def _count(self, model: Any, **_: Any) -> None:
         self.calls[model.name] += 1
 
     def refresher(self, **policy: Any) -> Refresher:
-        return Refresher(self.store, self.client, clock=self.clock.now, policy=RefreshPolicy(**policy), sleep=lambda _: None)
+        return Refresher(
+            self.store, self.client, clock=self.clock.now, policy=RefreshPolicy(**policy), sleep=lambda _: None
+        )
 
     def add(self, name: str = "prod", *, consented: bool = True, **fields: Any) -> Connection:
         """A connection as the callback would have left it: consented now, tokens from the emulator."""
-        connection = Connection(name=name, instance_url=self.emulator.url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+        connection = Connection(
+            name=name, instance_url=self.emulator.url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET
+        )
         if consented:
-            token = self.client.password_grant(OAuthApp(self.emulator.url, CLIENT_ID, CLIENT_SECRET), username=USER, password=PASSWORD)
+            token = self.client.password_grant(
+                OAuthApp(self.emulator.url, CLIENT_ID, CLIENT_SECRET), username=USER, password=PASSWORD
+            )
             connection = connection.with_token(token, grant="authorization_code", now=self.clock.now())
         document = {**connection.to_document(), **fields}
         self.sm.create_secret(Name=f"{PREFIX}{name}", SecretString=json.dumps(document))
@@ -82,14 +90,20 @@ def test_due_connection_is_refreshed_keeping_the_refresh_token_life(world: World
     assert document["status"] == "active"
     assert document["refreshToken"] == original.refresh_token
     assert document["refreshTokenExpiresAt"] == original.to_document()["refreshTokenExpiresAt"]
-    assert document["accessTokenExpiresAt"] == (world.clock.now() + timedelta(seconds=1799)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert document["accessTokenExpiresAt"] == (world.clock.now() + timedelta(seconds=1799)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
     assert world.versions() == 2
 
 
-def test_password_and_client_credentials_connections_get_tokens_without_a_person(world: World, leak_check: list) -> None:
+def test_password_and_client_credentials_connections_get_tokens_without_a_person(
+    world: World, leak_check: list
+) -> None:
     world.add("pw", consented=False, grantType="password", username=USER, password=PASSWORD)
     world.emulator.register_client("cc-client", "cc-secret-value-1", client_credentials_user=USER)
-    world.add("cc", consented=False, grantType="client_credentials", clientId="cc-client", clientSecret="cc-secret-value-1")
+    world.add(
+        "cc", consented=False, grantType="client_credentials", clientId="cc-client", clientSecret="cc-secret-value-1"
+    )
     world.add("waiting", consented=False)  # authorization_code without consent: needs a person
     outcomes = {o.connection: o.result for o in world.refresher().sweep()}
     assert outcomes == {"pw": "refreshed", "cc": "refreshed", "waiting": "needs_person"}
@@ -113,7 +127,13 @@ def test_a_rotated_refresh_token_is_stored_with_its_access_token(world: World, l
 
 @pytest.mark.parametrize(
     ("fault", "failure"),
-    [("hibernate", "unavailable"), ("rate_limit", "rate_limited"), ("server_error", "transient"), ("drop", "transient"), ("slow", "transient")],
+    [
+        ("hibernate", "unavailable"),
+        ("rate_limit", "rate_limited"),
+        ("server_error", "transient"),
+        ("drop", "transient"),
+        ("slow", "transient"),
+    ],
 )
 def test_provider_failures_leave_the_secret_untouched(world: World, fault: str, failure: str, leak_check: list) -> None:
     world.add()
@@ -154,7 +174,9 @@ def test_a_reconsent_racing_the_refresh_is_not_marked_dead(world: World, monkeyp
         # While our request is in flight, an operator completes a new consent.
         token = world.client.password_grant(app, username=USER, password=PASSWORD)
         read = world.store.get("prod")
-        world.store.compare_and_swap(read, read.connection.with_token(token, grant="authorization_code", now=world.clock.now()))
+        world.store.compare_and_swap(
+            read, read.connection.with_token(token, grant="authorization_code", now=world.clock.now())
+        )
         return real_refresh(app, refresh_token)
 
     monkeypatch.setattr(world.client, "refresh", refresh_while_someone_reconsents)
