@@ -9,7 +9,10 @@ export SAM_CLI_TELEMETRY := 0
 export AWS_DEFAULT_REGION ?= us-east-1
 export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 
-.PHONY: test lint build clean deps
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test lint build clean deps chromium local demo connections connection-add authorize-url refresh revoke
 
 deps: $(VENV)/.installed $(SAM_VENV)/.installed
 
@@ -23,12 +26,43 @@ $(SAM_VENV)/.installed: requirements-sam.txt
 	$(SAM_VENV)/bin/pip install $(PIP_FLAGS) -r requirements-sam.txt
 	touch $@
 
-test: deps ## the whole suite: unit, integration (moto server + emulator), template checks
+test: deps chromium ## the whole suite: unit, integration (moto server + emulator), browser, template checks
 	$(VENV)/bin/python -m pytest
 
+# The browser tests drive the system Chromium; Playwright's own browser download is never used.
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; \
+	fi
+
+RUN := PYTHONPATH=src:. $(VENV)/bin/python
+ADMIN := $(RUN) -m admin
+
+demo: $(VENV)/.installed ## one connection's whole life on this machine: consent, tokens stored, refreshed
+	$(RUN) -m local.demo
+
+connections: $(VENV)/.installed ## list connections: status and expiries, never tokens
+	$(ADMIN) connections list
+
+connection-add: $(VENV)/.installed ## CONNECTION=, INSTANCE=, CLIENT_ID=, optional GRANT=, USERNAME=, SCOPE=
+	$(ADMIN) connections add "$(CONNECTION)" --instance-url "$(INSTANCE)" --client-id "$(CLIENT_ID)" \
+		$(if $(GRANT),--grant-type "$(GRANT)") $(if $(USERNAME),--username "$(USERNAME)") $(if $(SCOPE),--scope "$(SCOPE)")
+
+authorize-url: $(VENV)/.installed ## CONNECTION=, and STACK= (deployed) or SERVICENOW_OAUTH_API_URL in the environment
+	$(ADMIN) authorize-url "$(CONNECTION)" $(if $(STACK),--stack "$(STACK)")
+
+refresh: $(VENV)/.installed ## CONNECTION=, FORCE=1 to refresh a token that is not due
+	$(ADMIN) refresh "$(CONNECTION)" $(if $(FORCE),--force)
+
+revoke: $(VENV)/.installed ## CONNECTION=
+	$(ADMIN) revoke "$(CONNECTION)"
+
+local: $(VENV)/.installed ## the whole system on this machine: moto, ServiceNow emulator, the API; Ctrl-C stops it
+	PYTHONPATH=src:. $(VENV)/bin/python -m local.stack
+
 lint: deps
-	$(VENV)/bin/ruff check src local tests
-	$(VENV)/bin/ruff format --check src local tests
+	$(VENV)/bin/ruff check src local admin tests
+	$(VENV)/bin/ruff format --check src local admin tests
 	$(VENV)/bin/mypy
 
 build: $(SAM_VENV)/.installed

@@ -26,6 +26,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -901,6 +902,48 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _dispatch
+
+
+class ConsentForm(HTMLParser):
+    """Reads the consent page's form as a browser would: action, method, hidden fields, submit buttons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action = ""
+        self.method = ""
+        self.fields: dict[str, str] = {}
+        self.buttons: dict[str, dict[str, str]] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {key: value or "" for key, value in attrs}
+        if tag == "form":
+            self.action, self.method = attributes.get("action", ""), attributes.get("method", "get")
+        elif tag == "input" and attributes.get("type") == "hidden" and attributes.get("name"):
+            self.fields[attributes["name"]] = attributes.get("value", "")
+        elif tag == "button":
+            self.buttons[attributes.get("id", "")] = attributes
+
+
+def press_consent(authorize_url: str, button: str = "allow") -> dict[str, str]:
+    """Do what a browser does on the consent page, without one: load it, submit the form (tests, demo).
+
+    Returns the query of the redirect ServiceNow sends the browser to (code/state or error/state).
+    """
+    import requests  # only the client side needs it; the server itself is standard library only
+
+    page = requests.get(authorize_url, timeout=5)
+    assert page.status_code == 200, page.status_code
+    form = ConsentForm()
+    form.feed(page.text)
+    base = urllib.parse.urlsplit(authorize_url)
+    answer = requests.post(
+        f"{base.scheme}://{base.netloc}{form.action}",
+        data={**form.fields, "action": form.buttons[button]["value"]},
+        allow_redirects=False,
+        timeout=5,
+    )
+    assert answer.status_code == 302, answer.status_code
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(answer.headers["Location"]).query))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,15 +16,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from html.parser import HTMLParser
-from urllib.parse import parse_qsl, urlsplit
 
 import boto3
 import pytest
 import requests
 from botocore.config import Config
 
-from local.servicenow_emulator import ServiceNowEmulator
+from local.servicenow_emulator import ServiceNowEmulator, press_consent  # noqa: F401 (re-exported for tests)
 
 REGION = "us-east-1"
 
@@ -140,37 +138,3 @@ def leak_check(emulator: ServiceNowEmulator, caplog: pytest.LogCaptureFixture, c
     haystacks += [str(record.args) for record in caplog.records]
     leaked = [value[:4] + "…" for value in secret_values(emulator) if any(value in text for text in haystacks)]
     assert not leaked, f"secret values leaked into logs/output/exceptions (prefixes): {leaked}"
-
-
-class _FormParser(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.action = ""
-        self.fields: dict[str, str] = {}
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = dict(attrs)
-        if tag == "form":
-            self.action = attributes.get("action") or ""
-        elif tag == "input" and attributes.get("type") == "hidden" and attributes.get("name"):
-            self.fields[str(attributes["name"])] = attributes.get("value") or ""
-
-
-def press_consent(authorize_url: str, button: str = "allow") -> dict[str, str]:
-    """Do what a browser does on the emulator's consent page without one: load it, submit the form.
-
-    Returns the query of the redirect ServiceNow sends the browser to (code/state or error/state).
-    """
-    page = requests.get(authorize_url, timeout=5)
-    assert page.status_code == 200, page.status_code
-    form = _FormParser()
-    form.feed(page.text)
-    base = urlsplit(authorize_url)
-    answer = requests.post(
-        f"{base.scheme}://{base.netloc}{form.action}",
-        data={**form.fields, "action": button},
-        allow_redirects=False,
-        timeout=5,
-    )
-    assert answer.status_code == 302, answer.status_code
-    return dict(parse_qsl(urlsplit(answer.headers["Location"]).query))

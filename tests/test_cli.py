@@ -16,6 +16,7 @@ from local.servicenow_emulator import ServiceNowEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 
 KEY = "s" * 64
+ADD = ("connections", "add")
 
 
 def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
@@ -27,7 +28,14 @@ def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
 @pytest.fixture
 def prod(aws: str, emulator: ServiceNowEmulator, secretsmanager: Any) -> ServiceNowEmulator:
     code, out, err = run(
-        "connections", "add", "prod", "--instance-url", emulator.url, "--client-id", CLIENT_ID, stdin=CLIENT_SECRET + "\n"
+        "connections",
+        "add",
+        "prod",
+        "--instance-url",
+        emulator.url,
+        "--client-id",
+        CLIENT_ID,
+        stdin=CLIENT_SECRET + "\n",
     )
     assert (code, err) == (0, ""), err
     assert "pending_authorization" in out and CLIENT_SECRET not in out
@@ -39,7 +47,9 @@ def document(secretsmanager: Any, name: str = "prod") -> dict[str, Any]:
     return json.loads(value["SecretString"])
 
 
-def test_add_stores_a_pending_connection_with_the_secret_from_stdin(prod: ServiceNowEmulator, secretsmanager: Any) -> None:
+def test_add_stores_a_pending_connection_with_the_secret_from_stdin(
+    prod: ServiceNowEmulator, secretsmanager: Any
+) -> None:
     stored = document(secretsmanager)
     assert stored["clientSecret"] == CLIENT_SECRET and stored["status"] == "pending_authorization"
     assert stored["instanceUrl"] == prod.url
@@ -48,12 +58,35 @@ def test_add_stores_a_pending_connection_with_the_secret_from_stdin(prod: Servic
 @pytest.mark.parametrize(
     ("argv", "stdin", "phrase"),
     [
-        (["connections", "add", "x", "--instance-url", "https://evil.example", "--client-id", "c"], "s\n", "not allowed"),
-        (["connections", "add", "../x", "--instance-url", "https://a.service-now.com", "--client-id", "c"], "s\n", "name"),
-        (["connections", "add", "x", "--instance-url", "https://a.service-now.com", "--client-id", "c"], "", "no value"),
         (
-            ["connections", "add", "x", "--instance-url", "https://a.service-now.com", "--client-id", "c",
-             "--grant-type", "password"], "s\npw\n", "--username",
+            ["connections", "add", "x", "--instance-url", "https://evil.example", "--client-id", "c"],
+            "s\n",
+            "not allowed",
+        ),
+        (
+            ["connections", "add", "../x", "--instance-url", "https://a.service-now.com", "--client-id", "c"],
+            "s\n",
+            "name",
+        ),
+        (
+            ["connections", "add", "x", "--instance-url", "https://a.service-now.com", "--client-id", "c"],
+            "",
+            "no value",
+        ),
+        (
+            [
+                "connections",
+                "add",
+                "x",
+                "--instance-url",
+                "https://a.service-now.com",
+                "--client-id",
+                "c",
+                "--grant-type",
+                "password",
+            ],
+            "s\npw\n",
+            "--username",
         ),
         (["refresh", "missing"], "", "not found"),
         (["revoke", "missing"], "", "not found"),
@@ -88,8 +121,18 @@ def test_authorize_url_is_signed_for_the_connection(prod: ServiceNowEmulator, se
 def test_refresh_revoke_and_list(prod: ServiceNowEmulator, secretsmanager: Any, leak_check: list) -> None:
     # A password connection needs no consent, so the CLI alone can take it through its whole life.
     code, _, err = run(
-        "connections", "add", "pw", "--instance-url", prod.url, "--client-id", CLIENT_ID, "--grant-type", "password",
-        "--username", "svc.integration", stdin=f"{CLIENT_SECRET}\nPa55w0rd-emulator\n",
+        "connections",
+        "add",
+        "pw",
+        "--instance-url",
+        prod.url,
+        "--client-id",
+        CLIENT_ID,
+        "--grant-type",
+        "password",
+        "--username",
+        "svc.integration",
+        stdin=f"{CLIENT_SECRET}\nPa55w0rd-emulator\n",
     )
     assert code == 0, err
     code, out, _ = run("refresh", "pw")
@@ -115,8 +158,20 @@ def test_refresh_revoke_and_list(prod: ServiceNowEmulator, secretsmanager: Any, 
 
 
 def test_revoke_keeps_tokens_when_servicenow_is_unreachable(prod: ServiceNowEmulator, secretsmanager: Any) -> None:
-    run("connections", "add", "pw", "--instance-url", prod.url, "--client-id", CLIENT_ID, "--grant-type", "password",
-        "--username", "svc.integration", stdin=f"{CLIENT_SECRET}\nPa55w0rd-emulator\n")
+    run(
+        "connections",
+        "add",
+        "pw",
+        "--instance-url",
+        prod.url,
+        "--client-id",
+        CLIENT_ID,
+        "--grant-type",
+        "password",
+        "--username",
+        "svc.integration",
+        stdin=f"{CLIENT_SECRET}\nPa55w0rd-emulator\n",
+    )
     run("refresh", "pw")
     before = document(secretsmanager, "pw")
     prod.inject("hibernate", path="/oauth_revoke_token.do", count=5)

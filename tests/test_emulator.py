@@ -16,14 +16,13 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from local.servicenow_emulator import ServiceNowEmulator
+from local.servicenow_emulator import ConsentForm, ServiceNowEmulator
 
 CID = "emu-test-client-0001"
 CSECRET = "emu-test-secret-Q9!x7"
@@ -71,25 +70,6 @@ def snow(fake_clock: Clock) -> Iterator[ServiceNowEmulator]:
 
 
 # ----------------------------------------------------------------------------- helpers
-class _FormParser(HTMLParser):
-    """Collects the consent form's action, hidden inputs and submit buttons."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.form: dict[str, str] = {}
-        self.hidden: dict[str, str] = {}
-        self.buttons: dict[str, dict[str, str]] = {}
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = {k: v or "" for k, v in attrs}
-        if tag == "form":
-            self.form = attributes
-        elif tag == "input" and attributes.get("type") == "hidden":
-            self.hidden[attributes["name"]] = attributes.get("value", "")
-        elif tag == "button":
-            self.buttons[attributes.get("id", "")] = attributes
-
-
 def s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
 
@@ -111,12 +91,12 @@ def consent(
     """GET the consent page, submit its own form like a browser would; returns (Location, parsed query)."""
     page = requests.get(f"{emu.url}/oauth_auth.do", params=auth_params(**overrides), timeout=TIMEOUT)
     assert page.status_code == 200, page.text
-    parser = _FormParser()
+    parser = ConsentForm()
     parser.feed(page.text)
-    assert parser.form["method"].lower() == "post"
-    data = dict(parser.hidden, action=parser.buttons[action]["value"])
+    assert parser.method.lower() == "post"
+    data = dict(parser.fields, action=parser.buttons[action]["value"])
     answer = requests.post(
-        urllib.parse.urljoin(emu.url, parser.form["action"]), data=data, allow_redirects=False, timeout=TIMEOUT
+        urllib.parse.urljoin(emu.url, parser.action), data=data, allow_redirects=False, timeout=TIMEOUT
     )
     assert answer.status_code == 302
     location = answer.headers["Location"]
@@ -207,9 +187,9 @@ def test_consent_page_is_html_form_with_escaped_hidden_fields(snow: ServiceNowEm
     assert '<button type="submit" name="action" value="allow" id="allow">Allow</button>' in page.text
     assert 'value="deny" id="deny">Deny</button>' in page.text
     assert 'abc"<x>' not in page.text  # escaped, not injected
-    parser = _FormParser()
+    parser = ConsentForm()
     parser.feed(page.text)
-    assert parser.hidden == {
+    assert parser.fields == {
         "response_type": "code",
         "client_id": CID,
         "redirect_uri": REDIRECT,

@@ -105,7 +105,7 @@ def complete_consent(
             connection = verify_state(key, state, now).connection
         raise ConsentDenied(
             f"ServiceNow did not authorize the connection ({describe_denial(error)}): the person pressed Deny "
-            "or the request was refused; nothing changed. Start again from a new authorize link.",
+            "or the request was refused. Start again from a new authorize link.",
             connection=connection,
         )
     consent_state = verify_state(key, state, now)

@@ -1,0 +1,113 @@
+"""`make demo`: one connection's whole life on this machine, with no person and no AWS account.
+
+It starts the local stack (moto + ServiceNow emulator + the real callback and refresh handlers),
+walks the consent as a browser would, lets the scheduled refresher run, and prints a redacted
+timeline. It exits non-zero if any step does not end as the product promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import requests
+
+from local.servicenow_emulator import press_consent
+from local.stack import LocalStack
+
+# ServiceNow's access token lives 1800 s; the consent's token gets 600 s (expires_in 599), inside the
+# refresher's 600 s leeway as soon as it is issued, so the demo sees a refresh without waiting.
+DEMO_ACCESS_LIFESPAN = 600
+
+
+class Timeline:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def say(self, actor: str, text: str) -> None:
+        print(f"{time.monotonic() - self.start:6.2f}s  {actor:<11} {text}", flush=True)
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise DemoFailed(what)
+
+
+def run() -> int:
+    timeline = Timeline()
+    with LocalStack(refresh_interval=None, access_lifespan=DEMO_ACCESS_LIFESPAN) as stack:
+        assert stack.emulator is not None
+        timeline.say("stack", f"API {stack.api.url}, ServiceNow emulator {stack.emulator.url}, moto {stack.moto.url}")
+        name = stack.connection
+        document = json.loads(stack.read_secret()["SecretString"])
+        timeline.say("secret", f"{stack.secret_id()} created, status {document['status']}")
+
+        link = stack.authorize_link()
+        timeline.say("operator", f"signed authorize link for {name!r} (expires in 15 minutes)")
+        answer = requests.get(link, allow_redirects=False, timeout=10)
+        expect(answer.status_code == 302, f"authorize answered {answer.status_code}, expected a redirect")
+        consent_url = answer.headers["Location"]
+        timeline.say(
+            "browser", f"302 to {urlsplit(consent_url).netloc}{urlsplit(consent_url).path} (state + PKCE S256)"
+        )
+        redirect = press_consent(consent_url, "allow")
+        expect("code" in redirect, "ServiceNow did not redirect with a code")
+        timeline.say("person", "pressed Allow; ServiceNow redirected the browser to /callback with code and state")
+        page = requests.get(stack.callback_url, params=redirect, timeout=10)
+        expect(page.status_code == 200 and "is authorized" in page.text, f"callback answered {page.status_code}")
+        timeline.say("callback", f"200 'Connection {name} to {stack.emulator.url.split('//')[1]} is authorized'")
+
+        consented = json.loads(stack.read_secret()["SecretString"])
+        expect(consented["status"] == "active", "the secret is not active after the consent")
+        expect(all(consented["accessToken"] not in text for text in (page.text, link)), "a token leaked into a page")
+        timeline.say(
+            "secret",
+            f"status active; access token until {consented['accessTokenExpiresAt']}, "
+            f"refresh token until {consented['refreshTokenExpiresAt']}",
+        )
+
+        # The registry entry now hands out ServiceNow's default 1800 s tokens; the one stored is due.
+        stack.emulator.access_lifespan = 1800
+        counts = stack.sweep()
+        timeline.say("eventbridge", f"sweep 1: {counts} (the access token was inside the 600 s leeway)")
+        expect(counts.get("refreshed") == 1, "the due connection was not refreshed")
+        refreshed = json.loads(stack.read_secret()["SecretString"])
+        expect(refreshed["accessTokenExpiresAt"] > consented["accessTokenExpiresAt"], "the expiry did not move out")
+        expect(refreshed["refreshToken"] == consented["refreshToken"], "the refresh token changed")
+        expect(refreshed["refreshTokenExpiresAt"] == consented["refreshTokenExpiresAt"], "refresh expiry moved")
+        timeline.say(
+            "secret",
+            f"access token until {refreshed['accessTokenExpiresAt']}; same refresh token, its expiry unchanged "
+            "(a refresh grant never extends it)",
+        )
+        versions = len(stack.secretsmanager.list_secret_version_ids(SecretId=stack.secret_id())["Versions"])
+        counts = stack.sweep()
+        after = len(stack.secretsmanager.list_secret_version_ids(SecretId=stack.secret_id())["Versions"])
+        timeline.say("eventbridge", f"sweep 2: {counts}; secret versions {versions} -> {after} (no write)")
+        expect(counts.get("not_due") == 1 and after == versions, "a not-due sweep wrote to the secret")
+        timeline.say(
+            "done", f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} connection {name!r} is live; no token was printed"
+        )
+    return 0
+
+
+def main() -> int:
+    # The handlers' structured INFO logs would drown the timeline; warnings and errors still show.
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
+    try:
+        return run()
+    except DemoFailed as failure:
+        print(f"demo failed: {failure}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
