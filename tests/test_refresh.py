@@ -231,3 +231,38 @@ def test_a_sweep_of_200_idle_connections_reads_in_batches(world: World) -> None:
     outcomes = world.refresher().sweep()
     assert len(outcomes) == 200 and {o.result for o in outcomes} == {"not_due"}
     assert world.calls == Counter({"ListSecrets": 2, "BatchGetSecretValue": 10})
+
+
+def _fail_writes(world: World, times: int) -> list[str]:
+    """Make the next `times` PutSecretValue calls fail as if boto3 had exhausted its throttling retries."""
+    from botocore.exceptions import ClientError
+
+    failed: list[str] = []
+
+    def throttle(model: Any, **_: Any) -> None:
+        if model.name == "PutSecretValue" and len(failed) < times:
+            failed.append(model.name)
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, model.name)
+
+    world.sm.meta.events.register("before-call.secretsmanager.PutSecretValue", throttle)
+    return failed
+
+
+def test_a_failed_write_is_retried_with_the_same_version(world: World, leak_check: list) -> None:
+    world.add()
+    world.clock.advance(1700)
+    failed = _fail_writes(world, 2)
+    [outcome] = world.refresher().sweep()
+    assert outcome.result == "refreshed" and len(failed) == 2
+    assert world.versions() == 2  # retries reuse one ClientRequestToken: one new version, not three
+
+
+def test_a_write_that_keeps_failing_is_loud_and_changes_nothing(world: World, leak_check: list) -> None:
+    world.add()
+    world.clock.advance(1700)
+    before = world.value()
+    _fail_writes(world, 100)
+    [outcome] = world.refresher().sweep()
+    assert (outcome.result, outcome.failure) == ("write_failed", "transient")
+    assert outcome.detail == "secret write failed (ThrottlingException)"
+    assert world.value() == before
