@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from botocore.exceptions import ClientError
 
+from core.appflow import AppFlowSync
 from core.errors import (
     ConcurrentUpdate,
     CredentialRejected,
@@ -57,6 +58,8 @@ class Outcome:
     access_token_expires_at: datetime | None = None
     refresh_token_expires_at: datetime | None = None
     refresh_token_expiring: bool = False
+    appflow_synced: tuple[str, ...] = ()
+    appflow_failed: tuple[str, ...] = ()  # "profile (ErrorCode)"
 
 
 def needs_person(connection: Connection) -> bool:
@@ -120,8 +123,10 @@ class Refresher:
         clock: Callable[[], datetime],
         policy: RefreshPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        appflow: AppFlowSync | None = None,
     ) -> None:
         self.store = store
+        self.appflow = appflow
         self.client = client
         self.clock = clock
         self.policy = policy or RefreshPolicy()
@@ -138,6 +143,18 @@ class Refresher:
                     raise
                 self._sleep(self.policy.write_backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _sync_appflow(self, stored: StoredConnection, force: bool = False) -> dict[str, tuple[str, ...]]:
+        """Push tokens to the connection's AppFlow profiles; failures are reported, never raised."""
+        if self.appflow is None or not (
+            force or self.appflow.needs_sync(stored.connection, stored.version_id, stored.tags)
+        ):
+            return {}
+        results = self.appflow.sync(stored.connection, stored.version_id, stored.arn)
+        return {
+            "appflow_synced": tuple(r.profile for r in results if r.error is None),
+            "appflow_failed": tuple(f"{r.profile} ({r.error})" for r in results if r.error is not None),
+        }
 
     def _done(self, connection: Connection, result: Result, now: datetime, **kwargs: Any) -> Outcome:
         return Outcome(
@@ -156,7 +173,8 @@ class Refresher:
         if needs_person(connection):
             return self._done(connection, "needs_person", now)
         if not force and not is_due(connection, now, self.policy.leeway):
-            return self._done(connection, "not_due", now)
+            # Not due, but a push to AppFlow may still be owed from an earlier run.
+            return self._done(connection, "not_due", now, **self._sync_appflow(read))
         try:
             token, grant = request_token(self.client, connection)
         except CredentialRejected as error:
@@ -171,7 +189,7 @@ class Refresher:
             new = read.connection.with_token(token, grant=grant, now=now)
             try:
                 written = self._write(read, new)
-                return self._done(written.connection, "refreshed", now)
+                return self._done(written.connection, "refreshed", now, **self._sync_appflow(written, force=True))
             except ConcurrentUpdate:
                 # Someone wrote first (another sweep, a re-consent): build on their value, never over it.
                 read = self.store.get(read.connection.name)
@@ -216,15 +234,18 @@ class Refresher:
     def read_batch(self, entries: list[dict[str, Any]]) -> Iterator[StoredConnection | Outcome]:
         """One BatchGetSecretValue for up to 20 secrets; unreadable ones come back as `invalid` outcomes."""
         answer = self.store.client.batch_get_secret_value(SecretIdList=[entry["ARN"] for entry in entries])
+        tags = {entry["ARN"]: {t["Key"]: t["Value"] for t in entry.get("Tags", [])} for entry in entries}
         for value in answer.get("SecretValues", []):
             name = self.store.name_of(value["Name"]) or value["Name"]
             try:
                 if AWSCURRENT not in value.get("VersionStages", [AWSCURRENT]):
                     # Not the current version (moto answers with a stale default after a stage move);
                     # compare-and-swap must start from AWSCURRENT, so read that one explicitly.
-                    yield self.store.get(name)
+                    yield replace(self.store.get(name), tags=tags.get(value["ARN"], {}))
                     continue
-                yield self.store.parse(name, value["SecretString"], value["VersionId"], value["ARN"])
+                yield self.store.parse(
+                    name, value["SecretString"], value["VersionId"], value["ARN"], tags.get(value["ARN"])
+                )
             except (SecretFormatError, KeyError) as error:
                 yield Outcome(name, "invalid", detail=str(error) if isinstance(error, SecretFormatError) else None)
         for failure in answer.get("Errors", []):

@@ -43,6 +43,11 @@ def report_outcomes(outcomes: Iterable[Outcome], logger: Any, metrics: Any, now:
     for failure, metric in _METRIC_BY_FAILURE.items():
         if failures.get(failure):
             metrics.add_metric(name=metric, unit=MetricUnit.Count, value=failures[failure])
+    synced = sum(len(outcome.appflow_synced) for outcome in outcomes)
+    failed_pushes = sum(len(outcome.appflow_failed) for outcome in outcomes)
+    if synced or failed_pushes:
+        metrics.add_metric(name="AppFlowSynced", unit=MetricUnit.Count, value=synced)
+        metrics.add_metric(name="AppFlowSyncFailed", unit=MetricUnit.Count, value=failed_pushes)
     expiring = [outcome for outcome in outcomes if outcome.refresh_token_expiring]
     metrics.add_metric(name="RefreshTokenExpiring", unit=MetricUnit.Count, value=len(expiring))
     access_left = [(o.access_token_expires_at - now).total_seconds() for o in outcomes if o.access_token_expires_at]
@@ -64,6 +69,11 @@ def report_outcomes(outcomes: Iterable[Outcome], logger: Any, metrics: Any, now:
             logger.error(outcome.detail or outcome.result, extra=fields)
         elif outcome.result == "failed":
             logger.warning(outcome.detail or "refresh failed", extra=fields)
+        if outcome.appflow_failed:
+            logger.warning(
+                "AppFlow connector profile update failed; the secret is current and the next sweep retries",
+                extra={**fields, "appflow_failed": list(outcome.appflow_failed)},
+            )
         if outcome.refresh_token_expiring and outcome.refresh_token_expires_at:
             logger.warning(
                 "refresh token expires soon: re-authorize the connection (make authorize-url)",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -35,6 +35,7 @@ class StoredConnection:
     connection: Connection
     version_id: str
     arn: str
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 def validate_name(name: str) -> str:
@@ -65,8 +66,10 @@ class ConnectionStore:
         name = secret_name[len(self.prefix) :]
         return name if NAME_PATTERN.match(name) else None
 
-    def parse(self, name: str, secret_string: str, version_id: str, arn: str) -> StoredConnection:
-        return StoredConnection(parse_connection(name, secret_string, self.allowed_hosts), version_id, arn)
+    def parse(
+        self, name: str, secret_string: str, version_id: str, arn: str, tags: Mapping[str, str] | None = None
+    ) -> StoredConnection:
+        return StoredConnection(parse_connection(name, secret_string, self.allowed_hosts), version_id, arn, tags or {})
 
     def get(self, name: str, *, version_stage: str = AWSCURRENT) -> StoredConnection:
         """Read and validate one connection.

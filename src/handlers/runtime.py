@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import boto3
 from botocore.config import Config
 
+from core.appflow import AppFlowSync
 from core.clock import utc_now
 from core.config import Settings
 from core.refresh import Refresher, RefreshPolicy
@@ -22,13 +24,28 @@ def build_store(settings: Settings) -> ConnectionStore:
     return ConnectionStore(client, prefix=settings.secret_prefix, allowed_hosts=settings.allowed_hosts)
 
 
+class LazyClient:
+    """A boto3 client created on first use: AppFlow's model costs cold-start time most sweeps never need."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+        self._client: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            self._client = boto3.client(self._service, config=AWS_CONFIG)
+        return getattr(self._client, name)
+
+
 def build_refresher(settings: Settings) -> Refresher:
+    store = build_store(settings)
     return Refresher(
-        build_store(settings),
+        store,
         ServiceNowClient(build_session(pool_maxsize=settings.refresh_concurrency)),
         clock=utc_now,
         policy=RefreshPolicy(
             leeway=timedelta(seconds=settings.refresh_leeway_seconds),
             refresh_warning=timedelta(days=settings.refresh_token_warning_days),
         ),
+        appflow=AppFlowSync(LazyClient("appflow"), store.client),
     )

@@ -1,0 +1,75 @@
+"""For the services that call ServiceNow: a `requests` auth that always sends the connection's current token.
+
+    from core.consumer import servicenow_session
+    session, base = servicenow_session("servicenow-oauth/prod")
+    incidents = session.get(f"{base}/api/now/table/incident", params={"sysparm_limit": 10}).json()
+
+Copy this module (and `servicenow.py` for the session) into your function, or import it from this
+package. The secret is read through Powertools' parameters utility with a short cache; on a 401 the
+secret is fetched once more (the refresher may just have written a new token) and the request is
+sent once more. Never twice, never a loop, and the token never reaches a log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+from aws_lambda_powertools.utilities import parameters
+
+from core.servicenow import build_session
+
+DEFAULT_MAX_AGE = 60  # seconds; tokens are refreshed 10 minutes before they expire
+
+
+class ServiceNowBearerAuth(requests.auth.AuthBase):
+    """Adds `Authorization: Bearer <accessToken>` from the connection secret; refetches once on a 401."""
+
+    def __init__(self, secret_id: str, *, max_age: int = DEFAULT_MAX_AGE, provider: Any = None) -> None:
+        self.secret_id = secret_id
+        self.max_age = max_age
+        self._provider = provider
+
+    def document(self, *, force_fetch: bool = False) -> dict[str, Any]:
+        if self._provider is not None:
+            value = self._provider.get(self.secret_id, transform="json", max_age=self.max_age, force_fetch=force_fetch)
+        else:
+            value = parameters.get_secret(
+                self.secret_id, transform="json", max_age=self.max_age, force_fetch=force_fetch
+            )
+        if not isinstance(value, dict) or not value.get("accessToken"):
+            raise RuntimeError(f"secret {self.secret_id!r} holds no access token yet (status: {_status(value)})")
+        return value
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self.document()['accessToken']}"
+        request.register_hook("response", self._retry_once_on_401)  # type: ignore[no-untyped-call]
+        return request
+
+    def _retry_once_on_401(self, response: requests.Response, **kwargs: Any) -> requests.Response:
+        if response.status_code != 401 or getattr(response.request, "_servicenow_retried", False):
+            return response
+        fresh = self.document(force_fetch=True)["accessToken"]
+        retry = response.request.copy()
+        retry._servicenow_retried = True  # type: ignore[attr-defined]
+        retry.headers["Authorization"] = f"Bearer {fresh}"
+        response.content  # noqa: B018 - drain the first answer so its connection can be reused
+        response.close()
+        second = response.connection.send(retry, **kwargs)
+        second.history.append(response)
+        second.request = retry
+        return second
+
+
+def _status(value: Any) -> str:
+    return str(value.get("status", "unknown")) if isinstance(value, dict) else "unreadable"
+
+
+def servicenow_session(
+    secret_id: str, *, max_age: int = DEFAULT_MAX_AGE, provider: Any = None
+) -> tuple[requests.Session, str]:
+    """A pooled session with retries and the bearer auth, plus the instance's base URL."""
+    auth = ServiceNowBearerAuth(secret_id, max_age=max_age, provider=provider)
+    session = build_session()
+    session.auth = auth
+    return session, str(auth.document()["instanceUrl"])
