@@ -4,6 +4,7 @@ PY312 := /root/.pyenv/versions/3.12.1/bin/python3.12
 PYTHON ?= $(shell if [ -x $(PY312) ]; then echo $(PY312); elif command -v python3.12 >/dev/null; then echo python3.12; else echo python3; fi)
 VENV := .venv
 SAM_VENV := .venv-sam
+CHECKOV_VENV := .venv-checkov
 PIP_FLAGS := --quiet --disable-pip-version-check
 export SAM_CLI_TELEMETRY := 0
 export AWS_DEFAULT_REGION ?= us-east-1
@@ -19,6 +20,11 @@ deps: $(VENV)/.installed $(SAM_VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt src/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) -r requirements-dev.txt
+	touch $@
+
+$(CHECKOV_VENV)/.installed: requirements-checkov.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install $(PIP_FLAGS) -r requirements-checkov.txt
 	touch $@
 
 $(SAM_VENV)/.installed: requirements-sam.txt
@@ -60,13 +66,15 @@ revoke: $(VENV)/.installed ## CONNECTION=
 local: $(VENV)/.installed ## the whole system on this machine: moto, ServiceNow emulator, the API; Ctrl-C stops it
 	PYTHONPATH=src:. $(VENV)/bin/python -m local.stack
 
-lint: deps
+lint: deps $(CHECKOV_VENV)/.installed ## ruff, mypy (strict on src/core), cfn-lint on the SAM-translated template, checkov
 	$(VENV)/bin/ruff check src local admin tests
 	$(VENV)/bin/ruff format --check src local admin tests
 	$(VENV)/bin/mypy
+	$(RUN) -m local.template_check
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -f template.yaml
 
 build: $(SAM_VENV)/.installed
 	PATH="$(dir $(PYTHON)):$$PATH" $(SAM_CLI) build --template template.yaml
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) .aws-sam test-artifacts
+	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) .aws-sam test-artifacts

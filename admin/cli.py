@@ -86,7 +86,7 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         extra=extra,
     )
     try:
-        store.create(connection)
+        store.create(connection, kms_key_id=args.kms_key_id or os.environ.get("SECRETS_KMS_KEY_ID") or None)
     except store.client.exceptions.ResourceExistsException:
         raise CliError(f"connection {name!r} already exists; delete its secret first or pick another name") from None
     out.write(f"created connection {name} ({connection.host}), status pending_authorization\n")
@@ -184,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--username", help="password grant only (the password is read from prompt/stdin)")
     add.add_argument("--scope")
     add.add_argument("--expected-user", help="refuse consents given by any other ServiceNow user")
+    add.add_argument("--kms-key-id", help="the stack's SecretsKmsKeyArn, if it has one (default: $SECRETS_KMS_KEY_ID)")
     add.set_defaults(run=cmd_add)
     listing = connections.add_parser("list", help="name, instance, status and expiries (never tokens)")
     listing.set_defaults(run=cmd_list)

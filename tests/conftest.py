@@ -7,6 +7,7 @@ captured output or the exceptions the test saw.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import boto3
 import pytest
@@ -123,6 +125,32 @@ def emulator(clock: FakeClock) -> Iterator[ServiceNowEmulator]:
 def secret_values(emulator: ServiceNowEmulator) -> set[str]:
     """Everything secret the emulator knows: configured secrets plus every token and code it issued."""
     return {value for value in emulator.secret_values() if value and len(value) >= 8}
+
+
+class _CurrentStdout:
+    """Writes to whatever sys.stdout is now (each test's capture), not the one of first import."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture(autouse=True)
+def _powertools_logs_to_current_stdout() -> None:
+    """Powertools binds its handler to the sys.stdout of the moment it was created; point it at the
+    current one so pytest's capture (and `leak_check`) sees the handlers' log lines."""
+    for handler in logging.getLogger("servicenow-oauth").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            rebind(handler, _CurrentStdout())
+
+
+def rebind(handler: logging.StreamHandler, stream: Any) -> Any:  # type: ignore[type-arg]
+    """Point a handler at another stream without flushing the old one (pytest may have closed it)."""
+    with handler.lock or contextlib.nullcontext():
+        previous, handler.stream = handler.stream, stream
+    return previous
 
 
 @pytest.fixture

@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cfnlint.api import lint_all
-from samtranslator.translator.transform import transform
-from samtranslator.yaml_helper import yaml_parse
+
+from local.template_check import TEMPLATE, lint, load_template, translate
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "template.yaml"
-
-
-class _NoManagedPolicies:
-    """The translator asks IAM for AWS managed policy ARNs only when a template names one; we don't."""
-
-    def load(self) -> dict[str, str]:
-        return {}
-
-
-def load_template() -> dict[str, Any]:
-    return yaml_parse(TEMPLATE.read_text())
-
-
-def translate() -> dict[str, Any]:
-    """The CloudFormation template SAM would deploy (CodeUri points at S3 after `sam package`)."""
-    template = copy.deepcopy(load_template())
-    template.setdefault("Globals", {}).setdefault("Function", {})["CodeUri"] = "s3://artifacts-bucket/src.zip"
-    for resource in template["Resources"].values():
-        if resource["Type"] == "AWS::Serverless::Function" and "CodeUri" in resource.get("Properties", {}):
-            resource["Properties"]["CodeUri"] = "s3://artifacts-bucket/src.zip"
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    return transform(template, {}, _NoManagedPolicies())
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +19,8 @@ def translated() -> dict[str, Any]:
     return translate()
 
 
-def test_translated_template_passes_cfn_lint(translated: dict[str, Any]) -> None:
-    # Informational rules (e.g. I4010's "Context" metadata) are advice, not defects; errors and warnings fail.
-    matches = [m for m in lint_all(json.dumps(translated)) if m.rule.severity in ("error", "warning")]
-    assert [str(match) for match in matches] == []
+def test_translated_template_passes_cfn_lint() -> None:
+    assert lint() == []
 
 
 def test_sam_validate_lint() -> None:
@@ -86,3 +58,65 @@ def test_every_environment_variable_read_by_config_is_declared() -> None:
     )
     assert read, "config.py reads no variables?"
     assert read <= declared, f"read but not declared in template.yaml: {sorted(read - declared)}"
+
+
+PREFIX_ARN = "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:${AWS::AccountId}:secret:${ConnectionSecretPrefix}*"
+APPFLOW_SECRETS = "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:${AWS::AccountId}:secret:appflow!*"
+WRITES = {"PutSecretValue", "UpdateSecretVersionStage", "TagResource", "UpdateSecret"}
+WRITERS = {"CallbackFunctionRole", "RefreshFunctionRole", "WorkerFunctionRole", "RotationFunctionRole"}
+
+
+def _branches(value: Any) -> list[Any]:
+    """Both sides of an Fn::If (a conditional policy is granted in some deployments)."""
+    if isinstance(value, dict) and "Fn::If" in value:
+        return [branch for side in value["Fn::If"][1:] for branch in _branches(side)]
+    return [value]
+
+
+def role_statements(translated: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    roles: dict[str, list[dict[str, Any]]] = {}
+    for name, resource in translated["Resources"].items():
+        if resource["Type"] != "AWS::IAM::Role":
+            continue
+        statements = roles.setdefault(name, [])
+        for policy in resource["Properties"].get("Policies", []):
+            for branch in _branches(policy):
+                if isinstance(branch, dict) and "PolicyDocument" in branch:
+                    statements += branch["PolicyDocument"]["Statement"]
+    return roles
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_secrets_manager_access_is_scoped_to_the_prefix_and_the_state_key(translated: dict[str, Any]) -> None:
+    writers = set()
+    for role, statements in role_statements(translated).items():
+        for statement in statements:
+            actions = [a.split(":", 1)[1] for a in _as_list(statement["Action"]) if a.startswith("secretsmanager:")]
+            if not actions:
+                continue
+            resources = _as_list(statement["Resource"])
+            if set(actions) <= {"ListSecrets", "BatchGetSecretValue"}:
+                assert resources == ["*"] and role == "RefreshFunctionRole", (role, actions)
+                continue
+            if resources == [{"Ref": "StateKeySecret"}]:
+                assert actions == ["GetSecretValue"] and role == "CallbackFunctionRole", (role, actions)
+                continue
+            if resources == [{"Fn::Sub": APPFLOW_SECRETS}]:
+                assert set(actions) <= {"PutSecretValue", "UpdateSecret"}, (role, actions)
+                continue
+            assert resources == [{"Fn::Sub": PREFIX_ARN}], (role, resources)
+            assert set(actions) <= {"GetSecretValue", "DescribeSecret"} | WRITES, (role, actions)
+            if WRITES & set(actions):
+                writers.add(role)
+    assert writers == WRITERS
+
+
+def test_no_role_can_create_delete_or_share_secrets(translated: dict[str, Any]) -> None:
+    forbidden = {"CreateSecret", "DeleteSecret", "PutResourcePolicy", "RestoreSecret", "ReplicateSecretToRegions"}
+    for role, statements in role_statements(translated).items():
+        for statement in statements:
+            for action in _as_list(statement["Action"]):
+                assert action != "secretsmanager:*" and action.split(":")[-1] not in forbidden, (role, action)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities import parameters
@@ -25,12 +25,12 @@ from core.errors import (
 )
 from core.pages import SECURITY_HEADERS, authorized_page, error_page
 from core.servicenow import ServiceNowClient, build_session
-from handlers.runtime import build_store
+from handlers.runtime import build_logger, build_store
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
 
-logger = Logger()
+logger = build_logger()
 metrics = Metrics()
 app = APIGatewayHttpResolver()
 settings = load_settings()

@@ -6,18 +6,18 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Metrics
 
 from core.clock import utc_now
 from core.config import load_settings
 from core.fanout import send_connections
 from core.report import report_outcomes
-from handlers.runtime import AWS_CONFIG, build_refresher
+from handlers.runtime import AWS_CONFIG, build_logger, build_refresher
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
 
-logger = Logger()
+logger = build_logger()
 metrics = Metrics()
 settings = load_settings()
 refresher = build_refresher(settings)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import SecretsManagerEvent
 
 from core.config import load_settings
 from core.rotation import Rotation
-from handlers.runtime import build_refresher
+from handlers.runtime import build_logger, build_refresher
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
 
-logger = Logger()
+logger = build_logger()
 rotation = Rotation(build_refresher(load_settings()), logger)
 
 

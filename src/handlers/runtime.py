@@ -6,17 +6,24 @@ from datetime import timedelta
 from typing import Any
 
 import boto3
+from aws_lambda_powertools import Logger
 from botocore.config import Config
 
 from core.appflow import AppFlowSync
 from core.clock import utc_now
 from core.config import Settings
+from core.redaction import RedactingFormatter
 from core.refresh import Refresher, RefreshPolicy
 from core.servicenow import ServiceNowClient, build_session
 from core.store import ConnectionStore
 
 # boto3's standard retry mode backs off on throttling (PutSecretValue shares 50 writes/s per region).
 AWS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=3, read_timeout=10)
+
+
+def build_logger() -> Logger:
+    """Every handler logs through Powertools with the redacting formatter: no secret value reaches a log."""
+    return Logger(logger_formatter=RedactingFormatter())
 
 
 def build_store(settings: Settings) -> ConnectionStore:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
@@ -14,12 +14,12 @@ from core.errors import ConnectionNotFound
 from core.fanout import connection_from_message
 from core.refresh import Outcome
 from core.report import report_outcomes
-from handlers.runtime import build_refresher
+from handlers.runtime import build_logger, build_refresher
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
 
-logger = Logger()
+logger = build_logger()
 metrics = Metrics()
 processor = BatchProcessor(event_type=EventType.SQS)
 refresher = build_refresher(load_settings())
