@@ -13,7 +13,7 @@ export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint build clean deps chromium local demo connections connection-add authorize-url refresh revoke
+.PHONY: test lint build clean deps chromium local demo connections connection-add authorize-url refresh revoke stage-secret
 
 deps: $(VENV)/.installed $(SAM_VENV)/.installed
 
@@ -59,6 +59,9 @@ authorize-url: $(VENV)/.installed ## CONNECTION=, and STACK= (deployed) or SERVI
 
 refresh: $(VENV)/.installed ## CONNECTION=, FORCE=1 to refresh a token that is not due
 	$(ADMIN) refresh "$(CONNECTION)" $(if $(FORCE),--force)
+
+stage-secret: $(VENV)/.installed ## CONNECTION=; prompts for the new client secret (rollover)
+	$(ADMIN) connections stage-secret "$(CONNECTION)"
 
 revoke: $(VENV)/.installed ## CONNECTION=
 	$(ADMIN) revoke "$(CONNECTION)"

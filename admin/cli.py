@@ -11,6 +11,7 @@ import getpass
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -20,12 +21,14 @@ from core.allowlist import normalize_instance_url, parse_allowed_hosts
 from core.clock import to_iso, utc_now
 from core.config import load_settings
 from core.errors import ConnectionNotFound, InstanceNotAllowed, InvalidName, SecretFormatError, ServiceNowOAuthError
-from core.refresh import Refresher
+from core.health import Health
+from core.monitor import Monitor
+from core.refresh import NEXT_CLIENT_SECRET, Refresher, RefreshPolicy, needs_person
 from core.revoke import revoke_connection
 from core.secret import Connection
 from core.servicenow import ServiceNowClient, build_session
 from core.signing import sign_authorize_link
-from core.store import ConnectionStore, StoredConnection, validate_name
+from core.store import ConnectionStore, validate_name
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -86,7 +89,15 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         extra=extra,
     )
     try:
-        store.create(connection, kms_key_id=args.kms_key_id or os.environ.get("SECRETS_KMS_KEY_ID") or None)
+        # Health tags from the start, so `connections list` shows it before the first sweep.
+        health = Health(
+            status=connection.status,
+            instance=connection.host,
+            grant=connection.grant_type,
+            needs_person=needs_person(connection),
+        )
+        kms_key_id = args.kms_key_id or os.environ.get("SECRETS_KMS_KEY_ID") or None
+        store.create(connection, kms_key_id=kms_key_id, tags=health.to_tags())
     except store.client.exceptions.ResourceExistsException:
         raise CliError(f"connection {name!r} already exists; delete its secret first or pick another name") from None
     out.write(f"created connection {name} ({connection.host}), status pending_authorization\n")
@@ -100,29 +111,49 @@ def _when(moment: datetime | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    """Health of every connection from ListSecrets alone (the stack's MonitoringPolicy suffices)."""
     store = _store(args)
     refresher = Refresher(store, ServiceNowClient(build_session()), clock=utc_now)
-    rows = [("CONNECTION", "INSTANCE", "GRANT", "STATUS", "ACCESS EXPIRES", "REFRESH EXPIRES")]
-    entries = list(refresher.list_connection_secrets())
-    for start in range(0, len(entries), 20):
-        for item in refresher.read_batch(entries[start : start + 20]):
-            if isinstance(item, StoredConnection):
-                c = item.connection
-                rows.append(
-                    (
-                        c.name,
-                        c.host,
-                        c.grant_type,
-                        c.status,
-                        _when(c.access_token_expires_at),
-                        _when(c.refresh_token_expires_at),
-                    )
-                )
-            else:
-                rows.append((item.connection, "-", "-", "invalid secret", "-", "-"))
+    rows = [
+        ("CONNECTION", "INSTANCE", "STATUS", "ACCESS EXPIRES", "REFRESH EXPIRES", "LAST SUCCESS", "FAILING", "NEXT TRY")
+    ]
+    for entry in refresher.list_connection_secrets():
+        health = Health.from_tags(entry.get("Tags"))
+        failing = f"{health.failure_class} x{health.consecutive_failures}" if health.consecutive_failures else "-"
+        if health.failure_class == "rejected":
+            failing = "rejected"
+        rows.append(
+            (
+                store.name_of(entry["Name"]) or entry["Name"],
+                health.instance or "-",
+                health.status or "not yet swept",
+                _when(health.access_expires),
+                _when(health.refresh_expires),
+                _when(health.last_success),
+                failing,
+                _when(health.next_attempt),
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
+def cmd_stage_secret(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    """Client-secret rollover: stage the new secret before changing it in ServiceNow."""
+    store = _store(args)
+    name = validate_name(args.name)
+    staged = _read_secret("New client secret: ", stdin)
+
+    def stage(connection: Connection) -> Connection:
+        return replace(connection, extra={**connection.extra, NEXT_CLIENT_SECRET: staged})
+
+    store.update(name, stage)
+    out.write(
+        f"staged a new client secret for {name}; grants keep using the current one and switch over, "
+        "in one write with new tokens, as soon as ServiceNow rejects the old one\n"
+    )
     return 0
 
 
@@ -143,10 +174,26 @@ def cmd_authorize_url(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     return 0
 
 
+def _cli_refresher(store: ConnectionStore) -> Refresher:
+    settings = load_settings()
+    policy = RefreshPolicy.from_settings(settings)
+    monitor = Monitor(store.client, boto3.client("events"), clock=utc_now, policy=policy, bus=settings.event_bus_name)
+    return Refresher(store, ServiceNowClient(build_session()), clock=utc_now, policy=policy, monitor=monitor)
+
+
 def cmd_refresh(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     store = _store(args)
-    refresher = Refresher(store, ServiceNowClient(build_session()), clock=utc_now)
-    outcome = refresher.refresh(store.get(validate_name(args.name)), force=args.force)
+    refresher = _cli_refresher(store)
+    read = store.get(validate_name(args.name))
+    tags = store.client.describe_secret(SecretId=read.arn).get("Tags", [])
+    health = Health.from_tags(tags)
+    if not args.force and health.next_attempt and health.next_attempt > utc_now():
+        out.write(
+            f"{read.connection.name}: backing off after {health.consecutive_failures} failures "
+            f"({health.failure_class}) until {to_iso(health.next_attempt)}; use --force to try now\n"
+        )
+        return EXIT_FAILED
+    outcome = refresher.refresh(replace(read, tags={t["Key"]: t["Value"] for t in tags}), force=args.force)
     line = f"{outcome.connection}: {outcome.result}"
     if outcome.access_token_expires_at:
         line += f", access token valid until {to_iso(outcome.access_token_expires_at)}"
@@ -186,8 +233,11 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--expected-user", help="refuse consents given by any other ServiceNow user")
     add.add_argument("--kms-key-id", help="the stack's SecretsKmsKeyArn, if it has one (default: $SECRETS_KMS_KEY_ID)")
     add.set_defaults(run=cmd_add)
-    listing = connections.add_parser("list", help="name, instance, status and expiries (never tokens)")
+    listing = connections.add_parser("list", help="health of every connection (list permission only; never tokens)")
     listing.set_defaults(run=cmd_list)
+    staging = connections.add_parser("stage-secret", help="stage a new client secret (read from prompt/stdin)")
+    staging.add_argument("name")
+    staging.set_defaults(run=cmd_stage_secret)
 
     link = commands.add_parser("authorize-url", help="print a signed, short-lived consent link")
     link.add_argument("name")
@@ -199,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
 
     refresh = commands.add_parser("refresh", help="refresh one connection now")
     refresh.add_argument("name")
-    refresh.add_argument("--force", action="store_true", help="refresh even if the access token is not due")
+    refresh.add_argument("--force", action="store_true", help="refresh now, even if not due or backing off")
     refresh.set_defaults(run=cmd_refresh)
 
     revoke = commands.add_parser("revoke", help="revoke the tokens at ServiceNow and clear them from the secret")

@@ -71,12 +71,10 @@ class AppFlowSync:
         self.appflow = appflow
         self.secretsmanager = secretsmanager
 
-    def needs_sync(self, connection: Connection, version_id: str, tags: Mapping[str, str]) -> bool:
-        return (
-            bool(profile_names(connection))
-            and connection.access_token is not None
-            and tags.get(SYNCED_TAG) != version_id
-        )
+    def needs_sync(self, connection: Connection, version_id: str, tags: Mapping[str, str] | None) -> bool:
+        """Profiles named, a token to push, and this version not yet pushed (unknown tags: push, idempotently)."""
+        pushed = (tags or {}).get(SYNCED_TAG)
+        return bool(profile_names(connection)) and connection.access_token is not None and pushed != version_id
 
     def sync(self, connection: Connection, version_id: str, arn: str) -> list[SyncResult]:
         """Push to every named profile; tag the secret with the version only if all succeeded."""

@@ -26,6 +26,10 @@ class Settings:
     refresh_concurrency: int = 8
     refresh_queue_url: str | None = None
     fan_out_above: int = 200
+    refresh_interval_minutes: int = 5
+    failure_backoff_max_seconds: int = 3600
+    failure_alert_after_seconds: int = 3600
+    event_bus_name: str = "default"
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -55,4 +59,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         refresh_concurrency=max(1, _int(env, "REFRESH_CONCURRENCY", 8)),
         refresh_queue_url=env.get("REFRESH_QUEUE_URL") or None,
         fan_out_above=_int(env, "FAN_OUT_ABOVE", 200),
+        refresh_interval_minutes=max(1, _int(env, "REFRESH_INTERVAL_MINUTES", 5)),
+        failure_backoff_max_seconds=_int(env, "FAILURE_BACKOFF_MAX_SECONDS", 3600),
+        failure_alert_after_seconds=_int(env, "FAILURE_ALERT_AFTER_SECONDS", 3600),
+        event_bus_name=env.get("EVENT_BUS_NAME") or "default",
     )

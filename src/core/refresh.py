@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import ClientError
 
 from core.appflow import AppFlowSync
+from core.config import Settings
 from core.errors import (
     ConcurrentUpdate,
     CredentialRejected,
@@ -26,13 +27,26 @@ from core.errors import (
     ProviderError,
     SecretFormatError,
 )
+from core.health import Health, plan
 from core.secret import Connection
 from core.servicenow import ServiceNowClient, Token
 from core.store import AWSCURRENT, ConnectionStore, StoredConnection
 
+if TYPE_CHECKING:
+    from core.monitor import Monitor
+
 Result = Literal[
-    "refreshed", "not_due", "needs_person", "failed", "reauthorization_required", "invalid", "write_failed", "queued"
+    "refreshed",
+    "not_due",
+    "backing_off",
+    "needs_person",
+    "failed",
+    "reauthorization_required",
+    "invalid",
+    "write_failed",
+    "queued",
 ]
+NEXT_CLIENT_SECRET = "clientSecretNext"
 BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 
@@ -45,6 +59,19 @@ class RefreshPolicy:
     refresh_warning: timedelta = timedelta(days=14)
     write_attempts: int = 4
     write_backoff_seconds: float = 0.5
+    interval: timedelta = timedelta(minutes=5)  # the sweep schedule: the first backoff step
+    backoff_cap: timedelta = timedelta(seconds=3600)
+    alert_after: timedelta = timedelta(seconds=3600)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RefreshPolicy:
+        return cls(
+            leeway=timedelta(seconds=settings.refresh_leeway_seconds),
+            refresh_warning=timedelta(days=settings.refresh_token_warning_days),
+            interval=timedelta(minutes=settings.refresh_interval_minutes),
+            backoff_cap=timedelta(seconds=settings.failure_backoff_max_seconds),
+            alert_after=timedelta(seconds=settings.failure_alert_after_seconds),
+        )
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,16 @@ class Outcome:
     refresh_token_expiring: bool = False
     appflow_synced: tuple[str, ...] = ()
     appflow_failed: tuple[str, ...] = ()  # "profile (ErrorCode)"
+    # Where the connection stands now (for its health tags and events):
+    arn: str | None = None
+    version_id: str | None = None
+    status: str | None = None
+    instance: str | None = None
+    grant: str | None = None
+    needs_person: bool = False
+    retry_after: float | None = None
+    client_secret_promoted: bool = False
+    events: tuple[str, ...] = ()  # change events published for this outcome
 
 
 def needs_person(connection: Connection) -> bool:
@@ -124,9 +161,11 @@ class Refresher:
         policy: RefreshPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         appflow: AppFlowSync | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.store = store
         self.appflow = appflow
+        self.monitor = monitor
         self.client = client
         self.clock = clock
         self.policy = policy or RefreshPolicy()
@@ -156,51 +195,108 @@ class Refresher:
             "appflow_failed": tuple(f"{r.profile} ({r.error})" for r in results if r.error is not None),
         }
 
-    def _done(self, connection: Connection, result: Result, now: datetime, **kwargs: Any) -> Outcome:
+    def _done(
+        self,
+        connection: Connection,
+        result: Result,
+        now: datetime,
+        *,
+        at: StoredConnection | None = None,
+        **kwargs: Any,
+    ) -> Outcome:
         return Outcome(
             connection.name,
             result,
             access_token_expires_at=connection.access_token_expires_at,
             refresh_token_expires_at=connection.refresh_token_expires_at,
             refresh_token_expiring=_expiring(connection, now, self.policy),
+            arn=at.arn if at else None,
+            version_id=at.version_id if at else None,
+            status=connection.status,
+            instance=connection.host,
+            grant=connection.grant_type,
+            needs_person=needs_person(connection),
             **kwargs,
         )
 
     def refresh(self, read: StoredConnection, *, force: bool = False) -> Outcome:
-        """Refresh one connection if it is due (or `force`d), never losing what the secret holds."""
+        """Refresh one connection if it is due (or `force`d), never losing what the secret holds;
+        then record its health and announce any change (when a monitor is configured)."""
+        outcome = self._refresh(read, force)
+        if self.monitor is not None:
+            outcome = self.monitor.observe(read, outcome)
+        return outcome
+
+    def _refresh(self, read: StoredConnection, force: bool) -> Outcome:
         now = self.clock()
         connection = read.connection
         if needs_person(connection):
-            return self._done(connection, "needs_person", now)
+            return self._done(connection, "needs_person", now, at=read)
         if not force and not is_due(connection, now, self.policy.leeway):
             # Not due, but a push to AppFlow may still be owed from an earlier run.
-            return self._done(connection, "not_due", now, **self._sync_appflow(read))
+            return self._done(connection, "not_due", now, at=read, **self._sync_appflow(read))
         try:
             token, grant = request_token(self.client, connection)
         except CredentialRejected as error:
-            return self.mark_rejected(read, error)
+            return self._try_next_client_secret(read, error) or self.mark_rejected(read, error)
         except ProviderError as error:
             # Unavailable, rate limited or transient: the stored token stays; a later run retries.
-            return self._done(connection, "failed", now, failure=error.kind, detail=str(error))
+            retry_after = getattr(error, "retry_after", None)
+            return self._done(
+                connection, "failed", now, at=read, failure=error.kind, detail=str(error), retry_after=retry_after
+            )
         return self._store_token(read, token, grant, now)
 
-    def _store_token(self, read: StoredConnection, token: Token, grant: str, now: datetime) -> Outcome:
+    def _try_next_client_secret(self, read: StoredConnection, error: CredentialRejected) -> Outcome | None:
+        """Client-secret rollover: on a refusal, try the staged `clientSecretNext` once; if ServiceNow takes
+        it, promote it in the same write that stores the new tokens."""
+        staged = read.connection.extra.get(NEXT_CLIENT_SECRET)
+        if not isinstance(staged, str) or not staged or staged == read.connection.client_secret:
+            return None
+
+        def promote(connection: Connection) -> Connection:
+            if connection.extra.get(NEXT_CLIENT_SECRET) != staged:
+                return connection  # the operator changed the staging meanwhile: leave it be
+            extra = {key: value for key, value in connection.extra.items() if key != NEXT_CLIENT_SECRET}
+            return replace(connection, client_secret=staged, extra=extra)
+
+        now = self.clock()
+        try:
+            token, grant = request_token(self.client, promote(read.connection))
+        except CredentialRejected:
+            return None  # the staged secret is not live either: the refusal stands
+        except ProviderError as failure:
+            return self._done(read.connection, "failed", now, at=read, failure=failure.kind, detail=str(failure))
+        return self._store_token(read, token, grant, now, adjust=promote, client_secret_promoted=True)
+
+    def _store_token(
+        self,
+        read: StoredConnection,
+        token: Token,
+        grant: str,
+        now: datetime,
+        *,
+        adjust: Callable[[Connection], Connection] = lambda connection: connection,
+        **flags: Any,
+    ) -> Outcome:
         for _ in range(3):
-            new = read.connection.with_token(token, grant=grant, now=now)
+            new = adjust(read.connection).with_token(token, grant=grant, now=now)
             try:
                 written = self._write(read, new)
-                return self._done(written.connection, "refreshed", now, **self._sync_appflow(written, force=True))
+                appflow = self._sync_appflow(written, force=True)
+                return self._done(written.connection, "refreshed", now, at=written, **appflow, **flags)
             except ConcurrentUpdate:
                 # Someone wrote first (another sweep, a re-consent): build on their value, never over it.
                 read = self.store.get(read.connection.name)
                 if not is_due(read.connection, now, self.policy.leeway):
-                    return self._done(read.connection, "not_due", now, detail="updated concurrently")
+                    return self._done(read.connection, "not_due", now, at=read, detail="updated concurrently")
             except ClientError as error:
                 code = error.response.get("Error", {}).get("Code", "ClientError")
-                return self._done(
-                    read.connection, "write_failed", now, failure="transient", detail=f"secret write failed ({code})"
-                )
-        return self._done(read.connection, "failed", now, failure="transient", detail="kept losing write races")
+                detail = f"secret write failed ({code})"
+                return self._done(read.connection, "write_failed", now, at=read, failure="transient", detail=detail)
+        return self._done(
+            read.connection, "failed", now, at=read, failure="transient", detail="kept losing write races"
+        )
 
     def mark_rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
         """Mark `reauthorization_required` only if the refused credential is still the current one."""
@@ -208,16 +304,19 @@ class Refresher:
         for _ in range(3):
             fresh = self.store.get(read.connection.name)
             if not _same_credential(fresh.connection, read.connection):
-                return self._done(fresh.connection, "not_due", now, detail="credential changed while refreshing")
+                detail = "credential changed while refreshing"
+                return self._done(fresh.connection, "not_due", now, at=fresh, detail=detail)
             marked = replace(fresh.connection, status="reauthorization_required", updated_at=now)
             try:
-                self._write(fresh, marked)
-                return self._done(marked, "reauthorization_required", now, failure="rejected", detail=str(error))
+                written = self._write(fresh, marked)
+                return self._done(
+                    marked, "reauthorization_required", now, at=written, failure="rejected", detail=str(error)
+                )
             except ConcurrentUpdate:
                 continue
             except ClientError:
                 break
-        return self._done(read.connection, "failed", now, failure="rejected", detail=str(error))
+        return self._done(read.connection, "failed", now, at=read, failure="rejected", detail=str(error))
 
     # ----------------------------------------------------------------- the sweep
     def list_connection_secrets(self) -> Iterator[dict[str, Any]]:
@@ -270,6 +369,11 @@ class Refresher:
             batch.clear()
 
         for entry in self.list_connection_secrets():
+            # The listing's health tags settle most connections without reading a value.
+            decision = plan(entry, now, self.policy.leeway, self.policy.refresh_warning)
+            if decision != "read":
+                outcomes.append(from_listing(entry, decision, self.store.name_of(entry["Name"]) or entry["Name"]))
+                continue
             batch.append(entry)
             if len(batch) == BATCH_READ_SIZE:
                 flush()
@@ -299,3 +403,24 @@ class Refresher:
             return self.refresh(read)
         except Exception as error:  # one broken connection must never stop the others
             return Outcome(read.connection.name, "failed", failure="transient", detail=type(error).__name__)
+
+
+def from_listing(entry: dict[str, Any], decision: str, name: str) -> Outcome:
+    """An outcome decided from a ListSecrets entry's health tags: no value read, no request made."""
+    health = Health.from_tags(entry.get("Tags"))
+    result: Result = (
+        "backing_off" if decision == "backing_off" else "needs_person" if decision == "needs_person" else "not_due"
+    )
+    return Outcome(
+        name,
+        result,
+        failure=health.failure_class if decision == "backing_off" else None,  # type: ignore[arg-type]
+        access_token_expires_at=health.access_expires,
+        refresh_token_expires_at=health.refresh_expires,
+        arn=entry.get("ARN"),
+        version_id=health.version,
+        status=health.status,
+        instance=health.instance,
+        grant=health.grant,
+        needs_person=health.needs_person,
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -35,7 +35,7 @@ class StoredConnection:
     connection: Connection
     version_id: str
     arn: str
-    tags: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] | None = None  # from a listing; None when read without one
 
 
 def validate_name(name: str) -> str:
@@ -69,7 +69,7 @@ class ConnectionStore:
     def parse(
         self, name: str, secret_string: str, version_id: str, arn: str, tags: Mapping[str, str] | None = None
     ) -> StoredConnection:
-        return StoredConnection(parse_connection(name, secret_string, self.allowed_hosts), version_id, arn, tags or {})
+        return StoredConnection(parse_connection(name, secret_string, self.allowed_hosts), version_id, arn, tags)
 
     def get(self, name: str, *, version_stage: str = AWSCURRENT) -> StoredConnection:
         """Read and validate one connection.
@@ -90,7 +90,12 @@ class ConnectionStore:
         return self.parse(name, answer["SecretString"], answer["VersionId"], answer["ARN"])
 
     def create(
-        self, connection: Connection, *, description: str | None = None, kms_key_id: str | None = None
+        self,
+        connection: Connection,
+        *,
+        description: str | None = None,
+        kms_key_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> StoredConnection:
         """Create the secret for a new connection (fails if it exists: never overwrite by accident)."""
         token = str(uuid.uuid4())
@@ -102,6 +107,8 @@ class ConnectionStore:
         }
         if kms_key_id:
             kwargs["KmsKeyId"] = kms_key_id
+        if tags:
+            kwargs["Tags"] = [{"Key": key, "Value": value} for key, value in tags.items()]
         answer = self.client.create_secret(**kwargs)
         return StoredConnection(connection, answer["VersionId"], answer["ARN"])
 

@@ -25,7 +25,7 @@ from core.errors import (
 )
 from core.pages import SECURITY_HEADERS, authorized_page, error_page
 from core.servicenow import ServiceNowClient, build_session
-from handlers.runtime import build_logger, build_store
+from handlers.runtime import build_logger, build_monitor, build_store
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -35,6 +35,7 @@ metrics = Metrics()
 app = APIGatewayHttpResolver()
 settings = load_settings()
 store = build_store(settings)
+monitor = build_monitor(settings, store.client, logger)
 servicenow = ServiceNowClient(build_session())
 
 # Upstream failures the person can do nothing about in this request get 5xx; their own request, 4xx.
@@ -102,6 +103,7 @@ def callback() -> Response[str]:
         callback_url=_callback_url(),
         now=utc_now(),
     )
+    monitor.after_consent(stored)
     connection = stored.connection
     logger.info("consent completed", extra={"connection": connection.name, "instance": connection.host})
     metrics.add_metric(name="ConsentCompleted", unit=MetricUnit.Count, value=1)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 logger = build_logger()
 metrics = Metrics()
 settings = load_settings()
-refresher = build_refresher(settings)
+refresher = build_refresher(settings, logger)
 fan_out = (
     partial(send_connections, boto3.client("sqs", config=AWS_CONFIG), settings.refresh_queue_url)
     if settings.refresh_queue_url

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
 
 logger = build_logger()
-rotation = Rotation(build_refresher(load_settings()), logger)
+rotation = Rotation(build_refresher(load_settings(), logger), logger)
 
 
 @logger.inject_lambda_context(log_event=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import boto3
@@ -12,6 +11,7 @@ from botocore.config import Config
 from core.appflow import AppFlowSync
 from core.clock import utc_now
 from core.config import Settings
+from core.monitor import Monitor
 from core.redaction import RedactingFormatter
 from core.refresh import Refresher, RefreshPolicy
 from core.servicenow import ServiceNowClient, build_session
@@ -44,15 +44,24 @@ class LazyClient:
         return getattr(self._client, name)
 
 
-def build_refresher(settings: Settings) -> Refresher:
+def build_monitor(settings: Settings, secretsmanager: Any, logger: Any = None) -> Monitor:
+    return Monitor(
+        secretsmanager,
+        LazyClient("events"),
+        clock=utc_now,
+        policy=RefreshPolicy.from_settings(settings),
+        bus=settings.event_bus_name,
+        logger=logger,
+    )
+
+
+def build_refresher(settings: Settings, logger: Any = None) -> Refresher:
     store = build_store(settings)
     return Refresher(
         store,
         ServiceNowClient(build_session(pool_maxsize=settings.refresh_concurrency)),
         clock=utc_now,
-        policy=RefreshPolicy(
-            leeway=timedelta(seconds=settings.refresh_leeway_seconds),
-            refresh_warning=timedelta(days=settings.refresh_token_warning_days),
-        ),
+        policy=RefreshPolicy.from_settings(settings),
         appflow=AppFlowSync(LazyClient("appflow"), store.client),
+        monitor=build_monitor(settings, store.client, logger),
     )

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 logger = build_logger()
 metrics = Metrics()
 processor = BatchProcessor(event_type=EventType.SQS)
-refresher = build_refresher(load_settings())
+refresher = build_refresher(load_settings(), logger)
 
 
 def refresh_record(record: SQSRecord) -> Outcome | None:

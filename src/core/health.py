@@ -1,0 +1,141 @@
+"""Connection health in secret tags: readable with ListSecrets alone, writable without a secret version.
+
+`TagResource` adds no version and `ListSecrets` returns tags, so the sweep decides "not due",
+"backing off" and "needs a person" from one listing, operators see every connection's health
+without `GetSecretValue`, and a failing connection adds zero secret versions. The tags also
+remember which change events were already sent, so each change is announced once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from core.clock import from_iso, to_iso
+
+PREFIX = "servicenow-oauth:"
+Decision = Literal["read", "not_due", "backing_off", "needs_person"]
+_TIMES = ("last_success", "last_failure", "failing_since", "next_attempt", "access_expires", "refresh_expires")
+_TEXTS = ("status", "version", "instance", "failure_class", "grant")
+_FLAGS = ("needs_person", "appflow_pending", "alerted_failing", "alerted_expiring")
+
+
+def _tag(attribute: str) -> str:
+    return PREFIX + attribute.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the sweep knows about a connection between runs; every field is safe to show anyone."""
+
+    status: str | None = None
+    version: str | None = None  # the secret version this health describes
+    instance: str | None = None
+    grant: str | None = None
+    needs_person: bool = False
+    last_success: datetime | None = None
+    last_failure: datetime | None = None
+    failure_class: str | None = None
+    consecutive_failures: int = 0
+    failing_since: datetime | None = None
+    next_attempt: datetime | None = None
+    access_expires: datetime | None = None
+    refresh_expires: datetime | None = None
+    appflow_pending: bool = False
+    alerted_failing: bool = False
+    alerted_expiring: bool = False
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str] | list[dict[str, str]] | None) -> Health:
+        if isinstance(tags, list):
+            tags = {tag["Key"]: tag["Value"] for tag in tags}
+        tags = tags or {}
+        values: dict[str, Any] = {}
+        for name in _TEXTS:
+            values[name] = tags.get(_tag(name)) or None
+        for name in _FLAGS:
+            values[name] = tags.get(_tag(name)) == "true"
+        for name in _TIMES:
+            raw = tags.get(_tag(name))
+            try:
+                values[name] = from_iso(raw) if raw else None
+            except ValueError:
+                values[name] = None
+        try:
+            values["consecutive_failures"] = int(tags.get(_tag("consecutive_failures"), "0"))
+        except ValueError:
+            values["consecutive_failures"] = 0
+        return cls(**values, extra={k: v for k, v in tags.items() if not k.startswith(PREFIX)})
+
+    def to_tags(self) -> dict[str, str]:
+        """Our tags only (others' are left alone); absent values are absent keys."""
+        tags: dict[str, str] = {}
+        for name in _TEXTS:
+            if getattr(self, name):
+                tags[_tag(name)] = str(getattr(self, name))
+        for name in _FLAGS:
+            if getattr(self, name):
+                tags[_tag(name)] = "true"
+        for name in _TIMES:
+            if getattr(self, name):
+                tags[_tag(name)] = to_iso(getattr(self, name))
+        if self.consecutive_failures:
+            tags[_tag("consecutive_failures")] = str(self.consecutive_failures)
+        return tags
+
+    def succeeded(self, now: datetime) -> Health:
+        return replace(
+            self,
+            last_success=now,
+            failure_class=None,
+            consecutive_failures=0,
+            failing_since=None,
+            next_attempt=None,
+            alerted_failing=False,
+        )
+
+    def failed(
+        self, kind: str, now: datetime, *, interval: timedelta, cap: timedelta, retry_after: float | None
+    ) -> Health:
+        """One more failure: back off exponentially (one interval, 2x, 4x, ... up to the cap)."""
+        failures = self.consecutive_failures + 1
+        delay = min(interval * 2 ** (failures - 1), cap)
+        if retry_after:
+            delay = max(delay, timedelta(seconds=retry_after))
+        return replace(
+            self,
+            last_failure=now,
+            failure_class=kind,
+            consecutive_failures=failures,
+            failing_since=self.failing_since or now,
+            next_attempt=now + delay,
+        )
+
+
+def current_version(listing: Mapping[str, Any]) -> str | None:
+    """The AWSCURRENT version id from a ListSecrets entry."""
+    stages = listing.get("SecretVersionsToStages", {})
+    return next((version for version, labels in stages.items() if "AWSCURRENT" in labels), None)
+
+
+def plan(listing: Mapping[str, Any], now: datetime, leeway: timedelta, warning: timedelta) -> Decision:
+    """What to do with a connection from its ListSecrets entry alone (no value read, no API call).
+
+    Anything the tags cannot vouch for (no health yet, a secret changed since, an AppFlow push owed,
+    a refresh-token warning not yet sent) is read.
+    """
+    health = Health.from_tags(listing.get("Tags"))
+    if health.version is None or health.version != current_version(listing) or health.appflow_pending:
+        return "read"
+    if health.needs_person:
+        return "needs_person"  # until the secret changes (re-consent, new client secret)
+    if health.next_attempt and now < health.next_attempt:
+        return "backing_off"
+    if health.refresh_expires and health.refresh_expires - now <= warning and not health.alerted_expiring:
+        return "read"
+    if health.access_expires and health.access_expires - now > leeway:
+        return "not_due"
+    return "read"
