@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities import parameters
 
 from core.clock import utc_now
 from core.config import load_settings
@@ -25,7 +24,7 @@ from core.errors import (
 )
 from core.pages import SECURITY_HEADERS, authorized_page, error_page
 from core.servicenow import ServiceNowClient, build_session
-from handlers.runtime import build_logger, build_monitor, build_store
+from handlers.runtime import CachedSecret, build_logger, build_monitor, build_store
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -36,6 +35,7 @@ app = APIGatewayHttpResolver()
 settings = load_settings()
 store = build_store(settings)
 monitor = build_monitor(settings, store.client, logger)
+state_key = CachedSecret(store.client, settings.state_key_secret_id, max_age=300)
 servicenow = ServiceNowClient(build_session())
 
 # Upstream failures the person can do nothing about in this request get 5xx; their own request, 4xx.
@@ -51,7 +51,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 
 
 def _state_key() -> bytes:
-    return str(parameters.get_secret(settings.state_key_secret_id, max_age=300)).encode()
+    return state_key.get()
 
 
 def _callback_url() -> str:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import boto3
 from aws_lambda_powertools import Metrics
 
 from core.clock import utc_now
 from core.config import load_settings
 from core.fanout import send_connections
 from core.report import report_outcomes
-from handlers.runtime import AWS_CONFIG, build_logger, build_refresher
+from handlers.runtime import LazyClient, build_logger, build_refresher
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -22,9 +21,7 @@ metrics = Metrics()
 settings = load_settings()
 refresher = build_refresher(settings, logger)
 fan_out = (
-    partial(send_connections, boto3.client("sqs", config=AWS_CONFIG), settings.refresh_queue_url)
-    if settings.refresh_queue_url
-    else None
+    partial(send_connections, LazyClient("sqs"), settings.refresh_queue_url) if settings.refresh_queue_url else None
 )
 
 
