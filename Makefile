@@ -13,7 +13,7 @@ export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint build clean deps chromium local demo connections connection-add authorize-url refresh revoke stage-secret
+.PHONY: test lint build clean deps chromium local demo bench connections connection-add authorize-url refresh revoke stage-secret
 
 deps: $(VENV)/.installed $(SAM_VENV)/.installed
 
@@ -44,6 +44,9 @@ chromium:
 RUN := PYTHONPATH=src:. $(VENV)/bin/python
 ADMIN := $(RUN) -m admin
 
+bench: deps ## cold start, sweep cost, throughput, fan-out, failure cost, package size -> benchmarks/RESULTS.md
+	$(RUN) -m benchmarks.run
+
 demo: $(VENV)/.installed ## one connection's whole life on this machine: consent, tokens stored, refreshed
 	$(RUN) -m local.demo
 
@@ -70,8 +73,8 @@ local: $(VENV)/.installed ## the whole system on this machine: moto, ServiceNow 
 	PYTHONPATH=src:. $(VENV)/bin/python -m local.stack
 
 lint: deps $(CHECKOV_VENV)/.installed ## ruff, mypy (strict on src/core), cfn-lint on the SAM-translated template, checkov
-	$(VENV)/bin/ruff check src local admin tests
-	$(VENV)/bin/ruff format --check src local admin tests
+	$(VENV)/bin/ruff check src local admin tests benchmarks
+	$(VENV)/bin/ruff format --check src local admin tests benchmarks
 	$(VENV)/bin/mypy
 	$(RUN) -m local.template_check
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -f template.yaml

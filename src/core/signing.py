@@ -51,10 +51,11 @@ def verify_authorize_link(key: bytes, name: str, expires: str | None, signature:
         raise InvalidLink(
             "this authorize link is not signed; ask an operator for a new one (make authorize-url)", connection=name
         )
-    if not expires.isdigit() or len(expires) > 12 or len(signature) > 64:
+    if not expires.isascii() or not expires.isdigit() or len(expires) > 12 or len(signature) > 64:
         raise InvalidLink("this authorize link is malformed; ask an operator for a new one", connection=name)
     expected = _b64(_mac(key, "authorize", f"{name}\n{expires}".encode()))
-    if not hmac.compare_digest(expected, signature):
+    # Bytes, not str: compare_digest refuses non-ASCII str (a TypeError would have become a 500).
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):
         raise InvalidLink(
             "this authorize link's signature is not valid for this connection; ask an operator for a new one",
             connection=name,

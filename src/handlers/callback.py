@@ -44,7 +44,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (ConnectionNotFound, 404, "Unknown connection"),
     (ConcurrentUpdate, 409, "Connection changed during the consent"),
     (SecretFormatError, 500, "Connection is misconfigured"),
-    (CredentialRejected, 502, "ServiceNow rejected the client credentials"),
+    (CredentialRejected, 502, "ServiceNow refused the request"),
     (RateLimited, 503, "ServiceNow is rate limiting"),
     (ProviderError, 503, "ServiceNow is unavailable"),
 ]
