@@ -10,19 +10,17 @@ Nothing is printed per request: the callback's query string carries the OAuth au
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import re
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from local.serving import BackgroundServer, TrackedHandler
 
 Handler = Callable[[dict[str, Any], Any], Any]
 
@@ -176,36 +174,11 @@ def to_http(result: Any) -> HttpAnswer:
     return HttpAnswer(status, headers, body)
 
 
-class _Server(ThreadingHTTPServer):
-    """Threaded server that never prints tracebacks (they could include the request line)."""
+class _RequestHandler(TrackedHandler):
+    """Turns one HTTP request into one handler invocation (no access log: the callback's query holds the code)."""
 
-    daemon_threads = True
-    block_on_close = False
-    api: LocalApi
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Swallow errors such as a browser closing a kept-alive connection."""
-
-
-class _RequestHandler(BaseHTTPRequestHandler):
-    """Turns one HTTP request into one handler invocation."""
-
-    protocol_version = "HTTP/1.1"
     server_version = "LocalApiGateway"
     timeout = 30
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.api._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        self.server.api._track(self.connection, add=False)
-        with contextlib.suppress(OSError):
-            super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """No access log: the callback's request line carries the authorization code."""
 
     def version_string(self) -> str:
         return self.server_version
@@ -218,7 +191,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length) if length > 0 else b""
         peer = str(self.client_address[0])
-        self._send(self.server.api.answer(self.command, self.path, list(self.headers.items()), body, peer))
+        self._send(self.server.owner.answer(self.command, self.path, list(self.headers.items()), body, peer))
 
     def _send(self, answer: HttpAnswer) -> None:
         try:
@@ -236,66 +209,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 
 
-class LocalApi:
+class LocalApi(BackgroundServer):
     """The HTTP API on 127.0.0.1, invoking `handler(event, context)` in-process for each routed request."""
 
+    handler_class = _RequestHandler
+    thread_name = "local-api"
+
     def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
         self.handler = handler
-        self.host = host
-        self.port = port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-
-    @property
-    def url(self) -> str:
-        """Base URL, the local counterpart of https://<api-id>.execute-api.<region>.amazonaws.com."""
-        if self._server is None:
-            raise RuntimeError("local API not started")
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> LocalApi:
-        """Bind (port 0 picks a free one) and serve in a daemon thread."""
-        if self._server is not None:
-            return self
-        server = _Server((self.host, self.port), _RequestHandler)
-        server.api = self
-        self._server = server
-        self.port = int(server.server_address[1])
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="local-api", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and cut kept-alive browser connections so a stopped API really looks down."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        if thread is not None:
-            thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> LocalApi:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _track(self, connection: socket.socket, *, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._connections.add(connection)
-            else:
-                self._connections.discard(connection)
 
     def answer(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, source_ip: str

@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import html
 import json
 import os
 import secrets
 import signal
-import socket
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from local.serving import BackgroundServer, TrackedHandler
 
 TOKEN_PATH = "/oauth_token.do"
 AUTH_PATH = "/oauth_auth.do"
@@ -183,8 +182,10 @@ def _add_query(uri: str, params: dict[str, str]) -> str:
     return uri + separator + urllib.parse.urlencode(params)
 
 
-class ServiceNowEmulator:
+class ServiceNowEmulator(BackgroundServer):
     """In-memory ServiceNow instance: OAuth endpoints, a sliver of the Table API, fault injection."""
+
+    thread_name = "servicenow-emulator"
 
     def __init__(
         self,
@@ -197,8 +198,7 @@ class ServiceNowEmulator:
         clock: Callable[[], float] = time.time,
         rotate_refresh_tokens: bool = False,
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.access_lifespan = access_lifespan
         self.refresh_lifespan = refresh_lifespan
         self.code_lifespan = code_lifespan
@@ -216,56 +216,9 @@ class ServiceNowEmulator:
         self._faults: list[_Fault] = []
         self._records: dict[str, list[dict[str, Any]]] = {}
         self._issued: set[str] = set()  # every secret value ever configured or issued, for leak checks
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
         self.add_user("admin", secrets.token_urlsafe(16))
 
-    # ------------------------------------------------------------------ lifecycle
-    @property
-    def url(self) -> str:
-        """Base URL of the running instance, like https://<instance>.service-now.com."""
-        if self._server is None:
-            raise RuntimeError("emulator not started")
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> ServiceNowEmulator:
-        """Serve in a daemon thread; a restart after stop() reuses the same port so clients can recover."""
-        if self._server is not None:
-            return self
-        server = _Server((self.host, self.port), _Handler)
-        server.emulator = self
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(
-            target=server.serve_forever, args=(0.05,), name="servicenow-emulator", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and cut kept-alive connections so a stopped instance really looks down."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        if thread is not None:
-            thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> ServiceNowEmulator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
+    # ------------------------------------------------------------------ lifecycle (BackgroundServer)
     # ------------------------------------------------------------------ configuration
     def register_client(
         self,
@@ -832,41 +785,15 @@ def _opt_list(data: dict[str, Any], key: str) -> list[str] | None:
     return value
 
 
-class _Server(ThreadingHTTPServer):
-    """Threaded server that never prints tracebacks (they could include request data)."""
-
-    daemon_threads = True
-    emulator: ServiceNowEmulator
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Swallow errors such as a client hanging up on a slow answer."""
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(TrackedHandler):
     """Translates HTTP/1.1 requests into ServiceNowEmulator.handle calls."""
 
-    protocol_version = "HTTP/1.1"
     server_version = "ServiceNow"
     sys_version = ""
     timeout = 60
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.emulator._lock:
-            self.server.emulator._connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.emulator._lock:
-            self.server.emulator._connections.discard(self.connection)
-        with contextlib.suppress(OSError):
-            super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence: request lines carry authorization codes in their query strings."""
 
     def _dispatch(self) -> None:
-        emulator = self.server.emulator
+        emulator = self.server.owner
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
             self._send(_json_reply(413, {"error": "body too large"}))
@@ -902,6 +829,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _dispatch
+
+
+ServiceNowEmulator.handler_class = _Handler
 
 
 class ConsentForm(HTMLParser):
