@@ -42,6 +42,12 @@ def prod(aws: str, emulator: ServiceNowEmulator, secretsmanager: Any) -> Service
     return emulator
 
 
+def add_password_connection(emulator: ServiceNowEmulator) -> tuple[int, str, str]:
+    """A password-grant connection needs no consent: the CLI alone takes it through its whole life."""
+    argv = ["--instance-url", emulator.url, "--client-id", CLIENT_ID, "--grant-type", "password"]
+    return run(*ADD, "pw", *argv, "--username", "svc.integration", stdin=f"{CLIENT_SECRET}\nPa55w0rd-emulator\n")
+
+
 def document(secretsmanager: Any, name: str = "prod") -> dict[str, Any]:
     value = secretsmanager.get_secret_value(SecretId=f"servicenow-oauth/{name}", VersionStage="AWSCURRENT")
     return json.loads(value["SecretString"])
@@ -119,21 +125,7 @@ def test_authorize_url_is_signed_for_the_connection(prod: ServiceNowEmulator, se
 
 
 def test_refresh_revoke_and_list(prod: ServiceNowEmulator, secretsmanager: Any, leak_check: list) -> None:
-    # A password connection needs no consent, so the CLI alone can take it through its whole life.
-    code, _, err = run(
-        "connections",
-        "add",
-        "pw",
-        "--instance-url",
-        prod.url,
-        "--client-id",
-        CLIENT_ID,
-        "--grant-type",
-        "password",
-        "--username",
-        "svc.integration",
-        stdin=f"{CLIENT_SECRET}\nPa55w0rd-emulator\n",
-    )
+    code, _, err = add_password_connection(prod)
     assert code == 0, err
     code, out, _ = run("refresh", "pw")
     assert code == 0 and "pw: refreshed" in out
@@ -158,20 +150,7 @@ def test_refresh_revoke_and_list(prod: ServiceNowEmulator, secretsmanager: Any, 
 
 
 def test_revoke_keeps_tokens_when_servicenow_is_unreachable(prod: ServiceNowEmulator, secretsmanager: Any) -> None:
-    run(
-        "connections",
-        "add",
-        "pw",
-        "--instance-url",
-        prod.url,
-        "--client-id",
-        CLIENT_ID,
-        "--grant-type",
-        "password",
-        "--username",
-        "svc.integration",
-        stdin=f"{CLIENT_SECRET}\nPa55w0rd-emulator\n",
-    )
+    add_password_connection(prod)
     run("refresh", "pw")
     before = document(secretsmanager, "pw")
     prod.inject("hibernate", path="/oauth_revoke_token.do", count=5)
