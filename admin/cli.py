@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import boto3
 
 from core.allowlist import normalize_instance_url, parse_allowed_hosts
+from core.appflow import PROFILES_KEY
 from core.clock import to_iso, utc_now
 from core.config import load_settings
 from core.errors import ConnectionNotFound, InstanceNotAllowed, InvalidName, SecretFormatError, ServiceNowOAuthError
@@ -25,7 +26,7 @@ from core.health import Health
 from core.monitor import Monitor
 from core.refresh import NEXT_CLIENT_SECRET, Refresher, RefreshPolicy, needs_person
 from core.revoke import revoke_connection
-from core.secret import Connection
+from core.secret import Connection, parse_connection
 from core.servicenow import ServiceNowClient, build_session
 from core.signing import sign_authorize_link
 from core.store import ConnectionStore, validate_name
@@ -75,6 +76,8 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     if args.grant_type == "password" and not args.username:
         raise CliError(f"connection {name!r}: --username is required with --grant-type password")
     extra: dict[str, Any] = {"expectedUser": args.expected_user} if args.expected_user else {}
+    if args.appflow_profile:
+        extra[PROFILES_KEY] = list(args.appflow_profile)
     connection = Connection(
         name=name,
         instance_url=instance,
@@ -88,6 +91,11 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         updated_at=utc_now(),
         extra=extra,
     )
+    try:
+        # Exactly what every reader will accept (e.g. an empty --client-id is refused here, not at each sweep).
+        parse_connection(name, connection.to_json(), store.allowed_hosts)
+    except SecretFormatError as error:
+        raise CliError(str(error)) from None
     try:
         # Health tags from the start, so `connections list` shows it before the first sweep.
         health = Health(
@@ -231,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--username", help="password grant only (the password is read from prompt/stdin)")
     add.add_argument("--scope")
     add.add_argument("--expected-user", help="refuse consents given by any other ServiceNow user")
+    add.add_argument(
+        "--appflow-profile", action="append", help="AppFlow connector profile to keep updated (repeatable)"
+    )
     add.add_argument("--kms-key-id", help="the stack's SecretsKmsKeyArn, if it has one (default: $SECRETS_KMS_KEY_ID)")
     add.set_defaults(run=cmd_add)
     listing = connections.add_parser("list", help="health of every connection (list permission only; never tokens)")

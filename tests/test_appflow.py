@@ -132,3 +132,26 @@ def test_connections_without_profiles_never_call_appflow(
     with Stubber(appflow):
         [outcome] = sync_refresher(world, appflow).sweep()
     assert outcome.result == "refreshed" and outcome.appflow_synced == () and outcome.appflow_failed == ()
+
+
+def test_a_push_that_keeps_failing_backs_off_instead_of_calling_every_sweep(
+    secretsmanager: Any, emulator: ServiceNowEmulator, clock: FakeClock, appflow: Any
+) -> None:
+    from core.monitor import Monitor
+
+    world = World(secretsmanager, emulator, clock)
+    world.add(appflowConnectorProfiles=["snow-prod"])
+    clock.advance(1700)
+    refresher = sync_refresher(world, appflow)
+    refresher.monitor = Monitor(secretsmanager, None, clock=clock.now, policy=refresher.policy)
+    calls = refreshes = 0
+    with Stubber(appflow) as stub:
+        for _ in range(24):  # two hours of sweeps, AppFlow denying every push
+            stub.add_client_error("update_connector_profile", service_error_code="AccessDeniedException")
+        for _ in range(24):
+            before = len(stub._queue)
+            refreshes += sum(1 for outcome in refresher.sweep() if outcome.result == "refreshed")
+            calls += before - len(stub._queue)
+            clock.advance(300)
+    # Each new token is offered once; in between, retries back off (5, 10, 20, 40 min): not one call per sweep.
+    assert calls <= refreshes + 4 < 24, (calls, refreshes)

@@ -268,3 +268,37 @@ def test_password_connections_need_no_consent(stack: Stack) -> None:
     assert_refused(
         stack, stack.get("/connections/prod/authorize", stack.signed_link()), 400, "needs no consent", before
     )
+
+
+def test_an_unverifiable_expected_user_revokes_the_new_tokens(stack: Stack, leak_check: list) -> None:
+    stack.create_connection(expectedUser="svc.integration")
+    before = stack.snapshot()
+    redirect = press_consent(stack.start())
+    stack.emulator.inject("server_error", path="/api/now/table/sys_user", count=10)
+    active = stack.emulator.active_refresh_token_count()
+    answer = stack.get("/callback", redirect)
+    leak_check.append(answer["body"])
+    assert_refused(stack, answer, 502, "could not check which ServiceNow user", before)
+    assert stack.emulator.active_refresh_token_count() == active  # the unstored tokens were revoked
+
+
+def test_a_secret_write_that_keeps_failing_revokes_the_unstored_tokens(stack: Stack, leak_check: list) -> None:
+    from botocore.exceptions import ClientError
+
+    stack.create_connection()
+    before = stack.snapshot()
+    redirect = press_consent(stack.start())
+
+    def throttle(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "injected"}}, "PutSecretValue")
+
+    client = stack.handler.store.client
+    client.meta.events.register("before-call.secretsmanager.PutSecretValue", throttle)
+    try:
+        active = stack.emulator.active_refresh_token_count()
+        answer = stack.get("/callback", redirect)
+    finally:
+        client.meta.events.unregister("before-call.secretsmanager.PutSecretValue", throttle)
+    leak_check.append(answer["body"])
+    assert answer["statusCode"] == 500 and stack.snapshot() == before
+    assert stack.emulator.active_refresh_token_count() == active

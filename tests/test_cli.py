@@ -80,6 +80,11 @@ def test_add_stores_a_pending_connection_with_the_secret_from_stdin(
             "no value",
         ),
         (
+            ["connections", "add", "x", "--instance-url", "https://a.service-now.com", "--client-id", ""],
+            "s\n",
+            "'clientId'",
+        ),
+        (
             [
                 "connections",
                 "add",

@@ -78,3 +78,15 @@ def test_a_connection_without_a_token_says_so(secretsmanager: Any, emulator: Ser
     )
     with pytest.raises(RuntimeError, match=r"no access token yet.*pending_authorization"):
         servicenow_session(SECRET, provider=SecretsProvider())
+
+
+def test_the_token_never_goes_to_another_host(secret: Any, emulator: ServiceNowEmulator, leak_check: list) -> None:
+    secret(new_token(emulator), create=True)
+    session, _ = servicenow_session(SECRET, provider=SecretsProvider())
+    other = ServiceNowEmulator().start()
+    try:
+        with pytest.raises(ValueError, match="another host"):
+            session.get(f"{other.url}/api/now/table/incident", timeout=5)
+        assert table_requests(other) == 0
+    finally:
+        other.stop()

@@ -234,3 +234,29 @@ def test_backoff_doubles_from_the_interval_up_to_the_cap() -> None:
         waits.append((health.next_attempt - now).total_seconds())
     assert waits == [300, 600, 1200, 2400, 3600, 3600, 3600]
     assert RefreshPolicy().backoff_cap == timedelta(hours=1)
+
+
+def test_a_fixed_password_is_tried_again_once_the_secret_changes(ops: Ops) -> None:
+    from dataclasses import replace
+
+    ops.add("pw", consented=False, grantType="password", username="svc.integration", password="wrong-password-5")
+    refresher = ops.refresher()
+    [marked] = refresher.sweep()
+    assert marked.result == "reauthorization_required"
+    requests_before = ops.emulator.token_requests()
+    ops.sweep_every(5, 1, refresher)
+    assert ops.emulator.token_requests() == requests_before  # unchanged secret: not retried
+    ops.store.update("pw", lambda c: replace(c, password="Pa55w0rd-emulator"))  # the operator fixes it
+    [retried] = refresher.sweep()
+    assert retried.result == "refreshed" and ops.value("pw")[1]["status"] == "active"
+    assert ops.emulator.token_requests() == requests_before + 1
+
+
+def test_force_tries_a_marked_connection_now(ops: Ops) -> None:
+    ops.add("pw", consented=False, grantType="password", username="svc.integration", password="Pa55w0rd-emulator")
+    ops.emulator.add_user("svc.integration", "rotated-password-6")  # the password changes in ServiceNow
+    refresher = ops.refresher()
+    assert refresher.sweep()[0].result == "reauthorization_required"
+    ops.emulator.add_user("svc.integration", "Pa55w0rd-emulator")  # and is changed back
+    assert refresher.refresh(ops.store.get("pw")).result == "needs_person"
+    assert refresher.refresh(ops.store.get("pw"), force=True).result == "refreshed"

@@ -153,3 +153,35 @@ def test_test_step_fails_when_the_pending_token_does_not_work(
     with pytest.raises(Exception, match="rejected"):
         handler.lambda_handler({**event, "Step": "testSecret"}, FakeContext())
     assert token not in [v for v, labels in stages(secretsmanager).items() if "AWSCURRENT" in labels]
+
+
+def test_finish_never_promotes_over_a_write_made_since_create(
+    handler: Any, secretsmanager: Any, emulator: ServiceNowEmulator, rotation_lambda: str
+) -> None:
+    from dataclasses import replace
+
+    secretsmanager.create_secret(Name=SECRET, SecretString=connection(emulator))
+    token = "6e1c2b3a-0f4d-4a7b-9c8e-2d1f0a9b8c7d"
+    start_rotation(secretsmanager, rotation_lambda, token)
+    event = {"SecretId": SECRET, "ClientRequestToken": token}
+    for step in ("createSecret", "setSecret", "testSecret"):
+        handler.lambda_handler({**event, "Step": step}, FakeContext())
+    store = handler.rotation.store
+    store.update("prod", lambda c: replace(c, password="fixed-by-operator-7"))  # a write in between
+    with pytest.raises(RotationError, match="changed after createSecret"):
+        handler.lambda_handler({**event, "Step": "finishSecret"}, FakeContext())
+    assert current(secretsmanager)["password"] == "fixed-by-operator-7"
+    assert token not in [v for v, labels in stages(secretsmanager).items() if "AWSCURRENT" in labels]
+
+
+def test_a_rejection_during_rotation_is_recorded_like_the_sweeps(
+    handler: Any, secretsmanager: Any, emulator: ServiceNowEmulator, rotation_lambda: str
+) -> None:
+    secretsmanager.create_secret(Name=SECRET, SecretString=connection(emulator, password="wrong-password-8"))
+    token = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e6f"
+    start_rotation(secretsmanager, rotation_lambda, token)
+    with pytest.raises(RotationError):
+        handler.lambda_handler({"Step": "createSecret", "SecretId": SECRET, "ClientRequestToken": token}, FakeContext())
+    tags = {t["Key"]: t["Value"] for t in secretsmanager.describe_secret(SecretId=SECRET).get("Tags", [])}
+    assert tags["servicenow-oauth:status"] == "reauthorization_required"
+    assert tags["servicenow-oauth:needs-person"] == "true"

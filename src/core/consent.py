@@ -9,11 +9,16 @@ import re
 from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
+from time import sleep
+
+from botocore.exceptions import ClientError
 
 from core.clock import from_iso, to_iso
 from core.errors import (
+    ConcurrentUpdate,
     ConsentDenied,
     ConsentError,
+    IdentityUnverified,
     InvalidState,
     ProviderError,
     WrongUser,
@@ -23,6 +28,7 @@ from core.servicenow import ServiceNowClient, authorization_url, code_challenge
 from core.signing import ConsentState, code_verifier_for, issue_state, verify_authorize_link, verify_state
 from core.store import ConnectionStore, StoredConnection
 
+WRITE_ATTEMPTS = 3
 AUTHORIZED_AT = "authorizedAt"
 CONSENT_STATE = "consentState"
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -123,11 +129,20 @@ def complete_consent(
         redirect_uri=callback_url,
         code_verifier=code_verifier_for(key, consent_state),
     )
+    discard = token.refresh_token or token.access_token
     expected_user = read.connection.extra.get("expectedUser")
     if expected_user:
-        actual = client.current_user(read.connection.instance_url, token.access_token)
+        try:
+            actual = client.current_user(read.connection.instance_url, token.access_token)
+        except ProviderError as failure:
+            _discard(client, read.connection, discard)
+            raise IdentityUnverified(
+                f"could not check which ServiceNow user gave the consent (expectedUser is set): {failure.detail}. "
+                "The new tokens were revoked and the existing ones kept; try again with a new authorize link.",
+                connection=name,
+            ) from None
         if actual != expected_user:
-            _discard(client, read.connection, token.refresh_token or token.access_token)
+            _discard(client, read.connection, discard)
             raise WrongUser(
                 f"the consent was given by ServiceNow user {actual!r}, but connection {name!r} expects "
                 f"{expected_user!r}; sign in to ServiceNow as {expected_user!r} and use a new authorize link. "
@@ -141,7 +156,17 @@ def complete_consent(
         extra = {**current.extra, AUTHORIZED_AT: to_iso(now), CONSENT_STATE: consent_state.fingerprint}
         return replace(updated, redirect_uri=callback_url, extra=extra)
 
-    return store.update(name, store_tokens)
+    # The code is spent: the write gets more than one chance (throttling, lost races) before giving up,
+    # and if it still fails the unstored tokens are revoked rather than left alive and unknown.
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            return store.update(name, store_tokens)
+        except (ClientError, ConcurrentUpdate):
+            if attempt == WRITE_ATTEMPTS - 1:
+                _discard(client, read.connection, discard)
+                raise
+            sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _discard(client: ServiceNowClient, connection: Connection, token: str) -> None:

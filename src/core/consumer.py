@@ -13,6 +13,7 @@ sent once more. Never twice, never a loop, and the token never reaches a log.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from aws_lambda_powertools.utilities import parameters
@@ -42,13 +43,19 @@ class ServiceNowBearerAuth(requests.auth.AuthBase):
         return value
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self.document()['accessToken']}"
+        document = self.document()
+        # The token goes to the connection's own instance and nowhere else (not to a mistyped or redirected host).
+        if _host(request.url) != _host(document.get("instanceUrl")):
+            raise ValueError(f"refusing to send the token for {self.secret_id!r} to another host than its instance")
+        request.headers["Authorization"] = f"Bearer {document['accessToken']}"
         request.register_hook("response", self._retry_once_on_401)  # type: ignore[no-untyped-call]
         return request
 
     def _retry_once_on_401(self, response: requests.Response, **kwargs: Any) -> requests.Response:
         if response.status_code != 401 or getattr(response.request, "_servicenow_retried", False):
             return response
+        if _host(response.request.url) != _host(self.document().get("instanceUrl")):
+            return response  # a redirect took us elsewhere: never hand that host a token
         fresh = self.document(force_fetch=True)["accessToken"]
         retry = response.request.copy()
         retry._servicenow_retried = True  # type: ignore[attr-defined]
@@ -61,6 +68,10 @@ class ServiceNowBearerAuth(requests.auth.AuthBase):
         return second
 
 
+def _host(url: Any) -> str:
+    return urlsplit(str(url or "")).netloc.lower()
+
+
 def _status(value: Any) -> str:
     return str(value.get("status", "unknown")) if isinstance(value, dict) else "unreadable"
 
@@ -70,6 +81,7 @@ def servicenow_session(
 ) -> tuple[requests.Session, str]:
     """A pooled session with retries and the bearer auth, plus the instance's base URL."""
     auth = ServiceNowBearerAuth(secret_id, max_age=max_age, provider=provider)
-    session = build_session()
+    # Retries for reads only: a Table API POST (create an incident) must not be sent twice.
+    session = build_session(retry_methods=("GET",))
     session.auth = auth
     return session, str(auth.document()["instanceUrl"])

@@ -125,6 +125,13 @@ class ConsentDenied(ConsentError):
     reason = "consent_denied"
 
 
+class IdentityUnverified(ConsentError):
+    """`expectedUser` is set but ServiceNow would not say whose token it is; the new tokens were revoked."""
+
+    status = 502
+    reason = "identity_unverified"
+
+
 class WrongUser(ConsentError):
     """The consent was given by someone other than the connection's `expectedUser`."""
 

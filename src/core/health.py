@@ -17,7 +17,15 @@ from core.clock import from_iso, to_iso
 
 PREFIX = "servicenow-oauth:"
 Decision = Literal["read", "not_due", "backing_off", "needs_person"]
-_TIMES = ("last_success", "last_failure", "failing_since", "next_attempt", "access_expires", "refresh_expires")
+_TIMES = (
+    "last_success",
+    "last_failure",
+    "failing_since",
+    "next_attempt",
+    "access_expires",
+    "refresh_expires",
+    "appflow_next_attempt",
+)
 _TEXTS = ("status", "version", "instance", "failure_class", "grant")
 _FLAGS = ("needs_person", "appflow_pending", "alerted_failing", "alerted_expiring")
 
@@ -44,6 +52,8 @@ class Health:
     access_expires: datetime | None = None
     refresh_expires: datetime | None = None
     appflow_pending: bool = False
+    appflow_failures: int = 0
+    appflow_next_attempt: datetime | None = None
     alerted_failing: bool = False
     alerted_expiring: bool = False
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -64,10 +74,11 @@ class Health:
                 values[name] = from_iso(raw) if raw else None
             except ValueError:
                 values[name] = None
-        try:
-            values["consecutive_failures"] = int(tags.get(_tag("consecutive_failures"), "0"))
-        except ValueError:
-            values["consecutive_failures"] = 0
+        for name in ("consecutive_failures", "appflow_failures"):
+            try:
+                values[name] = int(tags.get(_tag(name), "0"))
+            except ValueError:
+                values[name] = 0
         return cls(**values, extra={k: v for k, v in tags.items() if not k.startswith(PREFIX)})
 
     def to_tags(self) -> dict[str, str]:
@@ -82,8 +93,9 @@ class Health:
         for name in _TIMES:
             if getattr(self, name):
                 tags[_tag(name)] = to_iso(getattr(self, name))
-        if self.consecutive_failures:
-            tags[_tag("consecutive_failures")] = str(self.consecutive_failures)
+        for name in ("consecutive_failures", "appflow_failures"):
+            if getattr(self, name):
+                tags[_tag(name)] = str(getattr(self, name))
         return tags
 
     def succeeded(self, now: datetime) -> Health:
@@ -102,9 +114,10 @@ class Health:
     ) -> Health:
         """One more failure: back off exponentially (one interval, 2x, 4x, ... up to the cap)."""
         failures = self.consecutive_failures + 1
-        delay = min(interval * 2 ** (failures - 1), cap)
-        if retry_after:
-            delay = max(delay, timedelta(seconds=retry_after))
+        delay = backoff(failures, interval, cap)
+        if retry_after and retry_after > 0:
+            # Honour a longer Retry-After, but never beyond the cap: a server must not park a connection for a year.
+            delay = min(max(delay, timedelta(seconds=min(retry_after, cap.total_seconds()))), cap)
         return replace(
             self,
             last_failure=now,
@@ -113,6 +126,11 @@ class Health:
             failing_since=self.failing_since or now,
             next_attempt=now + delay,
         )
+
+
+def backoff(failures: int, interval: timedelta, cap: timedelta) -> timedelta:
+    """One interval after the first failure, then 2x, 4x, ... never more than the cap."""
+    return min(interval * (1 << min(max(failures - 1, 0), 30)), cap)
 
 
 def current_version(listing: Mapping[str, Any]) -> str | None:
@@ -128,8 +146,10 @@ def plan(listing: Mapping[str, Any], now: datetime, leeway: timedelta, warning: 
     a refresh-token warning not yet sent) is read.
     """
     health = Health.from_tags(listing.get("Tags"))
-    if health.version is None or health.version != current_version(listing) or health.appflow_pending:
+    if health.version is None or health.version != current_version(listing):
         return "read"
+    if health.appflow_pending and (health.appflow_next_attempt is None or now >= health.appflow_next_attempt):
+        return "read"  # an AppFlow push is owed (and not backing off)
     if health.needs_person:
         return "needs_person"  # until the secret changes (re-consent, new client secret)
     if health.next_attempt and now < health.next_attempt:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from core.appflow import profile_names
 from core.clock import to_iso
-from core.health import Health
+from core.health import Health, backoff
 
 if TYPE_CHECKING:
     from core.refresh import Outcome, RefreshPolicy
@@ -70,12 +71,20 @@ class Monitor:
             needs_person=outcome.needs_person,
             access_expires=outcome.access_token_expires_at,
             refresh_expires=outcome.refresh_token_expires_at,
-            appflow_pending=bool(outcome.appflow_failed),
         )
+        if outcome.appflow_failed:
+            # A push that keeps failing (say, AccessDenied) backs off like a refresh does.
+            pushes = old.appflow_failures + 1
+            wait = backoff(pushes, self.policy.interval, self.policy.backoff_cap)
+            new = replace(new, appflow_pending=True, appflow_failures=pushes, appflow_next_attempt=now + wait)
+        elif outcome.appflow_synced:
+            new = replace(new, appflow_pending=False, appflow_failures=0, appflow_next_attempt=None)
         if new.refresh_expires != old.refresh_expires:
             new = replace(new, alerted_expiring=False)  # a new refresh token deserves its own warning
         kinds: list[str] = []
-        if outcome.result == "refreshed":
+        # A refresh here, or a valid token found after failures (someone else refreshed it): healthy again.
+        recovered = outcome.result == "refreshed" or (outcome.result == "not_due" and old.consecutive_failures > 0)
+        if recovered:
             if old.alerted_failing:
                 kinds.append("recovered")
             new = new.succeeded(now)
@@ -117,6 +126,7 @@ class Monitor:
             access_expires=connection.access_token_expires_at,
             refresh_expires=connection.refresh_token_expires_at,
             alerted_expiring=False,
+            appflow_pending=bool(profile_names(connection)),  # push the new tokens on the next sweep
         ).succeeded(now)
         self.save(stored.arn, old, new)
         self.publish(connection.name, ["authorized"], old, new)

@@ -22,6 +22,7 @@ from core.appflow import AppFlowSync
 from core.config import Settings
 from core.errors import (
     ConcurrentUpdate,
+    ConnectionNotFound,
     CredentialRejected,
     FailureKind,
     ProviderError,
@@ -129,15 +130,28 @@ def request_token(client: ServiceNowClient, connection: Connection) -> tuple[Tok
     return client.refresh(app, connection.refresh_token), "refresh_token"
 
 
-def _same_credential(a: Connection, b: Connection) -> bool:
-    """Whether a re-read secret still holds the credential that was just refused."""
-    return (a.client_id, a.client_secret, a.refresh_token, a.password, a.status) == (
-        b.client_id,
-        b.client_secret,
-        b.refresh_token,
-        b.password,
-        b.status,
+def _credential(connection: Connection) -> tuple[Any, ...]:
+    return (
+        connection.client_id,
+        connection.client_secret,
+        connection.refresh_token,
+        connection.password,
+        connection.status,
+        connection.extra.get(NEXT_CLIENT_SECRET),
     )
+
+
+def _same_credential(a: Connection, b: Connection) -> bool:
+    """Whether a re-read secret still holds the credential that was just refused (a newly staged
+    `clientSecretNext` counts as a change: it deserves its own try)."""
+    return _credential(a) == _credential(b)
+
+
+def _changed_since_marked(read: StoredConnection) -> bool:
+    """True when the secret is a newer version than the one marked `reauthorization_required` (from the
+    health tags); unknown health counts as unchanged, so nothing is retried blindly."""
+    marked = Health.from_tags(read.tags).version if read.tags is not None else None
+    return marked is not None and marked != read.version_id
 
 
 def _expiring(connection: Connection, now: datetime, policy: RefreshPolicy) -> bool:
@@ -227,12 +241,20 @@ class Refresher:
             outcome = self.monitor.observe(read, outcome)
         return outcome
 
+    def observe(self, read: StoredConnection, outcome: Outcome) -> Outcome:
+        """Record an outcome produced outside `refresh` (rotation) in the connection's health and events."""
+        return self.monitor.observe(read, outcome) if self.monitor is not None else outcome
+
     def _refresh(self, read: StoredConnection, force: bool) -> Outcome:
         now = self.clock()
         connection = read.connection
-        if needs_person(connection):
+        # A refused credential is tried again once its secret has changed since it was marked (a fixed
+        # password or client secret); `force` tries now. Without any credential only a consent helps.
+        retrying = connection.status == "reauthorization_required" and (force or _changed_since_marked(read))
+        no_credential = connection.grant_type == "authorization_code" and not connection.refresh_token
+        if no_credential or (connection.status == "reauthorization_required" and not retrying):
             return self._done(connection, "needs_person", now, at=read)
-        if not force and not is_due(connection, now, self.policy.leeway):
+        if not force and not retrying and not is_due(connection, now, self.policy.leeway):
             # Not due, but a push to AppFlow may still be owed from an earlier run.
             return self._done(connection, "not_due", now, at=read, **self._sync_appflow(read))
         try:
@@ -345,8 +367,9 @@ class Refresher:
                 yield self.store.parse(
                     name, value["SecretString"], value["VersionId"], value["ARN"], tags.get(value["ARN"])
                 )
-            except (SecretFormatError, KeyError) as error:
-                yield Outcome(name, "invalid", detail=str(error) if isinstance(error, SecretFormatError) else None)
+            except (SecretFormatError, ConnectionNotFound, KeyError) as error:
+                # Unreadable, or deleted between the listing and the read: report it, keep sweeping.
+                yield Outcome(name, "invalid", detail=str(error) if not isinstance(error, KeyError) else None)
         for failure in answer.get("Errors", []):
             name = self.store.name_of(failure.get("SecretId", "")) or str(failure.get("SecretId"))
             yield Outcome(name, "invalid", detail=f"could not read the secret ({failure.get('ErrorCode')})")

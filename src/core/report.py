@@ -31,8 +31,13 @@ _METRIC_BY_FAILURE = {
 }
 
 
-def report_outcomes(outcomes: Iterable[Outcome], logger: Any, metrics: Any, now: datetime) -> dict[str, int]:
-    """Log and count; returns the counts by result (the Lambda's return value)."""
+def report_outcomes(
+    outcomes: Iterable[Outcome], logger: Any, metrics: Any, now: datetime, *, whole_sweep: bool = True
+) -> dict[str, int]:
+    """Log and count; returns the counts by result (the Lambda's return value).
+
+    Gauges over all connections (ConnectionsFailing) are emitted only by a whole sweep, not by a worker's batch.
+    """
     from aws_lambda_powertools.metrics import MetricUnit
 
     outcomes = list(outcomes)
@@ -48,6 +53,10 @@ def report_outcomes(outcomes: Iterable[Outcome], logger: Any, metrics: Any, now:
     if synced or failed_pushes:
         metrics.add_metric(name="AppFlowSynced", unit=MetricUnit.Count, value=synced)
         metrics.add_metric(name="AppFlowSyncFailed", unit=MetricUnit.Count, value=failed_pushes)
+    # A gauge, not a count of attempts: with backoff most sweeps make no attempt for a failing connection.
+    if whole_sweep:
+        failing = sum(1 for outcome in outcomes if outcome.result in ("failed", "write_failed", "backing_off"))
+        metrics.add_metric(name="ConnectionsFailing", unit=MetricUnit.Count, value=failing)
     expiring = [outcome for outcome in outcomes if outcome.refresh_token_expiring]
     metrics.add_metric(name="RefreshTokenExpiring", unit=MetricUnit.Count, value=len(expiring))
     access_left = [(o.access_token_expires_at - now).total_seconds() for o in outcomes if o.access_token_expires_at]

@@ -13,10 +13,11 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from core.errors import CredentialRejected, RotationError
-from core.refresh import Refresher, request_token
+from core.refresh import Refresher, needs_person, request_token
 from core.store import AWSCURRENT, AWSPENDING
 
 Step = Callable[["Rotation", str, str, str], None]
+BASE_TAG = "servicenow-oauth:rotation-base"  # "<pending version> <version it was built on>"
 
 
 class Rotation:
@@ -55,7 +56,11 @@ class Rotation:
         handler(self, metadata["ARN"], name, token)
 
     def create_secret(self, arn: str, name: str, token: str) -> None:
-        """Obtain a fresh token and store it as the AWSPENDING version (idempotent on the request token)."""
+        """Obtain a fresh token and store it as the AWSPENDING version (idempotent on the request token).
+
+        The version it was built on is remembered in a tag, so finishSecret can refuse to promote it
+        over anything written since (a consent, an operator's fix, the sweep's own refresh).
+        """
         try:
             self.client.get_secret_value(SecretId=arn, VersionId=token, VersionStage=AWSPENDING)
             self.logger.info("createSecret: pending version already exists", extra={"connection": name})
@@ -64,12 +69,16 @@ class Rotation:
             if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
                 raise
         current = self.store.get(name)
+        if needs_person(current.connection):
+            raise RotationError(f"connection {name!r} needs a person first ({current.connection.status}); not rotating")
         try:
             fresh, grant = request_token(self.refresher.client, current.connection)
         except CredentialRejected as error:
-            self.refresher.mark_rejected(current, error)
+            # Same rules as the sweep: re-read, mark only if still current, record health, announce once.
+            self.refresher.observe(current, self.refresher.mark_rejected(current, error))
             raise RotationError(f"connection {name!r}: {error}") from None
         new = current.connection.with_token(fresh, grant=grant, now=self.refresher.clock())
+        self.client.tag_resource(SecretId=arn, Tags=[{"Key": BASE_TAG, "Value": f"{token} {current.version_id}"}])
         self.client.put_secret_value(
             SecretId=arn, ClientRequestToken=token, SecretString=new.to_json(), VersionStages=[AWSPENDING]
         )
@@ -88,14 +97,22 @@ class Rotation:
         self.logger.info("testSecret: pending token works", extra={"connection": name, "servicenow_user": user})
 
     def finish_secret(self, arn: str, name: str, token: str) -> None:
-        """Move AWSCURRENT to the pending version, naming the version it leaves (as AWS's template does)."""
-        stages = self.client.describe_secret(SecretId=arn)["VersionIdsToStages"]
-        current = next((version for version, labels in stages.items() if AWSCURRENT in labels), None)
+        """Move AWSCURRENT to the pending version, naming the version it leaves (as AWS's template does) -
+        but only if that is still the version the pending one was built on: never over a newer write."""
+        metadata = self.client.describe_secret(SecretId=arn)
+        current = next((v for v, labels in metadata["VersionIdsToStages"].items() if AWSCURRENT in labels), None)
         if current == token:
             return
+        tags = {tag["Key"]: tag["Value"] for tag in metadata.get("Tags", [])}
+        if tags.get(BASE_TAG) != f"{token} {current}":
+            raise RotationError(
+                f"connection {name!r} changed after createSecret (or was not created by it); not promoting a "
+                "stale version over it - rotate again"
+            )
         self.client.update_secret_version_stage(
             SecretId=arn, VersionStage=AWSCURRENT, MoveToVersionId=token, RemoveFromVersionId=current
         )
+        self.client.untag_resource(SecretId=arn, TagKeys=[BASE_TAG])
         self.logger.info("finishSecret: pending version is now current", extra={"connection": name})
 
 

@@ -96,6 +96,7 @@ def build_session(
     retry_after_max: float = 10.0,
     pool_connections: int = 64,
     pool_maxsize: int = 16,
+    retry_methods: tuple[str, ...] = ("GET", "POST"),
 ) -> requests.Session:
     """One pooled session with bounded retries (backoff with jitter, honouring `Retry-After`).
 
@@ -109,7 +110,7 @@ def build_session(
         read=retries,
         status=retries,
         other=0,
-        allowed_methods=frozenset({"GET", "POST"}),
+        allowed_methods=frozenset(retry_methods),
         status_forcelist=RETRY_STATUSES,
         backoff_factor=backoff_factor,
         backoff_max=backoff_max,
@@ -172,10 +173,12 @@ def _json_body(response: requests.Response) -> Any:
 
 
 def _retry_after(response: requests.Response) -> float | None:
+    """Seconds from a numeric Retry-After, within 0..1 day (anything else is ignored, not trusted)."""
     try:
-        return float(response.headers.get("Retry-After", ""))
+        seconds = float(response.headers.get("Retry-After", ""))
     except ValueError:
         return None
+    return seconds if 0 <= seconds <= 86_400 else None
 
 
 def classify_failure(app: OAuthApp, grant: str, response: requests.Response) -> ProviderError:
@@ -295,6 +298,7 @@ class ServiceNowClient:
                 params={"sysparm_query": "user_name=javascript:gs.getUserName()", "sysparm_fields": "user_name"},
                 headers={"Authorization": f"Bearer {access_token}"},
                 timeout=self._timeout,
+                allow_redirects=False,
             )
         except requests.RequestException as exc:
             raise TransientProviderError(app.host, "whoami", f"connection failed ({type(exc).__name__})") from None

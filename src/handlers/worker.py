@@ -45,5 +45,6 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     """SQS event with ReportBatchItemFailures: only records that raised are retried."""
     with processor(records=event.get("Records", []), handler=refresh_record, lambda_context=context):
         processed = processor.process()
-    report_outcomes([r[1] for r in processed if r[0] == "success" and r[1] is not None], logger, metrics, utc_now())
+    outcomes = [result[1] for result in processed if result[0] == "success" and result[1] is not None]
+    report_outcomes(outcomes, logger, metrics, utc_now(), whole_sweep=False)
     return dict(processor.response())
