@@ -270,8 +270,11 @@ def fan_out(count: int, latency: float, concurrency: int, sample: int) -> list[R
             started = time.perf_counter()
             populate(sm, server, count, due=count, now=datetime.now(UTC))
             setup = time.perf_counter() - started
+            import handlers.runtime as runtime_module
             import handlers.worker as worker_module
 
+            # Fresh clients from a fresh botocore session: one made before moto's mock started is not mocked.
+            importlib.reload(runtime_module)
             worker = importlib.reload(worker_module)
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             sqs = RecordingQueue()
