@@ -392,10 +392,12 @@ def package_size() -> list[Row]:
         capture_output=True,
     )
 
-    def size(path: Path, skip: tuple[str, ...] = ("boto3", "botocore", "s3transfer")) -> int:
+    def size(path: Path, skip: tuple[str, ...] = ("boto3", "botocore", "s3transfer", "bin")) -> int:
+        """Bytes that ship: no bytecode caches (pip writes them, sam build does not), no Lambda-provided SDK."""
         total = 0
         for item in path.rglob("*"):
-            if item.is_file() and not any(part.startswith(skip) for part in item.relative_to(path).parts[:1]):
+            parts = item.relative_to(path).parts
+            if item.is_file() and not parts[0].startswith(skip) and "__pycache__" not in parts:
                 total += item.stat().st_size
         return total
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import botocore.session
 from aws_lambda_powertools import Logger
@@ -14,8 +14,11 @@ from core.clock import utc_now
 from core.config import Settings
 from core.monitor import Monitor
 from core.redaction import RedactingFormatter
-from core.refresh import Refresher, RefreshPolicy
+from core.refresh import RefreshPolicy
 from core.servicenow import ServiceNowClient, build_session
+
+if TYPE_CHECKING:
+    from core.refresh import Refresher
 from core.store import ConnectionStore
 
 # botocore directly, not boto3: boto3's import drags in s3transfer (~200 ms of cold start here) for nothing.
@@ -64,6 +67,8 @@ def build_monitor(settings: Settings, secretsmanager: Any, logger: Any = None) -
 
 
 def build_refresher(settings: Settings, logger: Any = None) -> Refresher:
+    from core.refresh import Refresher  # only the refreshing handlers pay for it, not the callback
+
     store = build_store(settings)
     return Refresher(
         store,
