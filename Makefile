@@ -53,9 +53,10 @@ demo: $(VENV)/.installed ## one connection's whole life on this machine: consent
 connections: $(VENV)/.installed ## list connections: status and expiries, never tokens
 	$(ADMIN) connections list
 
-connection-add: $(VENV)/.installed ## CONNECTION=, INSTANCE=, CLIENT_ID=, optional GRANT=, USERNAME=, SCOPE=
+connection-add: $(VENV)/.installed ## CONNECTION=, INSTANCE=, CLIENT_ID=, optional GRANT=, USERNAME=, SCOPE=, APPFLOW=
 	$(ADMIN) connections add "$(CONNECTION)" --instance-url "$(INSTANCE)" --client-id "$(CLIENT_ID)" \
-		$(if $(GRANT),--grant-type "$(GRANT)") $(if $(USERNAME),--username "$(USERNAME)") $(if $(SCOPE),--scope "$(SCOPE)")
+		$(if $(GRANT),--grant-type "$(GRANT)") $(if $(USERNAME),--username "$(USERNAME)") $(if $(SCOPE),--scope "$(SCOPE)") \
+		$(if $(APPFLOW),--appflow-profile "$(APPFLOW)")
 
 authorize-url: $(VENV)/.installed ## CONNECTION=, and STACK= (deployed) or SERVICENOW_OAUTH_API_URL in the environment
 	$(ADMIN) authorize-url "$(CONNECTION)" $(if $(STACK),--stack "$(STACK)")
