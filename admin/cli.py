@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import boto3
+from botocore.exceptions import BotoCoreError, ClientError
 
 from core.allowlist import normalize_instance_url, parse_allowed_hosts
 from core.appflow import PROFILES_KEY
@@ -278,6 +279,10 @@ def main(
     except CliError as error:
         err.write(f"error: {error}\n")
         return error.code
+    except (BotoCoreError, ClientError) as error:
+        # No region, no credentials, no network, AccessDenied: AWS's own words, which carry no secret value.
+        err.write(f"error: AWS said: {error}\n")
+        return EXIT_FAILED
     except ServiceNowOAuthError as error:
         # Our errors' messages name the connection and what to do, and never carry secrets.
         err.write(f"error: {error}\n")

@@ -162,3 +162,10 @@ def test_revoke_keeps_tokens_when_servicenow_is_unreachable(prod: ServiceNowEmul
     code, _, err = run("revoke", "pw")
     assert code == 1 and "hibernating" in err
     assert document(secretsmanager, "pw") == before
+
+
+def test_an_aws_problem_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    code, out, err = run("connections", "list")
+    assert code == 1 and err.startswith("error: AWS said:") and "region" in err and out == ""
