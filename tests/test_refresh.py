@@ -30,7 +30,7 @@ class World:
         self.clock = clock
         self.calls: Counter[str] = Counter()
         secretsmanager.meta.events.register("before-call.secretsmanager.*", self._count)
-        self.store = ConnectionStore(secretsmanager, prefix=PREFIX, allowed_hosts=("127.0.0.1",))
+        self.store = ConnectionStore(secretsmanager, prefix=PREFIX, allowed_hosts=("127.0.0.1",), sleep=lambda _: None)
         self.client = ServiceNowClient(
             build_session(backoff_factor=0.01, backoff_max=0.05), clock=clock.now, timeout=(1, 1)
         )
@@ -39,9 +39,7 @@ class World:
         self.calls[model.name] += 1
 
     def refresher(self, **policy: Any) -> Refresher:
-        return Refresher(
-            self.store, self.client, clock=self.clock.now, policy=RefreshPolicy(**policy), sleep=lambda _: None
-        )
+        return Refresher(self.store, self.client, clock=self.clock.now, policy=RefreshPolicy(**policy))
 
     def add(self, name: str = "prod", *, consented: bool = True, **fields: Any) -> Connection:
         """A connection as the callback would have left it: consented now, tokens from the emulator."""

@@ -9,7 +9,6 @@ import re
 from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
-from time import sleep
 
 from botocore.exceptions import ClientError
 
@@ -28,7 +27,6 @@ from core.servicenow import ServiceNowClient, authorization_url, code_challenge
 from core.signing import ConsentState, code_verifier_for, issue_state, verify_authorize_link, verify_state
 from core.store import ConnectionStore, StoredConnection
 
-WRITE_ATTEMPTS = 3
 AUTHORIZED_AT = "authorizedAt"
 CONSENT_STATE = "consentState"
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -156,17 +154,13 @@ def complete_consent(
         extra = {**current.extra, AUTHORIZED_AT: to_iso(now), CONSENT_STATE: consent_state.fingerprint}
         return replace(updated, redirect_uri=callback_url, extra=extra)
 
-    # The code is spent: the write gets more than one chance (throttling, lost races) before giving up,
-    # and if it still fails the unstored tokens are revoked rather than left alive and unknown.
-    for attempt in range(WRITE_ATTEMPTS):
-        try:
-            return store.update(name, store_tokens)
-        except (ClientError, ConcurrentUpdate):
-            if attempt == WRITE_ATTEMPTS - 1:
-                _discard(client, read.connection, discard)
-                raise
-            sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
+    # The code is spent: the store retries lost races and AWS-side failures; if the write still fails,
+    # the unstored tokens are revoked rather than left alive and unknown.
+    try:
+        return store.update(name, store_tokens)
+    except (ClientError, ConcurrentUpdate):
+        _discard(client, read.connection, discard)
+        raise
 
 
 def _discard(client: ServiceNowClient, connection: Connection, token: str) -> None:

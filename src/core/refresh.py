@@ -8,8 +8,6 @@ that a later run can fix.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -54,12 +52,10 @@ LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 
 @dataclass(frozen=True)
 class RefreshPolicy:
-    """When a connection is due, and how hard to try writing."""
+    """When a connection is due, when to warn, and how to back off and alert after failures."""
 
     leeway: timedelta = timedelta(seconds=600)
     refresh_warning: timedelta = timedelta(days=14)
-    write_attempts: int = 4
-    write_backoff_seconds: float = 0.5
     interval: timedelta = timedelta(minutes=5)  # the sweep schedule: the first backoff step
     backoff_cap: timedelta = timedelta(seconds=3600)
     alert_after: timedelta = timedelta(seconds=3600)
@@ -173,7 +169,6 @@ class Refresher:
         *,
         clock: Callable[[], datetime],
         policy: RefreshPolicy | None = None,
-        sleep: Callable[[float], None] = time.sleep,
         appflow: AppFlowSync | None = None,
         monitor: Monitor | None = None,
     ) -> None:
@@ -183,19 +178,6 @@ class Refresher:
         self.client = client
         self.clock = clock
         self.policy = policy or RefreshPolicy()
-        self._sleep = sleep
-
-    def _write(self, read: StoredConnection, new: Connection) -> StoredConnection:
-        """Compare-and-swap with retries for AWS-side failures; one request token keeps retries idempotent."""
-        token = str(uuid.uuid4())
-        for attempt in range(self.policy.write_attempts):
-            try:
-                return self.store.compare_and_swap(read, new, request_token=token)
-            except ClientError:
-                if attempt == self.policy.write_attempts - 1:
-                    raise
-                self._sleep(self.policy.write_backoff_seconds * 2**attempt)
-        raise AssertionError("unreachable")
 
     def _sync_appflow(self, stored: StoredConnection, force: bool = False) -> dict[str, tuple[str, ...]]:
         """Push tokens to the connection's AppFlow profiles; failures are reported, never raised."""
@@ -304,7 +286,7 @@ class Refresher:
         for _ in range(3):
             new = adjust(read.connection).with_token(token, grant=grant, now=now)
             try:
-                written = self._write(read, new)
+                written = self.store.compare_and_swap(read, new)
                 appflow = self._sync_appflow(written, force=True)
                 return self._done(written.connection, "refreshed", now, at=written, **appflow, **flags)
             except ConcurrentUpdate:
@@ -330,7 +312,7 @@ class Refresher:
                 return self._done(fresh.connection, "not_due", now, at=fresh, detail=detail)
             marked = replace(fresh.connection, status="reauthorization_required", updated_at=now)
             try:
-                written = self._write(fresh, marked)
+                written = self.store.compare_and_swap(fresh, marked)
                 return self._done(
                     marked, "reauthorization_required", now, at=written, failure="rejected", detail=str(error)
                 )

@@ -10,8 +10,9 @@ expires; the winner's value is never touched. The old version keeps AWSPREVIOUS.
 from __future__ import annotations
 
 import re
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +52,22 @@ def validate_name(name: str) -> str:
 class ConnectionStore:
     """All Secrets Manager access for connection secrets; the client is injected (moto in tests)."""
 
-    def __init__(self, client: Any, *, prefix: str, allowed_hosts: Iterable[str]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str,
+        allowed_hosts: Iterable[str],
+        write_attempts: int = 4,
+        write_backoff_seconds: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.allowed_hosts = tuple(allowed_hosts)
+        self.write_attempts = write_attempts
+        self.write_backoff_seconds = write_backoff_seconds
+        self._sleep = sleep
 
     def secret_id(self, name: str) -> str:
         return f"{self.prefix}{validate_name(name)}"
@@ -117,12 +130,24 @@ class ConnectionStore:
     ) -> StoredConnection:
         """Make `new` the current value only if AWSCURRENT is still the version `read` came from.
 
-        `request_token` makes a retried call idempotent (it becomes the VersionId).
+        An AWS-side failure (throttling beyond boto3's own retries, a 5xx) is retried with backoff; every
+        attempt uses the same `request_token`, which becomes the VersionId, so retries are idempotent.
 
         Raises:
             ConcurrentUpdate: someone else wrote first; their value stays current.
+            ClientError: the write kept failing; nothing was promoted.
         """
         token = request_token or str(uuid.uuid4())
+        for attempt in range(self.write_attempts):
+            try:
+                return self._compare_and_swap_once(read, new, token)
+            except ClientError:
+                if attempt == self.write_attempts - 1:
+                    raise
+                self._sleep(self.write_backoff_seconds * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _compare_and_swap_once(self, read: StoredConnection, new: Connection, token: str) -> StoredConnection:
         secret_id = read.arn
         self.client.put_secret_value(
             SecretId=secret_id, ClientRequestToken=token, SecretString=new.to_json(), VersionStages=[CANDIDATE]
