@@ -38,7 +38,8 @@ ADMIN_PREFIX = "/_emulator/"
 
 DEFAULT_SCOPE = "useraccount"
 FORM_TYPE = "application/x-www-form-urlencoded"
-FAULT_KINDS = frozenset({"hibernate", "rate_limit", "server_error", "slow", "drop"})
+# "drop" hangs up without processing the request; "lost" processes it, then hangs up (the answer is lost).
+FAULT_KINDS = frozenset({"hibernate", "rate_limit", "server_error", "slow", "drop", "lost"})
 # ServiceNow with glide.oauth.allow.parameters.in.post.body.only refuses these in the query string.
 QUERY_CREDENTIALS = frozenset({"client_secret", "password", "refresh_token", "code", "code_verifier", "assertion"})
 WHOAMI_QUERY = "user_name=javascript:gs.getUserName()"
@@ -126,7 +127,7 @@ class _Fault:
 
 @dataclass
 class _Reply:
-    """A fully built HTTP answer; ``drop`` means close the socket without answering."""
+    """A fully built HTTP answer; ``drop`` means close the socket without answering (faults drop and lost)."""
 
     status: int
     body: bytes = b""
@@ -291,6 +292,27 @@ class ServiceNowEmulator(BackgroundServer):
                 if entry["path"] == TOKEN_PATH and (grant_type is None or entry["grant_type"] == grant_type)
             )
 
+    def live_refresh_tokens(self, client_id: str | None = None) -> set[str]:
+        """Refresh tokens a refresh grant would honour now, so tests can check that ServiceNow's live token is
+        the stored one. Secret values: in-process only, never served or logged."""
+        with self._lock:
+            now = self.clock()
+            return {
+                token
+                for token, row in self._refresh.items()
+                if row.expires_at > now and (client_id is None or row.client_id == client_id)
+            }
+
+    def live_access_tokens(self, client_id: str | None = None) -> set[str]:
+        """Access tokens that would authenticate a REST call now. Secret values: in-process only."""
+        with self._lock:
+            now = self.clock()
+            return {
+                token
+                for token, row in self._access.items()
+                if row.expires_at > now and (client_id is None or row.client_id == client_id)
+            }
+
     def active_access_token_count(self) -> int:
         """Access tokens that would authenticate a REST call right now."""
         with self._lock:
@@ -373,9 +395,11 @@ class ServiceNowEmulator(BackgroundServer):
             self.requests_log.append({"method": method, "path": path, "grant_type": grant_type, "status": status})
 
     def _fault_reply(self, fault: _Fault, path: str) -> _Reply | None:
-        """Build the answer for a fault; None means answer normally (slow)."""
+        """Build the answer for a fault; None means process normally (slow, and lost which hangs up afterwards)."""
         if fault.kind == "slow":
             time.sleep(fault.delay)
+            return None
+        if fault.kind == "lost":
             return None
         if fault.kind == "drop":
             return _Reply(0, drop=True)
@@ -424,25 +448,34 @@ class ServiceNowEmulator(BackgroundServer):
         if path == TOKEN_PATH and self.latency > 0:
             time.sleep(self.latency)
 
+        reply = self._route(method, path, query, headers, form if content_type == FORM_TYPE else None)
+        if fault is not None and fault.kind == "lost":
+            reply.drop = True  # every effect happened; only the answer never reaches the client
+        return reply, grant_type
+
+    def _route(
+        self, method: str, path: str, query: dict[str, list[str]], headers: Any, form: dict[str, list[str]] | None
+    ) -> _Reply:
+        """Do the real work of a request; ``form`` is None unless the body was form-encoded."""
         if path == AUTH_PATH:
             if method == "GET":
-                return self._authorize_page(query), None
+                return self._authorize_page(query)
             if method == "POST":
-                return self._authorize_decision(form if content_type == FORM_TYPE else None), None
-            return self._not_allowed("GET, POST"), None
+                return self._authorize_decision(form)
+            return self._not_allowed("GET, POST")
         if path == TOKEN_PATH:
             if method != "POST":
-                return self._not_allowed("POST"), grant_type
-            return self._token(query, form if content_type == FORM_TYPE else None), grant_type
+                return self._not_allowed("POST")
+            return self._token(query, form)
         if path == REVOKE_PATH:
             if method != "POST":
-                return self._not_allowed("POST"), None
-            return self._revoke(form), None
+                return self._not_allowed("POST")
+            return self._revoke(form or {})
         if path == CURRENT_USER_PATH or path.startswith(TABLE_PREFIX):
             if method != "GET":
-                return self._not_allowed("GET"), None
-            return self._rest(path, query, headers.get("Authorization") or ""), None
-        return self._not_found(path), None
+                return self._not_allowed("GET")
+            return self._rest(path, query, headers.get("Authorization") or "")
+        return self._not_found(path)
 
     @staticmethod
     def _not_allowed(allow: str) -> _Reply:

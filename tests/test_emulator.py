@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+import urllib3
 
 from local.servicenow_emulator import ConsentForm, ServiceNowEmulator
 
@@ -646,6 +647,56 @@ def test_fault_drop(snow: ServiceNowEmulator) -> None:
     assert snow.requests_log[0]["status"] is None
 
 
+def assert_lost(excinfo: pytest.ExceptionInfo[requests.ConnectionError]) -> None:
+    """The request was sent and the server hung up before answering: a read error, not a connect error."""
+    cause = excinfo.value.args[0]
+    assert isinstance(cause, urllib3.exceptions.ProtocolError), type(cause)
+    assert not isinstance(excinfo.value, requests.ConnectTimeout)
+
+
+def test_fault_lost_rotated_refresh_is_applied_but_unanswered(fake_clock: Clock) -> None:
+    with make_emulator(fake_clock, rotate_refresh_tokens=True) as emu:
+        old = password_grant(emu).json()["refresh_token"]
+        emu.inject("lost")
+        with pytest.raises(requests.ConnectionError) as excinfo:
+            refresh(emu, old)
+        assert_lost(excinfo)
+        assert_denied(refresh(emu, old))  # rotated even though the client never saw the new token
+        live = emu.live_refresh_tokens(CID)
+        assert len(live) == 1 and old not in live
+        (new,) = live
+        assert refresh(emu, new).status_code == 200
+        assert emu.token_requests("refresh_token") == 3  # the lost one is counted
+        assert emu.requests_log[1]["status"] is None
+
+
+def test_fault_lost_without_rotation_keeps_refresh_token(snow: ServiceNowEmulator) -> None:
+    body = password_grant(snow).json()
+    snow.inject("lost")
+    with pytest.raises(requests.ConnectionError) as excinfo:
+        refresh(snow, body["refresh_token"])
+    assert_lost(excinfo)
+    again = refresh(snow, body["refresh_token"])
+    assert again.status_code == 200
+    assert again.json()["refresh_token"] == body["refresh_token"]
+    assert snow.live_refresh_tokens() == {body["refresh_token"]}
+
+
+def test_fault_lost_burns_code_and_applies_revoke(snow: ServiceNowEmulator) -> None:
+    code = get_code(snow)
+    snow.inject("lost")
+    with pytest.raises(requests.ConnectionError):
+        exchange(snow, code)
+    assert len(snow.live_refresh_tokens()) == 1  # the grant was issued
+    assert_denied(exchange(snow, code))  # and the code is spent
+    (rt,) = snow.live_refresh_tokens()
+    snow.inject("lost", path="/oauth_revoke_token.do")
+    with pytest.raises(requests.ConnectionError):
+        requests.post(f"{snow.url}/oauth_revoke_token.do", data={"token": rt}, timeout=TIMEOUT)
+    assert_denied(refresh(snow, rt))
+    assert snow.live_refresh_tokens() == set()
+
+
 def test_fault_path_scoping_and_wildcard(snow: ServiceNowEmulator) -> None:
     snow.inject("server_error", path="/api/now/table/sys_user")
     assert password_grant(snow).status_code == 200  # token endpoint untouched
@@ -733,6 +784,30 @@ def test_active_token_counts(snow: ServiceNowEmulator, fake_clock: Clock) -> Non
     assert snow.active_refresh_token_count() == 1
 
 
+def test_live_tokens(snow: ServiceNowEmulator, fake_clock: Clock) -> None:
+    snow.register_client("other-client", "other-secret", [REDIRECT])
+    mine = password_grant(snow).json()
+    kept = password_grant(snow).json()
+    theirs = token(
+        snow,
+        grant_type="password",
+        username=USER,
+        password=PASSWORD,
+        client_id="other-client",
+        client_secret="other-secret",
+    ).json()
+    assert snow.live_refresh_tokens() == {mine["refresh_token"], kept["refresh_token"], theirs["refresh_token"]}
+    assert snow.live_refresh_tokens(CID) == {mine["refresh_token"], kept["refresh_token"]}
+    assert snow.live_access_tokens("other-client") == {theirs["access_token"]}
+    revoked = requests.post(f"{snow.url}/oauth_revoke_token.do", data={"token": mine["refresh_token"]}, timeout=10)
+    assert revoked.status_code == 200
+    assert snow.live_refresh_tokens(CID) == {kept["refresh_token"]}
+    assert snow.live_access_tokens(CID) == {kept["access_token"]}  # revoke took its access token along
+    fake_clock.advance(1800)
+    assert snow.live_access_tokens() == set()
+    assert snow.live_refresh_tokens(CID) == {kept["refresh_token"]}
+
+
 # ----------------------------------------------------------------------------- admin endpoints
 def test_admin_endpoints(snow: ServiceNowEmulator) -> None:
     admin = f"{snow.url}/_emulator"
@@ -791,6 +866,19 @@ def test_admin_secret_rotation_revoke_and_settings(snow: ServiceNowEmulator) -> 
     assert password_grant(snow, client_secret="new-one-1").status_code == 200
     assert requests.post(f"{admin}/settings", json={"latency": 0.25, "consent_user": "carol"}, timeout=TIMEOUT).ok
     assert snow.latency == 0.25 and snow.consent_user == "carol"
+
+
+def test_admin_injects_lost_fault(snow: ServiceNowEmulator) -> None:
+    answer = requests.post(f"{snow.url}/_emulator/faults", json={"fault": "lost"}, timeout=TIMEOUT)
+    assert answer.status_code == 200
+    assert requests.get(f"{snow.url}/_emulator/stats", timeout=TIMEOUT).json()["pending_faults"] == 1
+    with pytest.raises(requests.ConnectionError) as excinfo:
+        password_grant(snow)
+    assert_lost(excinfo)
+    assert len(snow.live_refresh_tokens(CID)) == 1  # issued, but its answer was lost
+    stats = requests.get(f"{snow.url}/_emulator/stats", timeout=TIMEOUT).json()
+    assert stats["pending_faults"] == 0 and stats["token_requests"] == 1
+    assert password_grant(snow).status_code == 200
 
 
 def test_admin_endpoints_are_not_faulted(snow: ServiceNowEmulator) -> None:
