@@ -93,19 +93,23 @@ def test_sweep_token_call_rejected(due: World, leak_check: list) -> None:
     usable(due)  # old tokens kept, explicitly marked
 
 
-@pytest.mark.parametrize(
-    ("operation", "code"),
-    [
-        ("ListSecrets", "ThrottlingException"),
-        ("BatchGetSecretValue", "ThrottlingException"),
-        ("BatchGetSecretValue", "InternalServiceError"),
-    ],
-)
-def test_sweep_secret_read_faults(due: World, operation: str, code: str, leak_check: list) -> None:
+def test_sweep_listing_fault_fails_the_invocation(due: World, leak_check: list) -> None:
     before = due.value()
-    with aws_fault(due.sm, operation, code), pytest.raises(ClientError) as raised:
+    with aws_fault(due.sm, "ListSecrets", "ThrottlingException"), pytest.raises(ClientError) as raised:
         due.refresher().sweep()  # the Lambda fails loudly (RefreshErrorsAlarm); nothing is written
     leak_check.append(raised.value)
+    assert due.value() == before
+    usable(due)
+    recovers(due)
+
+
+@pytest.mark.parametrize("code", ["ThrottlingException", "InternalServiceError"])
+def test_sweep_batch_read_fault_costs_only_that_batch(due: World, code: str, leak_check: list) -> None:
+    before = due.value()
+    with aws_fault(due.sm, "BatchGetSecretValue", code):
+        [outcome] = due.refresher().sweep()  # one throttled batch must not stop the other batches
+    leak_check.append(repr(outcome))
+    assert outcome.result == "failed" and outcome.failure == "transient" and code in (outcome.detail or "")
     assert due.value() == before
     usable(due)
     recovers(due)

@@ -168,7 +168,7 @@ def test_a_reconsent_racing_the_refresh_is_not_marked_dead(world: World, monkeyp
     refresher = world.refresher()
     real_refresh = world.client.refresh
 
-    def refresh_while_someone_reconsents(app: OAuthApp, refresh_token: str) -> Any:
+    def refresh_while_someone_reconsents(app: OAuthApp, refresh_token: str, **_: Any) -> Any:
         # While our request is in flight, an operator completes a new consent.
         token = world.client.password_grant(app, username=USER, password=PASSWORD)
         read = world.store.get("prod")

@@ -56,6 +56,11 @@ class TransientProviderError(ProviderError):
 
     kind: FailureKind = "transient"
 
+    def __init__(self, instance: str, grant: str, detail: str, *, maybe_processed: bool = False) -> None:
+        super().__init__(instance, grant, detail)
+        # The request was sent and its answer lost: ServiceNow may have issued (and rotated) tokens.
+        self.maybe_processed = maybe_processed
+
 
 class InstanceNotAllowed(ServiceNowOAuthError):
     """An instance URL outside SERVICENOW_ALLOWED_HOSTS: refused before any request is made."""

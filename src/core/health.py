@@ -1,5 +1,7 @@
 """Connection health in secret tags: readable with ListSecrets alone, writable without a secret version.
 
+This file is the health's data and its tag encoding; what moves it (and `plan`) is core/lifecycle.py.
+
 `TagResource` adds no version and `ListSecrets` returns tags, so the sweep decides "not due",
 "backing off" and "needs a person" from one listing, operators see every connection's health
 without `GetSecretValue`, and a failing connection adds zero secret versions. The tags also
@@ -11,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from core.clock import from_iso, to_iso
 
 PREFIX = "servicenow-oauth:"
-Decision = Literal["read", "not_due", "backing_off", "needs_person"]
+# Staging label of a version written but not (yet) made current (store.py's compare-and-swap). A run that
+# finds one built on the current version adopts it: that is where a refresh whose stage move failed left
+# its tokens.
+CANDIDATE = "SNOWCANDIDATE"
 _TIMES = (
     "last_success",
     "last_failure",
@@ -26,8 +31,8 @@ _TIMES = (
     "refresh_expires",
     "appflow_next_attempt",
 )
-_TEXTS = ("status", "version", "instance", "failure_class", "grant")
-_FLAGS = ("needs_person", "appflow_pending", "alerted_failing", "alerted_expiring")
+_TEXTS = ("status", "version", "instance", "failure_class", "grant", "rejected_version")
+_FLAGS = ("needs_person", "appflow_pending", "alerted_failing", "alerted_expiring", "rotation_unseen")
 
 
 def _tag(attribute: str) -> str:
@@ -56,6 +61,8 @@ class Health:
     appflow_next_attempt: datetime | None = None
     alerted_failing: bool = False
     alerted_expiring: bool = False
+    rejected_version: str | None = None  # the version ServiceNow refused: retried once the secret changes
+    rotation_unseen: bool = False  # a refresh token may have rotated without being stored (see lifecycle.py)
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -137,25 +144,3 @@ def current_version(listing: Mapping[str, Any]) -> str | None:
     """The AWSCURRENT version id from a ListSecrets entry."""
     stages = listing.get("SecretVersionsToStages", {})
     return next((version for version, labels in stages.items() if "AWSCURRENT" in labels), None)
-
-
-def plan(listing: Mapping[str, Any], now: datetime, leeway: timedelta, warning: timedelta) -> Decision:
-    """What to do with a connection from its ListSecrets entry alone (no value read, no API call).
-
-    Anything the tags cannot vouch for (no health yet, a secret changed since, an AppFlow push owed,
-    a refresh-token warning not yet sent) is read.
-    """
-    health = Health.from_tags(listing.get("Tags"))
-    if health.version is None or health.version != current_version(listing):
-        return "read"
-    if health.appflow_pending and (health.appflow_next_attempt is None or now >= health.appflow_next_attempt):
-        return "read"  # an AppFlow push is owed (and not backing off)
-    if health.needs_person:
-        return "needs_person"  # until the secret changes (re-consent, new client secret)
-    if health.next_attempt and now < health.next_attempt:
-        return "backing_off"
-    if health.refresh_expires and health.refresh_expires - now <= warning and not health.alerted_expiring:
-        return "read"
-    if health.access_expires and health.access_expires - now > leeway:
-        return "not_due"
-    return "read"

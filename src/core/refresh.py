@@ -10,90 +10,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from contextlib import suppress
+from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
 from core.appflow import AppFlowSync
-from core.config import Settings
 from core.errors import (
     ConcurrentUpdate,
     ConnectionNotFound,
     CredentialRejected,
-    FailureKind,
     ProviderError,
     SecretFormatError,
+    TransientProviderError,
 )
-from core.health import Health, plan
+from core.health import Health
+from core.lifecycle import Outcome, RefreshPolicy, Result, plan, rejected_version, retry_allowed
 from core.secret import Connection
 from core.servicenow import ServiceNowClient, Token
-from core.store import AWSCURRENT, ConnectionStore, StoredConnection
+from core.store import AWSCURRENT, ConnectionStore, SecretWriteFailed, StoredConnection, adoptable_token
 
 if TYPE_CHECKING:
     from core.monitor import Monitor
 
-Result = Literal[
-    "refreshed",
-    "not_due",
-    "backing_off",
-    "needs_person",
-    "failed",
-    "reauthorization_required",
-    "invalid",
-    "write_failed",
-    "queued",
-]
+__all__ = ["Outcome", "RefreshPolicy", "Refresher", "is_due", "needs_person", "request_token"]
 NEXT_CLIENT_SECRET = "clientSecretNext"
 BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
-
-
-@dataclass(frozen=True)
-class RefreshPolicy:
-    """When a connection is due, when to warn, and how to back off and alert after failures."""
-
-    leeway: timedelta = timedelta(seconds=600)
-    refresh_warning: timedelta = timedelta(days=14)
-    interval: timedelta = timedelta(minutes=5)  # the sweep schedule: the first backoff step
-    backoff_cap: timedelta = timedelta(seconds=3600)
-    alert_after: timedelta = timedelta(seconds=3600)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RefreshPolicy:
-        return cls(
-            leeway=timedelta(seconds=settings.refresh_leeway_seconds),
-            refresh_warning=timedelta(days=settings.refresh_token_warning_days),
-            interval=timedelta(minutes=settings.refresh_interval_minutes),
-            backoff_cap=timedelta(seconds=settings.failure_backoff_max_seconds),
-            alert_after=timedelta(seconds=settings.failure_alert_after_seconds),
-        )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one connection; safe to log as-is (no secret material)."""
-
-    connection: str
-    result: Result
-    failure: FailureKind | None = None
-    detail: str | None = None
-    access_token_expires_at: datetime | None = None
-    refresh_token_expires_at: datetime | None = None
-    refresh_token_expiring: bool = False
-    appflow_synced: tuple[str, ...] = ()
-    appflow_failed: tuple[str, ...] = ()  # "profile (ErrorCode)"
-    # Where the connection stands now (for its health tags and events):
-    arn: str | None = None
-    version_id: str | None = None
-    status: str | None = None
-    instance: str | None = None
-    grant: str | None = None
-    needs_person: bool = False
-    retry_after: float | None = None
-    client_secret_promoted: bool = False
-    events: tuple[str, ...] = ()  # change events published for this outcome
 
 
 def needs_person(connection: Connection) -> bool:
@@ -111,19 +56,24 @@ def is_due(connection: Connection, now: datetime, leeway: timedelta) -> bool:
     return not connection.access_token or expires is None or expires - now <= leeway
 
 
-def request_token(client: ServiceNowClient, connection: Connection) -> tuple[Token, str]:
-    """The grant this connection refreshes with: refresh_token, password, or client_credentials."""
+def request_token(client: ServiceNowClient, connection: Connection, *, replay: bool = True) -> tuple[Token, str]:
+    """The grant this connection refreshes with: refresh_token, password, or client_credentials.
+
+    `replay=False` (a connection already failing) lets the HTTP layer retry only failed connects; a refresh
+    token that rotates is never re-sent either way, since a lost answer may already have spent it.
+    """
     app = connection.app
     if connection.grant_type == "password":
         assert connection.username and connection.password  # parse_connection guarantees both
         token = client.password_grant(
-            app, username=connection.username, password=connection.password, scope=connection.scope
+            app, username=connection.username, password=connection.password, scope=connection.scope, replay=replay
         )
         return token, "password"
     if connection.grant_type == "client_credentials":
-        return client.client_credentials(app, scope=connection.scope), "client_credentials"
+        return client.client_credentials(app, scope=connection.scope, replay=replay), "client_credentials"
     assert connection.refresh_token  # is_due / needs_person guarantee it
-    return client.refresh(app, connection.refresh_token), "refresh_token"
+    replay = replay and not connection.rotates_refresh_token
+    return client.refresh(app, connection.refresh_token, replay=replay), "refresh_token"
 
 
 def _credential(connection: Connection) -> tuple[Any, ...]:
@@ -144,10 +94,10 @@ def _same_credential(a: Connection, b: Connection) -> bool:
 
 
 def _changed_since_marked(read: StoredConnection) -> bool:
-    """True when the secret is a newer version than the one marked `reauthorization_required` (from the
-    health tags); unknown health counts as unchanged, so nothing is retried blindly."""
-    marked = Health.from_tags(read.tags).version if read.tags is not None else None
-    return marked is not None and marked != read.version_id
+    """True when the secret is a newer version than the one ServiceNow refused (from the health tags);
+    unknown health counts as unchanged, so nothing is retried blindly."""
+    refused = rejected_version(Health.from_tags(read.tags)) if read.tags is not None else None
+    return refused is not None and refused != read.version_id
 
 
 def _expiring(connection: Connection, now: datetime, policy: RefreshPolicy) -> bool:
@@ -230,7 +180,7 @@ class Refresher:
     def _refresh(self, read: StoredConnection, force: bool) -> Outcome:
         now = self.clock()
         connection = read.connection
-        # A refused credential is tried again once its secret has changed since it was marked (a fixed
+        # A refused credential is tried again once its secret has changed since it was refused (a fixed
         # password or client secret); `force` tries now. Without any credential only a consent helps.
         retrying = connection.status == "reauthorization_required" and (force or _changed_since_marked(read))
         no_credential = connection.grant_type == "authorization_code" and not connection.refresh_token
@@ -239,17 +189,38 @@ class Refresher:
         if not force and not retrying and not is_due(connection, now, self.policy.leeway):
             # Not due, but a push to AppFlow may still be owed from an earlier run.
             return self._done(connection, "not_due", now, at=read, **self._sync_appflow(read))
+        health = Health.from_tags(read.tags)
         try:
-            token, grant = request_token(self.client, connection)
+            token, grant = request_token(self.client, connection, replay=retry_allowed(health))
         except CredentialRejected as error:
             return self._try_next_client_secret(read, error) or self.mark_rejected(read, error)
         except ProviderError as error:
-            # Unavailable, rate limited or transient: the stored token stays; a later run retries.
-            retry_after = getattr(error, "retry_after", None)
-            return self._done(
-                connection, "failed", now, at=read, failure=error.kind, detail=str(error), retry_after=retry_after
-            )
+            return self._failed(read, error, now)
         return self._store_token(read, token, grant, now)
+
+    def _failed(self, read: StoredConnection, error: ProviderError, now: datetime) -> Outcome:
+        """Unavailable, rate limited or transient: the stored token stays; a later run retries."""
+        connection = read.connection
+        unseen = (
+            isinstance(error, TransientProviderError)
+            and error.maybe_processed
+            and connection.grant_type == "authorization_code"
+            and bool(connection.rotates_refresh_token)
+        )
+        detail = str(error)
+        if unseen:
+            detail += "; ServiceNow may have rotated the refresh token in the lost answer"
+        retry_after = getattr(error, "retry_after", None)
+        return self._done(
+            connection,
+            "failed",
+            now,
+            at=read,
+            failure=error.kind,
+            detail=detail,
+            retry_after=retry_after,
+            rotation_unseen=unseen,
+        )
 
     def _try_next_client_secret(self, read: StoredConnection, error: CredentialRejected) -> Outcome | None:
         """Client-secret rollover: on a refusal, try the staged `clientSecretNext` once; if ServiceNow takes
@@ -266,11 +237,11 @@ class Refresher:
 
         now = self.clock()
         try:
-            token, grant = request_token(self.client, promote(read.connection))
+            token, grant = request_token(self.client, promote(read.connection), replay=False)
         except CredentialRejected:
             return None  # the staged secret is not live either: the refusal stands
         except ProviderError as failure:
-            return self._done(read.connection, "failed", now, at=read, failure=failure.kind, detail=str(failure))
+            return self._failed(read, failure, now)
         return self._store_token(read, token, grant, now, adjust=promote, client_secret_promoted=True)
 
     def _store_token(
@@ -283,44 +254,88 @@ class Refresher:
         adjust: Callable[[Connection], Connection] = lambda connection: connection,
         **flags: Any,
     ) -> Outcome:
-        for _ in range(3):
+        """Write the new tokens onto the freshest value; never leave a new refresh token only in memory.
+
+        Each attempt is a compare-and-swap whose version id names its base, so a stage move that fails
+        leaves a candidate the next run adopts. After a lost race: if the winner still holds the refresh
+        token this refresh spent, ours supersede it (in rotating mode it is dead) and are written onto the
+        winner's value; if the winner stored other tokens (a consent), ours are revoked, not left alive.
+        """
+        spent = read.connection.refresh_token
+        new_refresh = token.refresh_token is not None and token.refresh_token != spent
+        for _ in range(5):
             new = adjust(read.connection).with_token(token, grant=grant, now=now)
             try:
-                written = self.store.compare_and_swap(read, new)
-                appflow = self._sync_appflow(written, force=True)
-                return self._done(written.connection, "refreshed", now, at=written, **appflow, **flags)
+                written = self.store.compare_and_swap(read, new, request_token=adoptable_token(read.version_id))
             except ConcurrentUpdate:
-                # Someone wrote first (another sweep, a re-consent): build on their value, never over it.
-                read = self.store.get(read.connection.name)
+                read = self.store.get_latest(read.connection.name)
+                stored = read.connection.refresh_token
+                if new_refresh and stored == token.refresh_token:
+                    return self._done(read.connection, "not_due", now, at=read, detail="updated concurrently")
+                if new_refresh and stored == spent:
+                    continue  # the winner kept the token we spent: ours supersede it
+                if new_refresh:
+                    self._discard(read.connection, token)
                 if not is_due(read.connection, now, self.policy.leeway):
                     return self._done(read.connection, "not_due", now, at=read, detail="updated concurrently")
-            except ClientError as error:
+                if new_refresh:
+                    return self._done(read.connection, "failed", now, at=read, failure="transient", detail="raced")
+                continue
+            except SecretWriteFailed as error:
                 code = error.response.get("Error", {}).get("Code", "ClientError")
+                lost = new_refresh and not error.staged and grant == "refresh_token"
                 detail = f"secret write failed ({code})"
-                return self._done(read.connection, "write_failed", now, at=read, failure="transient", detail=detail)
+                if error.staged:
+                    detail += "; the new tokens wait in a candidate version the next run adopts"
+                elif lost:
+                    detail += "; the refresh token ServiceNow rotated could not be stored anywhere"
+                return self._done(
+                    read.connection,
+                    "write_failed",
+                    now,
+                    at=read,
+                    failure="transient",
+                    detail=detail,
+                    rotation_unseen=lost,
+                )
+            appflow = self._sync_appflow(written, force=True)
+            return self._done(written.connection, "refreshed", now, at=written, **appflow, **flags)
         return self._done(
             read.connection, "failed", now, at=read, failure="transient", detail="kept losing write races"
         )
 
+    def _discard(self, connection: Connection, token: Token) -> None:
+        """Best effort: revoke tokens nobody will store, so no live refresh token is left unknown."""
+        secret = token.refresh_token or token.access_token
+        with suppress(ProviderError):
+            self.client.revoke(connection.app, secret)
+
     def mark_rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
         """Mark `reauthorization_required` only if the refused credential is still the current one."""
         now = self.clock()
+        health = Health.from_tags(read.tags)
+        detail = str(error)
+        if health.rotation_unseen:
+            detail += (
+                " - expected: an earlier refresh's answer was lost (or its write failed) after ServiceNow "
+                "rotated the refresh token, so the stored one is dead; re-authorize (make authorize-url)"
+            )
         for _ in range(3):
-            fresh = self.store.get(read.connection.name)
+            fresh = self.store.get_latest(read.connection.name)
             if not _same_credential(fresh.connection, read.connection):
-                detail = "credential changed while refreshing"
-                return self._done(fresh.connection, "not_due", now, at=fresh, detail=detail)
+                changed = "credential changed while refreshing"
+                return self._done(fresh.connection, "not_due", now, at=fresh, detail=changed)
             marked = replace(fresh.connection, status="reauthorization_required", updated_at=now)
             try:
                 written = self.store.compare_and_swap(fresh, marked)
                 return self._done(
-                    marked, "reauthorization_required", now, at=written, failure="rejected", detail=str(error)
+                    marked, "reauthorization_required", now, at=written, failure="rejected", detail=detail
                 )
             except ConcurrentUpdate:
                 continue
             except ClientError:
                 break
-        return self._done(read.connection, "failed", now, at=read, failure="rejected", detail=str(error))
+        return self._done(read.connection, "failed", now, at=read, failure="rejected", detail=detail)
 
     # ----------------------------------------------------------------- the sweep
     def list_connection_secrets(self) -> Iterator[dict[str, Any]]:
@@ -336,25 +351,43 @@ class Refresher:
 
     def read_batch(self, entries: list[dict[str, Any]]) -> Iterator[StoredConnection | Outcome]:
         """One BatchGetSecretValue for up to 20 secrets; unreadable ones come back as `invalid` outcomes."""
-        answer = self.store.client.batch_get_secret_value(SecretIdList=[entry["ARN"] for entry in entries])
+        try:
+            answer = self.store.client.batch_get_secret_value(SecretIdList=[entry["ARN"] for entry in entries])
+        except ClientError as error:
+            # Throttled beyond botocore's retries: these connections wait for the next sweep; the rest go on.
+            code = error.response.get("Error", {}).get("Code", "ClientError")
+            for entry in entries:
+                name = self.store.name_of(entry["Name"]) or entry["Name"]
+                yield Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
+            return
         tags = {entry["ARN"]: {t["Key"]: t["Value"] for t in entry.get("Tags", [])} for entry in entries}
+        stages = {entry["ARN"]: entry.get("SecretVersionsToStages", {}) for entry in entries}
         for value in answer.get("SecretValues", []):
             name = self.store.name_of(value["Name"]) or value["Name"]
             try:
                 if AWSCURRENT not in value.get("VersionStages", [AWSCURRENT]):
                     # Not the current version (moto answers with a stale default after a stage move);
                     # compare-and-swap must start from AWSCURRENT, so read that one explicitly.
-                    yield replace(self.store.get(name), tags=tags.get(value["ARN"], {}))
-                    continue
-                yield self.store.parse(
-                    name, value["SecretString"], value["VersionId"], value["ARN"], tags.get(value["ARN"])
-                )
+                    read = replace(self.store.get(name), tags=tags.get(value["ARN"], {}))
+                else:
+                    read = self.store.parse(
+                        name, value["SecretString"], value["VersionId"], value["ARN"], tags.get(value["ARN"])
+                    )
+                yield self._adopt(read, stages.get(value["ARN"], {}))
             except (SecretFormatError, ConnectionNotFound, KeyError) as error:
                 # Unreadable, or deleted between the listing and the read: report it, keep sweeping.
                 yield Outcome(name, "invalid", detail=str(error) if not isinstance(error, KeyError) else None)
         for failure in answer.get("Errors", []):
             name = self.store.name_of(failure.get("SecretId", "")) or str(failure.get("SecretId"))
             yield Outcome(name, "invalid", detail=f"could not read the secret ({failure.get('ErrorCode')})")
+
+    def _adopt(self, read: StoredConnection, stages: dict[str, Any]) -> StoredConnection:
+        """Take up tokens an earlier write left in a candidate version; on an AWS error go on with `read`
+        (a refusal of its refresh token is re-checked with `get_latest`, which adopts again)."""
+        try:
+            return self.store.adopt(read, stages)
+        except ClientError:
+            return read
 
     def scan(self) -> tuple[list[Outcome], list[StoredConnection]]:
         """Read every connection in batches: outcomes for those that need nothing, and the due ones."""
@@ -375,7 +408,7 @@ class Refresher:
 
         for entry in self.list_connection_secrets():
             # The listing's health tags settle most connections without reading a value.
-            decision = plan(entry, now, self.policy.leeway, self.policy.refresh_warning)
+            decision = plan(entry, now, self.policy)
             if decision != "read":
                 outcomes.append(from_listing(entry, decision, self.store.name_of(entry["Name"]) or entry["Name"]))
                 continue

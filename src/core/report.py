@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from core.clock import to_iso
-from core.refresh import Outcome
+from core.lifecycle import Outcome
 
 _METRIC_BY_RESULT = {
     "refreshed": "Refreshed",

@@ -2,7 +2,8 @@
 
 The shape follows AWS's SecretsManagerRotationTemplate: every step first checks that rotation is
 enabled and the token is staged AWSPENDING, and returns early when the token is already current, so
-re-delivered steps are harmless. The token request itself is the refresher's, not a fork of it.
+re-delivered steps are harmless. The refresh itself is the refresher's, writes and all, not a fork of it:
+OAuth tokens are live from the moment ServiceNow issues them, so they are stored at once.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from core.errors import CredentialRejected, RotationError
-from core.refresh import Refresher, needs_person, request_token
+from core.errors import RotationError
+from core.refresh import Refresher, needs_person
 from core.store import AWSCURRENT, AWSPENDING
 
 Step = Callable[["Rotation", str, str, str], None]
@@ -56,10 +57,13 @@ class Rotation:
         handler(self, metadata["ARN"], name, token)
 
     def create_secret(self, arn: str, name: str, token: str) -> None:
-        """Obtain a fresh token and store it as the AWSPENDING version (idempotent on the request token).
+        """Refresh through the sweep's own path, then stage a copy of the result as AWSPENDING.
 
-        The version it was built on is remembered in a tag, so finishSecret can refuse to promote it
-        over anything written since (a consent, an operator's fix, the sweep's own refresh).
+        ServiceNow makes the new tokens live the moment it answers (and, if its refresh tokens rotate, kills
+        the old one), so they go to AWSCURRENT at once - with the sweep's compare-and-swap, candidate
+        adoption and rejection rules - never only to AWSPENDING, where a failed testSecret or a sweep
+        running before finishSecret would strand them. The pending copy remembers the version it copies,
+        so finishSecret refuses to promote it over anything written since.
         """
         try:
             self.client.get_secret_value(SecretId=arn, VersionId=token, VersionStage=AWSPENDING)
@@ -68,21 +72,24 @@ class Rotation:
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
                 raise
-        current = self.store.get(name)
+        current = self.store.get_latest(name)
         if needs_person(current.connection):
             raise RotationError(f"connection {name!r} needs a person first ({current.connection.status}); not rotating")
-        try:
-            fresh, grant = request_token(self.refresher.client, current.connection)
-        except CredentialRejected as error:
-            # Same rules as the sweep: re-read, mark only if still current, record health, announce once.
-            self.refresher.observe(current, self.refresher.mark_rejected(current, error))
-            raise RotationError(f"connection {name!r}: {error}") from None
-        new = current.connection.with_token(fresh, grant=grant, now=self.refresher.clock())
-        self.client.tag_resource(SecretId=arn, Tags=[{"Key": BASE_TAG, "Value": f"{token} {current.version_id}"}])
+        outcome = self.refresher.refresh(current, force=True)
+        if outcome.result != "refreshed":
+            raise RotationError(
+                f"connection {name!r}: no new token ({outcome.result}: {outcome.detail or 'see the refresher'}); "
+                "the current version is unchanged or already holds what ServiceNow issued - rotate again later"
+            )
+        written = self.store.get(name)
+        self.client.tag_resource(SecretId=arn, Tags=[{"Key": BASE_TAG, "Value": f"{token} {written.version_id}"}])
         self.client.put_secret_value(
-            SecretId=arn, ClientRequestToken=token, SecretString=new.to_json(), VersionStages=[AWSPENDING]
+            SecretId=arn,
+            ClientRequestToken=token,
+            SecretString=written.connection.to_json(),
+            VersionStages=[AWSPENDING],
         )
-        self.logger.info("createSecret: stored pending version", extra={"connection": name})
+        self.logger.info("createSecret: tokens stored, pending copy staged", extra={"connection": name})
 
     def set_secret(self, arn: str, name: str, token: str) -> None:
         """Nothing to set: ServiceNow itself issued the pending token in createSecret."""

@@ -39,6 +39,7 @@ _KEYS = {
     "accessTokenExpiresAt": "access_token_expires_at",
     "refreshTokenExpiresAt": "refresh_token_expires_at",
     "refreshTokenLifespanSeconds": "refresh_token_lifespan_seconds",
+    "refreshTokenRotates": "rotates_refresh_token",
     "status": "status",
     "updatedAt": "updated_at",
 }
@@ -65,6 +66,9 @@ class Connection:
     access_token_expires_at: datetime | None = None
     refresh_token_expires_at: datetime | None = None
     refresh_token_lifespan_seconds: int = DEFAULT_REFRESH_TOKEN_LIFESPAN
+    # True once ServiceNow answered a refresh with a new refresh token (or set by the operator): such a
+    # refresh is never re-sent after a lost answer, since the token it spends is dead once processed.
+    rotates_refresh_token: bool | None = None
     status: Status = "pending_authorization"
     updated_at: datetime | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -85,6 +89,9 @@ class Connection:
         """
         refresh_token = token.refresh_token or self.refresh_token
         refresh_expires = self.refresh_token_expires_at
+        rotates = self.rotates_refresh_token
+        if grant == "refresh_token" and token.refresh_token and token.refresh_token != self.refresh_token:
+            rotates = True
         if grant in ("authorization_code", "password") and token.refresh_token:
             refresh_expires = now + timedelta(seconds=self.refresh_token_lifespan_seconds)
         elif grant == "client_credentials":
@@ -97,6 +104,7 @@ class Connection:
             scope=token.scope or self.scope,
             refresh_token=refresh_token,
             refresh_token_expires_at=refresh_expires,
+            rotates_refresh_token=rotates,
             status="active",
             updated_at=now,
         )
@@ -174,6 +182,10 @@ def parse_connection(name: str, secret_string: str, allowed_hosts: Iterable[str]
     if not isinstance(lifespan, int) or isinstance(lifespan, bool) or lifespan <= 0:
         raise SecretFormatError(name, "refreshTokenLifespanSeconds", "must be a positive whole number of seconds")
     values["refresh_token_lifespan_seconds"] = lifespan
+    rotates = document.get("refreshTokenRotates")
+    if rotates is not None and not isinstance(rotates, bool):
+        raise SecretFormatError(name, "refreshTokenRotates", "must be true or false")
+    values["rotates_refresh_token"] = rotates
     if values["grant_type"] == "password" and not (values["username"] and values["password"]):
         raise SecretFormatError(name, "username/password", "are required when grantType is password")
     extra = {key: value for key, value in document.items() if key not in _KEYS}

@@ -18,7 +18,7 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError, ResponseError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ReadTimeoutError, ResponseError
 from urllib3.util.retry import Retry
 
 from core.clock import Clock, utc_now
@@ -97,25 +97,27 @@ def build_session(
     pool_connections: int = 64,
     pool_maxsize: int = 16,
     retry_methods: tuple[str, ...] = ("GET", "POST"),
+    replay: bool = True,
 ) -> requests.Session:
     """One pooled session with bounded retries (backoff with jitter, honouring `Retry-After`).
 
     POST is retried on purpose: refresh, password and client_credentials grants are safe to repeat
-    (ServiceNow hands back the still-valid token). The single-use code exchange uses a session built
-    with `retries=0` instead.
+    (ServiceNow hands back the still-valid token). With `replay=False` only connection failures are
+    retried - a request that never reached the server: nothing that may have been processed is sent
+    twice (the single-use code exchange, a refresh token that rotates, a connection already failing).
     """
     retry = _BoundedRetry(
         total=retries,
         connect=retries,
-        read=retries,
-        status=retries,
+        read=retries if replay else False,
+        status=retries if replay else 0,
         other=0,
         allowed_methods=frozenset(retry_methods),
-        status_forcelist=RETRY_STATUSES,
+        status_forcelist=RETRY_STATUSES if replay else frozenset(),
         backoff_factor=backoff_factor,
         backoff_max=backoff_max,
         backoff_jitter=backoff_factor,
-        respect_retry_after_header=True,
+        respect_retry_after_header=replay,
         raise_on_status=False,
         raise_on_redirect=False,
         retry_after_max=86_400,  # read the real value; the budget below decides
@@ -231,6 +233,12 @@ def parse_token(app: OAuthApp, grant: str, response: requests.Response, received
     )
 
 
+def _reason(exc: requests.RequestException) -> object:
+    """What urllib3 raised underneath (requests wraps it, sometimes in a MaxRetryError)."""
+    reason = exc.args[0] if exc.args else None
+    return reason.reason if isinstance(reason, MaxRetryError) else reason
+
+
 class ServiceNowClient:
     """Calls one ServiceNow endpoint set through an injected session; tests point it at the emulator."""
 
@@ -243,22 +251,29 @@ class ServiceNowClient:
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
     ) -> None:
         self._session = session
-        self._single_shot = single_shot
+        # Never re-sends what may have reached ServiceNow (built once, beside the retrying session).
+        self._single_shot = single_shot or build_session(replay=False)
         self._clock = clock
         self._timeout = timeout
 
     def _post(self, session: requests.Session, app: OAuthApp, path: str, grant: str, form: dict[str, str]):  # type: ignore[no-untyped-def]
         try:
             return session.post(f"{app.instance_url}{path}", data=form, timeout=self._timeout, allow_redirects=False)
-        except requests.Timeout:
-            raise TransientProviderError(app.host, grant, "timed out; retry later") from None
         except requests.RequestException as exc:
+            reason = _reason(exc)
+            if isinstance(exc, requests.ConnectTimeout) or isinstance(reason, ConnectTimeoutError):
+                # No connection was made (NewConnectionError is a ConnectTimeoutError too): nothing was sent.
+                raise TransientProviderError(
+                    app.host, grant, f"could not connect ({type(exc).__name__}); retry later"
+                ) from None
+            timed_out = isinstance(exc, requests.Timeout) or isinstance(reason, ReadTimeoutError)
+            what = "timed out" if timed_out else f"connection lost ({type(exc).__name__})"
             raise TransientProviderError(
-                app.host, grant, f"connection failed ({type(exc).__name__}); retry later"
+                app.host, grant, f"{what} after the request was sent; retry later", maybe_processed=True
             ) from None
 
-    def _grant(self, app: OAuthApp, grant: GrantType, *, retry: bool = True, **values: str | None) -> Token:
-        session = self._session if retry else (self._single_shot or build_session(retries=0))
+    def _grant(self, app: OAuthApp, grant: GrantType, *, replay: bool = True, **values: str | None) -> Token:
+        session = self._session if replay else self._single_shot
         response = self._post(session, app, TOKEN_PATH, grant, grant_form(app, grant, **values))
         return parse_token(app, grant, response, self._clock())
 
@@ -266,20 +281,25 @@ class ServiceNowClient:
         """authorization_code grant. Never retried: the code is single-use, and a retry after a lost
         answer would be refused and hide the success."""
         return self._grant(
-            app, "authorization_code", retry=False, code=code, redirect_uri=redirect_uri, code_verifier=code_verifier
+            app, "authorization_code", replay=False, code=code, redirect_uri=redirect_uri, code_verifier=code_verifier
         )
 
-    def refresh(self, app: OAuthApp, refresh_token: str) -> Token:
-        """refresh_token grant: ServiceNow returns the same refresh token and does not extend its life."""
-        return self._grant(app, "refresh_token", refresh_token=refresh_token)
+    def refresh(self, app: OAuthApp, refresh_token: str, *, replay: bool = True) -> Token:
+        """refresh_token grant: ServiceNow returns the same refresh token and does not extend its life.
 
-    def password_grant(self, app: OAuthApp, *, username: str, password: str, scope: str | None = None) -> Token:
+        Pass `replay=False` when the refresh token rotates: a re-sent request after a lost answer would
+        spend a token that is already dead."""
+        return self._grant(app, "refresh_token", replay=replay, refresh_token=refresh_token)
+
+    def password_grant(
+        self, app: OAuthApp, *, username: str, password: str, scope: str | None = None, replay: bool = True
+    ) -> Token:
         """password grant: also issues a refresh token with a fresh lifespan."""
-        return self._grant(app, "password", username=username, password=password, scope=scope)
+        return self._grant(app, "password", replay=replay, username=username, password=password, scope=scope)
 
-    def client_credentials(self, app: OAuthApp, *, scope: str | None = None) -> Token:
+    def client_credentials(self, app: OAuthApp, *, scope: str | None = None, replay: bool = True) -> Token:
         """client_credentials grant (Washington DC or later, with an OAuth Application User): no refresh token."""
-        return self._grant(app, "client_credentials", scope=scope)
+        return self._grant(app, "client_credentials", replay=replay, scope=scope)
 
     def revoke(self, app: OAuthApp, token: str) -> None:
         """Mark a token expired in ServiceNow (`oauth_revoke_token.do`); the response body is undocumented."""

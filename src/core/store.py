@@ -9,6 +9,7 @@ expires; the winner's value is never touched. The old version keeps AWSPREVIOUS.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
@@ -19,13 +20,12 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from core.errors import ConcurrentUpdate, ConnectionNotFound, InvalidName, SecretFormatError
+from core.health import CANDIDATE
 from core.secret import Connection, parse_connection
 
 AWSCURRENT = "AWSCURRENT"
 AWSPREVIOUS = "AWSPREVIOUS"
 AWSPENDING = "AWSPENDING"
-# Label for a version written but not yet promoted; distinct from AWSPENDING, which rotation owns.
-CANDIDATE = "SNOWCANDIDATE"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -37,6 +37,25 @@ class StoredConnection:
     version_id: str
     arn: str
     tags: Mapping[str, str] | None = None  # from a listing; None when read without one
+
+
+class SecretWriteFailed(ClientError):  # type: ignore[misc]
+    """A compare-and-swap that kept failing on AWS's side; `staged` says whether the new value was at least
+    stored as a candidate version (which the next run adopts, if it was built by `adoptable_token`)."""
+
+    def __init__(self, error: ClientError, *, staged: bool) -> None:
+        super().__init__(error.response, error.operation_name)
+        self.staged = staged
+
+
+def adoptable_token(base_version: str) -> str:
+    """A version id that names the version it was built on, so a later run can tell that a candidate left
+    by a failed stage move supersedes the current value (and adopt it) without any other record."""
+    return f"{_base_mark(base_version)}-{uuid.uuid4().hex}"
+
+
+def _base_mark(version: str) -> str:
+    return hashlib.sha256(version.encode()).hexdigest()[:24]
 
 
 def validate_name(name: str) -> str:
@@ -135,31 +154,37 @@ class ConnectionStore:
 
         Raises:
             ConcurrentUpdate: someone else wrote first; their value stays current.
-            ClientError: the write kept failing; nothing was promoted.
+            SecretWriteFailed: the write kept failing; nothing was promoted.
         """
         token = request_token or str(uuid.uuid4())
+        staged = False
         for attempt in range(self.write_attempts):
             try:
-                return self._compare_and_swap_once(read, new, token)
-            except ClientError:
+                if not staged:
+                    self.client.put_secret_value(
+                        SecretId=read.arn,
+                        ClientRequestToken=token,
+                        SecretString=new.to_json(),
+                        VersionStages=[CANDIDATE],
+                    )
+                    staged = True
+                return self._promote(read, new, token)
+            except ClientError as failure:
                 if attempt == self.write_attempts - 1:
-                    raise
-                self._sleep(self.write_backoff_seconds * 2**attempt)
+                    raise SecretWriteFailed(failure, staged=staged) from None
+            self._sleep(self.write_backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _compare_and_swap_once(self, read: StoredConnection, new: Connection, token: str) -> StoredConnection:
-        secret_id = read.arn
-        self.client.put_secret_value(
-            SecretId=secret_id, ClientRequestToken=token, SecretString=new.to_json(), VersionStages=[CANDIDATE]
-        )
+    def _promote(self, read: StoredConnection, new: Connection, token: str) -> StoredConnection:
+        """Move AWSCURRENT from the version read to the candidate: refused if AWSCURRENT moved meanwhile."""
         try:
             self.client.update_secret_version_stage(
-                SecretId=secret_id, VersionStage=AWSCURRENT, MoveToVersionId=token, RemoveFromVersionId=read.version_id
+                SecretId=read.arn, VersionStage=AWSCURRENT, MoveToVersionId=token, RemoveFromVersionId=read.version_id
             )
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidParameterException":
-                if self._current_version(secret_id) == token:
-                    # A retried call whose first attempt already promoted this very version.
+                if self._current_version(read.arn) == token:
+                    # A retried call whose first attempt already promoted this very version (or a run adopted it).
                     return StoredConnection(new, token, read.arn)
                 raise ConcurrentUpdate(new.name) from None
             raise
@@ -168,6 +193,35 @@ class ConnectionStore:
     def _current_version(self, secret_id: str) -> str | None:
         stages = self.client.describe_secret(SecretId=secret_id).get("VersionIdsToStages", {})
         return next((version for version, labels in stages.items() if AWSCURRENT in labels), None)
+
+    def get_latest(self, name: str) -> StoredConnection:
+        """`get`, then adopt a candidate version a failed write left behind (one DescribeSecret more)."""
+        read = self.get(name)
+        stages = self.client.describe_secret(SecretId=read.arn).get("VersionIdsToStages", {})
+        return self.adopt(read, stages)
+
+    def adopt(self, read: StoredConnection, stages: Mapping[str, Any]) -> StoredConnection:
+        """Promote the candidate version built on `read` (a refresh whose stage move failed left its tokens
+        there: in rotating mode the only copy of the live refresh token); clear any other stale candidate.
+
+        Returns the connection as it now stands: the adopted candidate, or `read` itself.
+        """
+        candidate = next((v for v, labels in stages.items() if CANDIDATE in labels), None)
+        if candidate is None or candidate == read.version_id:
+            return read
+        name = read.connection.name
+        if not candidate.startswith(_base_mark(read.version_id) + "-"):
+            # Built on an older value (a lost race, a failed consent write): never promote it over newer data.
+            self.client.update_secret_version_stage(
+                SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
+            )
+            return read
+        answer = self.client.get_secret_value(SecretId=read.arn, VersionId=candidate)
+        adopted = self.parse(name, answer["SecretString"], candidate, read.arn, read.tags)
+        try:
+            return self._promote(read, adopted.connection, candidate)
+        except ConcurrentUpdate:
+            return self.get(name)
 
     def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:
         """Read, apply `change(connection) -> connection`, and compare-and-swap; re-read on a lost race.

@@ -12,7 +12,7 @@ from core.clock import utc_now
 from core.config import load_settings
 from core.errors import ConnectionNotFound
 from core.fanout import connection_from_message
-from core.refresh import Outcome
+from core.lifecycle import Outcome
 from core.report import report_outcomes
 from handlers.runtime import build_logger, build_refresher
 
