@@ -302,3 +302,120 @@ def test_a_secret_write_that_keeps_failing_revokes_the_unstored_tokens(stack: St
     leak_check.append(answer["body"])
     assert answer["statusCode"] == 500 and stack.snapshot() == before
     assert stack.emulator.active_refresh_token_count() == active
+
+
+def revoke_requests(stack: Stack) -> list[dict[str, Any]]:
+    return [entry for entry in stack.emulator.requests_log if entry["path"] == "/oauth_revoke_token.do"]
+
+
+def assert_only_the_stored_tokens_live(stack: Stack) -> None:
+    """Every token ServiceNow issued to the client is either in the secret or revoked (counts, never values,
+    in a failure message)."""
+    document = stack.document()
+    for kind, live in (
+        ("refresh", stack.emulator.live_refresh_tokens(CLIENT_ID)),
+        ("access", stack.emulator.live_access_tokens(CLIENT_ID)),
+    ):
+        stored = document[f"{kind}Token"]
+        unknown, stored_is_live = len(live - {stored}), stored in live
+        assert (unknown, stored_is_live) == (0, True), f"{kind}: {unknown} live token(s) not stored"
+
+
+def live_token_counts(stack: Stack) -> tuple[int, int]:
+    return len(stack.emulator.live_refresh_tokens(CLIENT_ID)), len(stack.emulator.live_access_tokens(CLIENT_ID))
+
+
+def test_a_double_callback_leaves_only_the_stored_tokens_alive(
+    stack: Stack, leak_check: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The browser follows oauth_auth.do twice: two codes for one state, both exchanged; the second to store
+    finds the state spent (inside the compare-and-swap) and must revoke what it obtained."""
+    stack.create_connection()
+    location = stack.start()
+    first, second = press_consent(location), press_consent(location)
+    assert first["state"] == second["state"] and first["code"] != second["code"]
+    exchange = stack.handler.servicenow.exchange_code
+    completed: list[tuple[dict[str, Any], tuple[str, str]]] = []  # the first callback's page and the secret after
+
+    def exchange_while_the_first_callback_completes(*args: Any, **kwargs: Any) -> Any:
+        token = exchange(*args, **kwargs)
+        if not completed:  # in the second callback: the first one runs now, start to finish
+            completed.append(({}, ("", "")))
+            completed[0] = (stack.get("/callback", first), stack.snapshot())
+        return token
+
+    monkeypatch.setattr(stack.handler.servicenow, "exchange_code", exchange_while_the_first_callback_completes)
+    late = stack.get("/callback", second)
+    ((early, after_first),) = completed
+    leak_check.extend([early["body"], late["body"]])
+    assert early["statusCode"] == 200, early["body"]
+    assert stack.emulator.token_requests("authorization_code") == 2  # both codes really were exchanged
+    assert_refused(stack, late, 400, "already completed", after_first)
+    assert_only_the_stored_tokens_live(stack)
+
+
+@pytest.mark.parametrize(("change", "status"), [("delete", 404), ("corrupt", 500)])
+def test_a_secret_gone_or_broken_after_the_exchange_revokes_the_new_tokens(
+    stack: Stack, leak_check: list, monkeypatch: pytest.MonkeyPatch, change: str, status: int
+) -> None:
+    stack.create_connection()
+    redirect = press_consent(stack.start())
+    exchange = stack.handler.servicenow.exchange_code
+
+    def exchange_then_change_the_secret(*args: Any, **kwargs: Any) -> Any:
+        token = exchange(*args, **kwargs)
+        if change == "delete":
+            stack.secretsmanager.delete_secret(SecretId="servicenow-oauth/prod", ForceDeleteWithoutRecovery=True)
+        else:
+            stack.secretsmanager.put_secret_value(SecretId="servicenow-oauth/prod", SecretString='{"instanceUrl": 5}')
+        return token
+
+    monkeypatch.setattr(stack.handler.servicenow, "exchange_code", exchange_then_change_the_secret)
+    answer = stack.get("/callback", redirect)
+    leak_check.append(answer["body"])
+    assert answer["statusCode"] == status, answer["body"]
+    assert "Traceback" not in answer["body"]
+    assert stack.emulator.token_requests("authorization_code") == 1
+    assert live_token_counts(stack) == (0, 0)  # the unstored tokens were revoked
+
+
+def test_a_re_consent_revokes_the_refresh_token_it_replaced(stack: Stack, leak_check: list) -> None:
+    stack.create_connection()
+    assert stack.get("/callback", press_consent(stack.start()))["statusCode"] == 200
+    replaced = stack.document()["refreshToken"]
+    assert revoke_requests(stack) == []
+    page = stack.get("/callback", press_consent(stack.start()))
+    leak_check.append(page["body"])
+    assert page["statusCode"] == 200, page["body"]
+    assert stack.document()["refreshToken"] != replaced
+    assert stack.emulator.token_info(replaced)["active"] is False
+    assert_only_the_stored_tokens_live(stack)
+    assert len(revoke_requests(stack)) == 1
+
+
+@pytest.mark.parametrize("failure", ["hibernate", "drop", "unexpected"])
+def test_a_failing_revoke_does_not_fail_the_consent(
+    stack: Stack, leak_check: list, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    stack.create_connection()
+    assert stack.get("/callback", press_consent(stack.start()))["statusCode"] == 200
+    replaced = stack.document()["refreshToken"]
+    redirect = press_consent(stack.start())
+    if failure == "unexpected":
+
+        def revoke(*_: Any) -> None:
+            raise RuntimeError("not a ProviderError")
+
+        monkeypatch.setattr(stack.handler.servicenow, "revoke", revoke)
+    else:
+        stack.emulator.inject(failure, path="/oauth_revoke_token.do", count=10)
+    page = stack.get("/callback", redirect)
+    leak_check.append(page["body"])
+    assert page["statusCode"] == 200, page["body"]
+    assert "Connection <code>prod</code> to <code>127.0.0.1:" in page["body"]
+    document = stack.document()
+    assert document["status"] == "active" and document["refreshToken"] != replaced
+    assert document["consentState"] and stack.emulator.token_info(document["refreshToken"])["active"] is True
+    if failure != "unexpected":
+        assert revoke_requests(stack), "the revoke was never attempted"
+    assert stack.emulator.token_info(replaced)["active"] is True  # the revoke failed: best effort only

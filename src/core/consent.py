@@ -1,6 +1,8 @@
 """The consent flow: a signed link starts it, ServiceNow's redirect completes it, tokens land in the secret.
 
 Nothing is written until a code has been exchanged and checked; every refusal leaves the secret as it was.
+Every refresh token an exchange obtains ends up stored or revoked: tokens that could not be stored are
+revoked before the error propagates, and a consent that replaces another refresh token revokes that one.
 """
 
 from __future__ import annotations
@@ -10,11 +12,8 @@ from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
 
-from botocore.exceptions import ClientError
-
 from core.clock import from_iso, to_iso
 from core.errors import (
-    ConcurrentUpdate,
     ConsentDenied,
     ConsentError,
     IdentityUnverified,
@@ -101,7 +100,8 @@ def complete_consent(
     """Exchange the code from ServiceNow's redirect and store the tokens (compare-and-swap).
 
     Raises:
-        ConsentError subclasses, ConnectionNotFound, SecretFormatError, ProviderError: all before any write.
+        ConsentError subclasses, ConnectionNotFound, SecretFormatError, ProviderError, ConcurrentUpdate,
+        ClientError: all without a write; if the code had already been exchanged, its tokens were revoked.
     """
     if error:
         connection = None
@@ -127,43 +127,61 @@ def complete_consent(
         redirect_uri=callback_url,
         code_verifier=code_verifier_for(key, consent_state),
     )
-    discard = token.refresh_token or token.access_token
-    expected_user = read.connection.extra.get("expectedUser")
-    if expected_user:
-        try:
-            actual = client.current_user(read.connection.instance_url, token.access_token)
-        except ProviderError as failure:
-            _discard(client, read.connection, discard)
-            raise IdentityUnverified(
-                f"could not check which ServiceNow user gave the consent (expectedUser is set): {failure.detail}. "
-                "The new tokens were revoked and the existing ones kept; try again with a new authorize link.",
-                connection=name,
-            ) from None
-        if actual != expected_user:
-            _discard(client, read.connection, discard)
-            raise WrongUser(
-                f"the consent was given by ServiceNow user {actual!r}, but connection {name!r} expects "
-                f"{expected_user!r}; sign in to ServiceNow as {expected_user!r} and use a new authorize link. "
-                "The existing tokens were kept.",
-                connection=name,
-            )
+    # The code is spent and ServiceNow has issued tokens: from here on, anything that stops them from being
+    # stored (a wrong or unverifiable user, a state spent by a second callback in the meantime, a secret
+    # that vanished or no longer parses, a write that keeps failing) revokes them, so no live refresh
+    # token is left in ServiceNow unknown to the stack; the original error then propagates unchanged.
+    replaced: list[str | None] = [None]
 
     def store_tokens(current: Connection) -> Connection:
         _check_unused(current, consent_state)
         updated = current.with_token(token, grant="authorization_code", now=now)
         extra = {**current.extra, AUTHORIZED_AT: to_iso(now), CONSENT_STATE: consent_state.fingerprint}
+        # The store may call this again after a lost race: the last call's base is the value overwritten.
+        replaced[0] = current.refresh_token if current.refresh_token != updated.refresh_token else None
         return replace(updated, redirect_uri=callback_url, extra=extra)
 
-    # The code is spent: the store retries lost races and AWS-side failures; if the write still fails,
-    # the unstored tokens are revoked rather than left alive and unknown.
     try:
-        return store.update(name, store_tokens)
-    except (ClientError, ConcurrentUpdate):
-        _discard(client, read.connection, discard)
+        _check_user(client, read.connection, token.access_token)
+        stored = store.update(name, store_tokens)
+    except BaseException:
+        _discard(client, read.connection, token.refresh_token or token.access_token)
         raise
+    if replaced[0]:
+        # The consent superseded another refresh token (a re-consent): nobody uses it any more, so revoke it
+        # rather than leave it alive in ServiceNow for up to 100 days. Best effort: the consent stands.
+        _discard(client, stored.connection, replaced[0])
+    return stored
+
+
+def _check_user(client: ServiceNowClient, connection: Connection, access_token: str) -> None:
+    """If `expectedUser` is set, the consent must come from that ServiceNow user."""
+    name = connection.name
+    expected_user = connection.extra.get("expectedUser")
+    if not expected_user:
+        return
+    try:
+        actual = client.current_user(connection.instance_url, access_token)
+    except ProviderError as failure:
+        raise IdentityUnverified(
+            f"could not check which ServiceNow user gave the consent (expectedUser is set): {failure.detail}. "
+            "The new tokens were revoked and the existing ones kept; try again with a new authorize link.",
+            connection=name,
+        ) from None
+    if actual != expected_user:
+        raise WrongUser(
+            f"the consent was given by ServiceNow user {actual!r}, but connection {name!r} expects "
+            f"{expected_user!r}; sign in to ServiceNow as {expected_user!r} and use a new authorize link. "
+            "The existing tokens were kept.",
+            connection=name,
+        )
 
 
 def _discard(client: ServiceNowClient, connection: Connection, token: str) -> None:
-    """Best effort: a token issued to the wrong user should not stay alive in ServiceNow."""
-    with suppress(ProviderError):
+    """Best effort and silent: revoke a token nobody will use (a refresh token takes its access tokens along).
+
+    Nothing is logged or raised: a failed revocation must neither replace the error being reported nor fail
+    a consent that was stored, and the token itself never reaches a message.
+    """
+    with suppress(Exception):
         client.revoke(connection.app, token)
