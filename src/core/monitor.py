@@ -60,7 +60,10 @@ class Monitor:
             return outcome
         old = Health.from_tags(read.tags if read.tags is not None else self._tags(outcome.arn))
         new, kinds = advance(old, outcome, self.clock(), self.policy)
-        self.save(outcome.arn, old, new)
+        if not self.save(outcome.arn, old, new):
+            # The tags still describe the old health, so the next run derives the same change again and
+            # announces it then: publishing now would announce it twice.
+            return replace(outcome, events=())
         self.publish(outcome.connection, list(kinds), old, new)
         return replace(outcome, events=kinds)
 
@@ -90,7 +93,7 @@ class Monitor:
         except (ClientError, BotoCoreError):
             return []
 
-    def save(self, arn: str, old: Health, new: Health) -> None:
+    def save(self, arn: str, old: Health, new: Health) -> bool:
         """Write only what changed; a failed tag write is logged and costs nothing but a re-read next sweep."""
         before, after = old.to_tags(), new.to_tags()
         changed = [{"Key": key, "Value": value} for key, value in after.items() if before.get(key) != value]
@@ -102,6 +105,8 @@ class Monitor:
                 self.secretsmanager.untag_resource(SecretId=arn, TagKeys=removed)
         except (ClientError, BotoCoreError) as error:
             self._warn("health tags not written", error)
+            return False
+        return True
 
     def publish(self, connection: str, kinds: list[str], old: Health, new: Health) -> None:
         if not kinds or self.events is None:
