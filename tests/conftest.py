@@ -8,12 +8,14 @@ captured output or the exceptions the test saw.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -78,6 +80,31 @@ def aws(moto_server: str) -> str:
     """A clean moto state for each test."""
     requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
     return moto_server
+
+
+def register_rotation_lambda(url: str) -> str:
+    """moto stages AWSPENDING only for a secret with a rotation Lambda; with `use_docker: false` it registers
+    one without running it, and the test then plays Secrets Manager's part by calling the real handler's steps."""
+    requests.post(f"{url}/moto-api/config", json={"lambda": {"use_docker": False}}, timeout=5).raise_for_status()
+    iam = boto3.client("iam", endpoint_url=url, region_name=REGION)
+    role = iam.create_role(RoleName="rotation", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("handlers/rotation.py", "# stand-in: moto registers it, the test runs the real one\n")
+    functions = boto3.client("lambda", endpoint_url=url, region_name=REGION)
+    created = functions.create_function(
+        FunctionName="rotation",
+        Runtime="python3.12",
+        Role=role,
+        Handler="handlers.rotation.lambda_handler",
+        Code={"ZipFile": archive.getvalue()},
+    )
+    return str(created["FunctionArn"])
+
+
+@pytest.fixture
+def rotation_lambda(aws: str) -> str:
+    return register_rotation_lambda(aws)
 
 
 @pytest.fixture

@@ -8,41 +8,19 @@ part by calling the handler's steps in order, as the service would.
 from __future__ import annotations
 
 import importlib
-import io
 import json
-import zipfile
 from collections.abc import Callable
 from typing import Any
 
-import boto3
 import pytest
-import requests
 
 from core.errors import RotationError
 from local.servicenow_emulator import ServiceNowEmulator
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, REGION
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.test_callback import FakeContext
 
 STEPS = ("createSecret", "setSecret", "testSecret", "finishSecret")
 SECRET = "servicenow-oauth/prod"
-
-
-@pytest.fixture
-def rotation_lambda(aws: str) -> str:
-    requests.post(f"{aws}/moto-api/config", json={"lambda": {"use_docker": False}}, timeout=5).raise_for_status()
-    iam = boto3.client("iam", endpoint_url=aws, region_name=REGION)
-    role = iam.create_role(RoleName="rotation", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as zipped:
-        zipped.writestr("handlers/rotation.py", "# stand-in: moto registers it, the test runs the real one\n")
-    functions = boto3.client("lambda", endpoint_url=aws, region_name=REGION)
-    return functions.create_function(
-        FunctionName="rotation",
-        Runtime="python3.12",
-        Role=role,
-        Handler="handlers.rotation.lambda_handler",
-        Code={"ZipFile": archive.getvalue()},
-    )["FunctionArn"]
 
 
 @pytest.fixture
