@@ -13,7 +13,7 @@ export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint build clean deps chromium local demo bench connections connection-add authorize-url refresh revoke stage-secret
+.PHONY: test lint build clean deps chromium local demo bench soak connections connection-add authorize-url refresh revoke stage-secret
 
 deps: $(VENV)/.installed $(SAM_VENV)/.installed
 
@@ -46,6 +46,9 @@ ADMIN := $(RUN) -m admin
 
 bench: deps ## cold start, sweep cost, throughput, fan-out, failure cost, package size -> benchmarks/RESULTS.md
 	$(RUN) -m benchmarks.run
+
+soak: deps ## the life-cycle model for 100,000+ generated steps (STEPS=) -> soak section of benchmarks/RESULTS.md
+	$(RUN) -m benchmarks.soak $(if $(STEPS),--steps $(STEPS))
 
 demo: $(VENV)/.installed ## one connection's whole life on this machine: consent, tokens stored, refreshed
 	$(RUN) -m local.demo

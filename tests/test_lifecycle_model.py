@@ -1,0 +1,32 @@
+"""The life cycle under generated histories: faults, concurrency and operator actions combined, with the
+README's guarantees checked after every step (see tests/lifecycle_model.py). Derandomized with a fixed
+budget in `make test`; `make soak` runs the same machine for 100,000+ steps."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from tests.lifecycle_model import LifecycleModel, Stats
+
+EXAMPLES = int(os.environ.get("LIFECYCLE_EXAMPLES", "50"))
+STEPS = int(os.environ.get("LIFECYCLE_STEPS", "50"))
+
+
+def test_life_cycle_keeps_every_guarantee_under_generated_histories(moto_server: str) -> None:
+    LifecycleModel.moto_url = moto_server
+    run_state_machine_as_test(
+        LifecycleModel,
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            derandomize=True,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate] + ([] if os.environ.get("LIFECYCLE_NO_SHRINK") else [Phase.shrink]),
+        ),
+    )
+    assert Stats.checks > EXAMPLES
