@@ -76,14 +76,32 @@ class Stats:
     history: list[str] = []  # the current example's rules, for a violation's report
 
 
+# Rules that only set the world's condition for later steps: no code runs, no token or secret changes.
+CONDITIONS = frozenset(
+    {
+        "servicenow_changes_client_secret",
+        "instance_goes_down",
+        "instance_recovers",
+        "blip_on_next_attempt",
+        "secrets_manager_throttles",
+        "secrets_manager_recovers",
+        "eventbridge",
+        "appflow",
+    }
+)
+
+
 def recorded(function: Any) -> Any:
-    """Counts a rule and notes it in the current example's history (what a soak violation reports)."""
+    """Counts a rule and notes it in the current example's history (what a soak violation reports); after a
+    rule that ran code, the invariants look at the world afresh."""
 
     @functools.wraps(function)
     def step(self: Any, **arguments: Any) -> Any:
         Stats.rules[function.__name__] += 1
         shown = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
         Stats.history.append(f"{function.__name__}({shown})")
+        self.ran_code = function.__name__ not in CONDITIONS
+        self.seen = None if self.ran_code else self.seen
         return function(self, **arguments)
 
     return step
@@ -171,13 +189,18 @@ class LifecycleModel(RuleBasedStateMachine):
         # Transient failures (ServiceNow's or AWS's) since the stored access token was last renewed:
         self.faults_since_renewal = 0
         self.waiting_since: datetime | None = None
+        self.seen: tuple[str, Connection] | None = None  # AWSCURRENT as the invariants last read it
+        self.ran_code = True
 
     def teardown(self) -> None:
         self.emulator.__exit__(None, None, None)
 
     def _record_events(self, params: dict[str, Any], **_: Any) -> None:
-        """The change events the code published (and EventBridge accepted)."""
-        if not self.faults.events_down:
+        """The change events the code published and EventBridge accepted ("lost" where it refused them: events
+        are sent at most once, so the next one may repeat the last one seen)."""
+        if self.faults.events_down:
+            self.events.append("lost")
+        else:
             self.events.extend(json.loads(entry["Detail"])["change"] for entry in params.get("Entries", []))
 
     def refresher(self) -> Refresher:
@@ -190,6 +213,12 @@ class LifecycleModel(RuleBasedStateMachine):
         read = self.plain.get_secret_value(SecretId=SECRET, VersionStage="AWSCURRENT")
         return read["VersionId"], parse_connection(NAME, read["SecretString"], ("127.0.0.1",))
 
+    def look(self) -> tuple[str, Connection]:
+        """`current()`, read once per step for the invariants."""
+        if self.seen is None:
+            self.seen = self.current()
+        return self.seen
+
     def stages(self) -> dict[str, list[str]]:
         return dict(self.plain.describe_secret(SecretId=SECRET)["VersionIdsToStages"])
 
@@ -198,7 +227,7 @@ class LifecycleModel(RuleBasedStateMachine):
 
     def stored_refresh_tokens(self) -> set[str | None]:
         """AWSCURRENT's refresh token and a candidate's (which the next run adopts)."""
-        stored = {self.current()[1].refresh_token}
+        stored = {self.look()[1].refresh_token}
         for version, labels in self.stages().items():
             if CANDIDATE in labels:
                 value = self.plain.get_secret_value(SecretId=SECRET, VersionId=version)["SecretString"]
@@ -244,6 +273,7 @@ class LifecycleModel(RuleBasedStateMachine):
         if refused and connection.status == "reauthorization_required":
             self.parked_version = version
         self._note_renewal(connection_before, connection)
+        self.seen = None  # the rule may go on changing things
         return made
 
     def _note_renewal(self, before: Connection, after: Connection) -> None:
@@ -377,8 +407,12 @@ class LifecycleModel(RuleBasedStateMachine):
             for thread in threads:
                 thread.join()
 
+        first = len(self.events)
         self.act(both)
         assert not errors, errors
+        # Overlapping invocations each announce the change they observed (the README says so): one per sweep.
+        announced = self.events[first:]
+        self.events[first:] = [kind for n, kind in enumerate(announced) if kind not in announced[:n]]
 
     @rule(interleave=st.booleans(), break_test=st.booleans())
     @recorded
@@ -537,8 +571,8 @@ class LifecycleModel(RuleBasedStateMachine):
         """The refresh token ServiceNow honours is stored (AWSCURRENT, or a candidate the next run adopts),
         and every refresh token the stack was issued is stored or revoked."""
         Stats.steps += 1  # invariants run after every step
-        if not self.created:
-            return
+        if not self.created or not self.ran_code:
+            return  # nothing ran (and no time passed) since the last look
         Stats.checks += 1
         unknown = self.emulator.live_refresh_tokens(CLIENT_ID) - self.operator_tokens - self.stored_refresh_tokens()
         assert not (unknown - self.unseen_tokens), f"{len(unknown)} live refresh token(s) are stored nowhere"
@@ -561,9 +595,9 @@ class LifecycleModel(RuleBasedStateMachine):
     def no_expiry_from_one_blip(self) -> None:
         """With default settings one transient failure never lets the stored access token expire while the
         instance is healthy again."""
-        if self.down or self.unseen or self.faults_since_renewal > 1:
+        if self.down or self.unseen or self.faults_since_renewal > 1 or not self.created or not self.ran_code:
             return
-        version, connection = self.current()
+        version, connection = self.look()
         if connection.status != "active" or self.parked_version == version or not connection.access_token:
             return
         if sum(self.faults.pending.values()):
