@@ -24,8 +24,9 @@ from core.clock import to_iso, utc_now
 from core.config import load_settings
 from core.errors import ConnectionNotFound, InstanceNotAllowed, InvalidName, SecretFormatError, ServiceNowOAuthError
 from core.health import Health
+from core.lifecycle import RefreshPolicy, needs_person
 from core.monitor import Monitor
-from core.refresh import NEXT_CLIENT_SECRET, Refresher, RefreshPolicy, needs_person
+from core.refresh import NEXT_CLIENT_SECRET, Refresher
 from core.revoke import revoke_connection
 from core.secret import Connection, parse_connection
 from core.servicenow import ServiceNowClient, build_session

@@ -29,6 +29,7 @@ from core.health import CANDIDATE, Health, backoff, current_version
 if TYPE_CHECKING:
     from core.config import Settings
     from core.errors import FailureKind
+    from core.secret import Connection
 
 Result = Literal[
     "refreshed",
@@ -44,6 +45,7 @@ Result = Literal[
     "revoked",
 ]
 Decision = Literal["read", "not_due", "backing_off", "needs_person"]
+Action = Literal["refresh", "not_due", "needs_person"]
 
 
 class State(enum.Enum):
@@ -170,6 +172,48 @@ def plan(listing: Mapping[str, Any], now: datetime, policy: RefreshPolicy) -> De
     if health.access_expires and health.access_expires - now > policy.leeway:
         return "not_due"
     return "read"
+
+
+def needs_person(connection: Connection) -> bool:
+    """True when only a person can produce a token: no consent yet, or the last one was refused."""
+    if connection.status == "reauthorization_required":
+        return True
+    return connection.grant_type == "authorization_code" and not connection.refresh_token
+
+
+def is_due(connection: Connection, now: datetime, leeway: timedelta) -> bool:
+    """Due when the access token is missing or expires within the leeway (and a machine can refresh it)."""
+    if needs_person(connection):
+        return False
+    expires = connection.access_token_expires_at
+    return not connection.access_token or expires is None or expires - now <= leeway
+
+
+def decide(
+    connection: Connection,
+    version_id: str,
+    health: Health | None,
+    now: datetime,
+    policy: RefreshPolicy,
+    *,
+    force: bool = False,
+) -> Action:
+    """What to do with a connection whose value was read (`plan` already let it through).
+
+    A refused credential is tried again once its secret is a newer version than the one ServiceNow refused
+    (a fixed password or client secret, a new refresh token); unknown health counts as unchanged, so nothing
+    is retried blindly. `force` (the operator's `make refresh FORCE=1`) tries now. Without any credential
+    only a consent helps.
+    """
+    refused = rejected_version(health) if health is not None else None
+    changed = refused is not None and refused != version_id
+    retrying = connection.status == "reauthorization_required" and (force or changed)
+    no_credential = connection.grant_type == "authorization_code" and not connection.refresh_token
+    if no_credential or (connection.status == "reauthorization_required" and not retrying):
+        return "needs_person"
+    if not force and not retrying and not is_due(connection, now, policy.leeway):
+        return "not_due"
+    return "refresh"
 
 
 def retry_allowed(health: Health) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -27,7 +27,7 @@ from core.errors import (
     TransientProviderError,
 )
 from core.health import Health
-from core.lifecycle import Outcome, RefreshPolicy, Result, plan, rejected_version, retry_allowed
+from core.lifecycle import Outcome, RefreshPolicy, Result, decide, is_due, needs_person, plan, retry_allowed
 from core.secret import Connection
 from core.servicenow import ServiceNowClient, Token
 from core.store import AWSCURRENT, ConnectionStore, SecretWriteFailed, StoredConnection, adoptable_token
@@ -35,25 +35,10 @@ from core.store import AWSCURRENT, ConnectionStore, SecretWriteFailed, StoredCon
 if TYPE_CHECKING:
     from core.monitor import Monitor
 
-__all__ = ["Outcome", "RefreshPolicy", "Refresher", "is_due", "needs_person", "request_token"]
+__all__ = ["Outcome", "RefreshPolicy", "Refresher", "request_token"]
 NEXT_CLIENT_SECRET = "clientSecretNext"
 BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
-
-
-def needs_person(connection: Connection) -> bool:
-    """True when only a person can produce a token: no consent yet, or the last one was refused."""
-    if connection.status == "reauthorization_required":
-        return True
-    return connection.grant_type == "authorization_code" and not connection.refresh_token
-
-
-def is_due(connection: Connection, now: datetime, leeway: timedelta) -> bool:
-    """Due when the access token is missing or expires within the leeway (and a machine can refresh it)."""
-    if needs_person(connection):
-        return False
-    expires = connection.access_token_expires_at
-    return not connection.access_token or expires is None or expires - now <= leeway
 
 
 def request_token(client: ServiceNowClient, connection: Connection, *, replay: bool = True) -> tuple[Token, str]:
@@ -91,13 +76,6 @@ def _same_credential(a: Connection, b: Connection) -> bool:
     """Whether a re-read secret still holds the credential that was just refused (a newly staged
     `clientSecretNext` counts as a change: it deserves its own try)."""
     return _credential(a) == _credential(b)
-
-
-def _changed_since_marked(read: StoredConnection) -> bool:
-    """True when the secret is a newer version than the one ServiceNow refused (from the health tags);
-    unknown health counts as unchanged, so nothing is retried blindly."""
-    refused = rejected_version(Health.from_tags(read.tags)) if read.tags is not None else None
-    return refused is not None and refused != read.version_id
 
 
 def _expiring(connection: Connection, now: datetime, policy: RefreshPolicy) -> bool:
@@ -180,16 +158,14 @@ class Refresher:
     def _refresh(self, read: StoredConnection, force: bool) -> Outcome:
         now = self.clock()
         connection = read.connection
-        # A refused credential is tried again once its secret has changed since it was refused (a fixed
-        # password or client secret); `force` tries now. Without any credential only a consent helps.
-        retrying = connection.status == "reauthorization_required" and (force or _changed_since_marked(read))
-        no_credential = connection.grant_type == "authorization_code" and not connection.refresh_token
-        if no_credential or (connection.status == "reauthorization_required" and not retrying):
+        health = Health.from_tags(read.tags) if read.tags is not None else None
+        action = decide(connection, read.version_id, health, now, self.policy, force=force)
+        if action == "needs_person":
             return self._done(connection, "needs_person", now, at=read)
-        if not force and not retrying and not is_due(connection, now, self.policy.leeway):
+        if action == "not_due":
             # Not due, but a push to AppFlow may still be owed from an earlier run.
             return self._done(connection, "not_due", now, at=read, **self._sync_appflow(read))
-        health = Health.from_tags(read.tags)
+        health = health or Health()
         try:
             token, grant = request_token(self.client, connection, replay=retry_allowed(health))
         except CredentialRejected as error:

@@ -14,7 +14,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from core.errors import RotationError
-from core.refresh import Refresher, needs_person
+from core.lifecycle import needs_person
+from core.refresh import Refresher
 from core.store import AWSCURRENT, AWSPENDING
 
 Step = Callable[["Rotation", str, str, str], None]

@@ -12,9 +12,9 @@ from botocore.config import Config
 from core.appflow import AppFlowSync
 from core.clock import utc_now
 from core.config import Settings
+from core.lifecycle import RefreshPolicy
 from core.monitor import Monitor
 from core.redaction import RedactingFormatter
-from core.refresh import RefreshPolicy
 from core.servicenow import ServiceNowClient, build_session
 
 if TYPE_CHECKING:
