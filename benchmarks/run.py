@@ -425,6 +425,9 @@ def progress(section: str, started: float) -> None:
     print(f"[bench] {section} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
 
+SOAK_START, SOAK_END = "<!-- soak -->", "<!-- /soak -->"  # benchmarks/soak.py writes between these
+
+
 def render(rows: list[Row], command: str, seconds: float) -> str:
     lines = [
         "# Benchmark results",
@@ -471,7 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         world.stop()
     command = "python -m benchmarks.run" + (" --smoke" if args.smoke else "")
     report = render(rows, command, time.perf_counter() - started)
-    Path(args.output).write_text(report)
+    output = Path(args.output)
+    previous = output.read_text() if output.exists() else ""
+    if SOAK_START in previous and SOAK_END in previous:  # make soak's section stays until the next soak
+        report += "\n" + SOAK_START + previous.split(SOAK_START, 1)[1].split(SOAK_END, 1)[0] + SOAK_END + "\n"
+    output.write_text(report)
     print(report)
     return 0
 

@@ -21,8 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.run import SOAK_END as END  # the markers make bench keeps
+from benchmarks.run import SOAK_START as START
+
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- soak -->", "<!-- /soak -->"
 
 
 def worker(steps: int, shrink: bool) -> dict[str, Any]:
