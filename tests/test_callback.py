@@ -30,6 +30,10 @@ class FakeContext:
     memory_limit_in_mb: int = 256
     invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:callback"
     aws_request_id: str = "0f5bd1a5-7d3c-4a5e-9d5b-6c1f8e2a9b10"
+    remaining_ms: int = 240_000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
 
 
 @dataclass

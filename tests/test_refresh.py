@@ -264,3 +264,14 @@ def test_a_write_that_keeps_failing_is_loud_and_changes_nothing(world: World, le
     assert (outcome.result, outcome.failure) == ("write_failed", "transient")
     assert outcome.detail == "secret write failed (ThrottlingException)"
     assert world.value() == before
+
+
+def test_a_sweep_without_time_for_a_worst_case_attempt_defers_due_connections(world: World) -> None:
+    world.add()
+    world.clock.advance(1500)
+    before, requests_before = world.value(), world.emulator.token_requests()
+    [outcome] = world.refresher().sweep(time_left=lambda: 30.0)
+    assert outcome.result == "deferred"
+    assert world.value() == before and world.emulator.token_requests() == requests_before
+    [outcome] = world.refresher().sweep(time_left=lambda: 200.0)
+    assert outcome.result == "refreshed"

@@ -106,3 +106,24 @@ def test_many_due_connections_fan_out_through_sqs(
     assert response == {"batchItemFailures": [{"itemIdentifier": "poison-1"}]}
     assert all(expiry(secretsmanager, name) > datetime.now(UTC) + timedelta(minutes=20) for name in names)
     assert sorted(json.loads(message["Body"])["connection"] for message in messages) == names  # names only
+
+
+def test_a_sweep_short_of_time_starts_no_refresh_it_might_not_finish_and_queues_them(
+    env: None, aws: str, secretsmanager: Any, emulator: ServiceNowEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep whose remaining time is below one worst-case attempt (75 s) hands the due connections to the
+    queue instead of starting them (a timed-out sweep would be cut off mid-write)."""
+    sqs = boto3.client("sqs", endpoint_url=aws, region_name=REGION)
+    queue_url = sqs.create_queue(QueueName="refresh")["QueueUrl"]
+    monkeypatch.setenv("REFRESH_QUEUE_URL", queue_url)
+    for name in ("a", "b"):
+        add_due_connection(secretsmanager, emulator, name)
+    import handlers.refresh
+
+    handler = importlib.reload(handlers.refresh)
+    before = emulator.token_requests()
+    assert handler.lambda_handler({}, FakeContext(remaining_ms=60_000)) == {"queued": 2}
+    assert emulator.token_requests() == before
+    bodies = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)["Messages"]
+    assert sorted(json.loads(m["Body"])["connection"] for m in bodies) == ["a", "b"]
+    assert handler.lambda_handler({}, FakeContext(remaining_ms=200_000)) == {"refreshed": 2}

@@ -41,6 +41,7 @@ Result = Literal[
     "invalid",
     "write_failed",
     "queued",
+    "deferred",
     "consented",
     "revoked",
 ]
@@ -224,7 +225,7 @@ def retry_allowed(health: Health) -> bool:
 
 def advance(old: Health, outcome: Outcome, now: datetime, policy: RefreshPolicy) -> tuple[Health, tuple[str, ...]]:
     """Fold one outcome into a connection's health: the new health and the change events to publish."""
-    if outcome.result in ("invalid", "queued", "backing_off"):
+    if outcome.result in ("invalid", "queued", "deferred", "backing_off"):
         return old, ()
     before = state_of(old)
     new = replace(

@@ -56,7 +56,7 @@ class Monitor:
 
     def observe(self, read: StoredConnection, outcome: Outcome) -> Outcome:
         """Fold one outcome into the connection's health (lifecycle.advance); returns it with the events sent."""
-        if outcome.arn is None or outcome.result in ("invalid", "queued"):
+        if outcome.arn is None or outcome.result in ("invalid", "queued", "deferred"):
             return outcome
         old = Health.from_tags(read.tags if read.tags is not None else self._tags(outcome.arn))
         new, kinds = advance(old, outcome, self.clock(), self.policy)

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 __all__ = ["Outcome", "RefreshPolicy", "Refresher", "request_token"]
 NEXT_CLIENT_SECRET = "clientSecretNext"
 BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
+# The longest one refresh can take (template.yaml states the arithmetic): 3 token requests x (3.05 s connect +
+# 10 s read) + 2 Retry-After waits of up to 10 s, plus the compare-and-swap write's own retries.
+ATTEMPT_WORST_SECONDS = 75.0
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 
 
@@ -401,16 +404,31 @@ class Refresher:
         max_workers: int = 8,
         fan_out: Callable[[list[str]], None] | None = None,
         fan_out_above: int | None = None,
+        time_left: Callable[[], float] | None = None,
     ) -> list[Outcome]:
         """Refresh every due connection: here with a bounded pool, or, when more are due than one
-        invocation should handle, by handing their names to `fan_out` (the SQS queue's workers)."""
+        invocation should handle, by handing their names to `fan_out` (the SQS queue's workers).
+
+        With `time_left` (the Lambda's remaining seconds), no refresh starts that might not finish: the
+        ones left are handed to `fan_out` too, or wait for the next sweep ("deferred") without one.
+        """
         outcomes, due = self.scan()
         if fan_out is not None and fan_out_above is not None and len(due) > fan_out_above:
             fan_out([read.connection.name for read in due])
             return outcomes + [Outcome(read.connection.name, "queued") for read in due]
+
+        def refresh_in_time(read: StoredConnection) -> Outcome:
+            if time_left is not None and time_left() < ATTEMPT_WORST_SECONDS:
+                return Outcome(read.connection.name, "deferred")
+            return self._safe_refresh(read)
+
         with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-            outcomes.extend(pool.map(self._safe_refresh, due))
-        return outcomes
+            refreshed = list(pool.map(refresh_in_time, due))
+        deferred = [outcome.connection for outcome in refreshed if outcome.result == "deferred"]
+        if deferred and fan_out is not None:
+            fan_out(deferred)
+            refreshed = [replace(o, result="queued") if o.result == "deferred" else o for o in refreshed]
+        return outcomes + refreshed
 
     def _safe_refresh(self, read: StoredConnection) -> Outcome:
         try:

@@ -30,6 +30,9 @@ fan_out = (
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
     """EventBridge scheduled event (its content is not used)."""
     outcomes = refresher.sweep(
-        max_workers=settings.refresh_concurrency, fan_out=fan_out, fan_out_above=settings.fan_out_above
+        max_workers=settings.refresh_concurrency,
+        fan_out=fan_out,
+        fan_out_above=settings.fan_out_above,
+        time_left=lambda: context.get_remaining_time_in_millis() / 1000,
     )
     return report_outcomes(outcomes, logger, metrics, utc_now())

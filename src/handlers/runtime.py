@@ -33,13 +33,17 @@ def build_logger() -> Logger:
 
 
 def build_store(settings: Settings) -> ConnectionStore:
-    client = aws_client("secretsmanager")
+    # One pooled connection per refresh thread (botocore's default pool holds 10), plus the sweep's own reads.
+    client = aws_client("secretsmanager", max_pool_connections=max(10, settings.refresh_concurrency + 2))
     return ConnectionStore(client, prefix=settings.secret_prefix, allowed_hosts=settings.allowed_hosts)
 
 
-def aws_client(service: str) -> Any:
+def aws_client(service: str, *, max_pool_connections: int | None = None) -> Any:
     """A client from the container's one botocore session (region and endpoint from the environment)."""
-    return _SESSION.create_client(service, config=AWS_CONFIG)
+    config = AWS_CONFIG
+    if max_pool_connections is not None:
+        config = config.merge(Config(max_pool_connections=max_pool_connections))
+    return _SESSION.create_client(service, config=config)
 
 
 class LazyClient:
