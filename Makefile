@@ -7,7 +7,9 @@ SAM_VENV := .venv-sam
 CHECKOV_VENV := .venv-checkov
 PIP_FLAGS := --quiet --disable-pip-version-check
 export SAM_CLI_TELEMETRY := 0
-export AWS_DEFAULT_REGION ?= us-east-1
+# Only the targets that run on this machine (moto, the emulator) default the region; the operator targets
+# (connections, authorize-url, refresh, ...) use your own AWS configuration, profile region included.
+test bench soak demo local lint: export AWS_DEFAULT_REGION ?= us-east-1
 export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 
 CHROMIUM := /usr/bin/chromium

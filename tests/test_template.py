@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -120,3 +121,96 @@ def test_no_role_can_create_delete_or_share_secrets(translated: dict[str, Any]) 
         for statement in statements:
             for action in _as_list(statement["Action"]):
                 assert action != "secretsmanager:*" and action.split(":")[-1] not in forbidden, (role, action)
+
+
+def _statements_allowing(policy: dict[str, Any], service: str) -> list[dict[str, Any]]:
+    return [
+        statement
+        for statement in policy["Statement"]
+        if statement["Effect"] == "Allow" and service in _as_list(statement.get("Principal", {}).get("Service", []))
+    ]
+
+
+def test_every_topic_an_alarm_or_rule_notifies_is_on_a_key_both_services_may_use(translated: dict[str, Any]) -> None:
+    """CloudWatch and EventBridge cannot publish to a topic on the AWS managed SNS key; the topic's own key must
+    let both use it, without source conditions for EventBridge (unsupported there: every event would be dropped),
+    and the topic policy (which replaces the default one) must let both publish."""
+    resources = translated["Resources"]
+    targeted: dict[str, set[str]] = {}
+    for resource in resources.values():
+        properties = resource.get("Properties", {})
+        if resource["Type"] == "AWS::CloudWatch::Alarm":
+            for action in properties.get("AlarmActions", []) + properties.get("OKActions", []):
+                targeted.setdefault(action["Ref"], set()).add("cloudwatch.amazonaws.com")
+        if resource["Type"] == "AWS::Events::Rule":
+            for target in properties.get("Targets", []):
+                if resources.get(target["Arn"].get("Ref", ""), {}).get("Type") == "AWS::SNS::Topic":
+                    targeted.setdefault(target["Arn"]["Ref"], set()).add("events.amazonaws.com")
+    assert targeted, "no alarm or rule notifies a topic?"
+    for topic, services in targeted.items():
+        key = resources[topic]["Properties"]["KmsMasterKeyId"]
+        assert key != "alias/aws/sns" and "Fn::GetAtt" in key, (topic, key)
+        key_policy = resources[key["Fn::GetAtt"][0]]["Properties"]["KeyPolicy"]
+        topic_policies = [
+            r["Properties"]["PolicyDocument"]
+            for r in resources.values()
+            if r["Type"] == "AWS::SNS::TopicPolicy" and {"Ref": topic} in r["Properties"]["Topics"]
+        ]
+        for service in {"cloudwatch.amazonaws.com", "events.amazonaws.com"}:
+            [grant] = _statements_allowing(key_policy, service)
+            assert {"kms:Decrypt", "kms:GenerateDataKey*"} <= set(grant["Action"]), service
+            if service == "events.amazonaws.com":
+                assert "Condition" not in grant, "EventBridge's KMS requests carry no aws:SourceArn/SourceAccount"
+            else:
+                assert "aws:SourceArn" in json.dumps(grant["Condition"]), "CloudWatch's grant is scoped to our alarms"
+            if service in services:
+                for policy in topic_policies:
+                    [publish] = _statements_allowing(policy, service)
+                    assert publish["Action"] == "sns:Publish" and "aws:SourceArn" in json.dumps(publish["Condition"])
+
+
+def test_each_condition_reaches_a_person_once(translated: dict[str, Any]) -> None:
+    """An alarm that notifies and an event the rule forwards for the same condition would be two e-mails."""
+    resources = translated["Resources"]
+    forwarded = set(resources["AttentionEventsRule"]["Properties"]["EventPattern"]["detail-type"])
+    by_metric = {
+        "ReauthorizationRequired": "ServiceNow Connection Reauthorization Required",
+        "RefreshTokenExpiring": "ServiceNow Refresh Token Expiring",
+        "ConnectionsFailing": "ServiceNow Connection Failing",
+    }
+    for name, resource in resources.items():
+        if resource["Type"] != "AWS::CloudWatch::Alarm":
+            continue
+        properties = resource["Properties"]
+        event = by_metric.get(properties["MetricName"])
+        assert bool(properties.get("AlarmActions")) != (event in forwarded), name
+    alarmed = {
+        r["Properties"]["Dimensions"][0]["Value"]["Ref"]
+        for r in resources.values()
+        if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "Errors"
+    }
+    assert {"RefreshFunction", "WorkerFunction", "RotationFunction"} <= alarmed
+    assert any(
+        r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "InvalidConnectionSecret"
+        for r in resources.values()
+    )
+
+
+def test_a_failed_first_create_leaves_no_secret_behind_to_block_the_retry() -> None:
+    for name, resource in load_template()["Resources"].items():
+        if resource["Type"] == "AWS::SecretsManager::Secret":
+            assert resource.get("DeletionPolicy") == "RetainExceptOnCreate", name
+
+
+def test_timeouts_fit_the_worst_case_refresh(translated: dict[str, Any]) -> None:
+    """Sized from refresh.ATTEMPT_WORST_SECONDS, as the template's comments state."""
+    from core.refresh import ATTEMPT_WORST_SECONDS
+
+    resources = translated["Resources"]
+    worker = resources["WorkerFunction"]["Properties"]
+    [mapping] = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
+    assert mapping["BatchSize"] * ATTEMPT_WORST_SECONDS <= worker["Timeout"]
+    assert resources["RefreshQueue"]["Properties"]["VisibilityTimeout"] >= 6 * worker["Timeout"]
+    assert resources["RefreshFunction"]["Properties"]["Timeout"] > 2 * ATTEMPT_WORST_SECONDS
+    [invoke] = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig"]
+    assert invoke["FunctionName"] == {"Ref": "RefreshFunction"} and invoke["MaximumRetryAttempts"] == 0
