@@ -15,7 +15,7 @@ export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint build clean deps chromium local demo bench soak connections connection-add authorize-url refresh revoke stage-secret
+.PHONY: test lint build clean deps chromium local demo bench soak connections connection-add authorize-url refresh revoke stage-secret smoke
 
 deps: $(VENV)/.installed $(SAM_VENV)/.installed
 
@@ -71,6 +71,9 @@ refresh: $(VENV)/.installed ## CONNECTION=, FORCE=1 to refresh a token that is n
 
 stage-secret: $(VENV)/.installed ## CONNECTION=; prompts for the new client secret (rollover)
 	$(ADMIN) connections stage-secret "$(CONNECTION)"
+
+smoke: $(VENV)/.installed ## STACK=: check a deployed stack (outputs, callback page, one sweep, a test alarm)
+	$(ADMIN) smoke --stack "$(STACK)"
 
 revoke: $(VENV)/.installed ## CONNECTION=
 	$(ADMIN) revoke "$(CONNECTION)"

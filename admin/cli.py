@@ -220,6 +220,20 @@ def cmd_revoke(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     return 0
 
 
+def cmd_smoke(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    from admin.smoke import smoke
+
+    return smoke(
+        args.stack,
+        cloudformation=boto3.client("cloudformation"),
+        lambda_client=boto3.client("lambda"),
+        cloudwatch=boto3.client("cloudwatch"),
+        sns=boto3.client("sns"),
+        http=build_session(retries=0),
+        out=out,
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="servicenow-oauth", description=__doc__.splitlines()[0])
     root.add_argument(
@@ -268,6 +282,10 @@ def parser() -> argparse.ArgumentParser:
     revoke = commands.add_parser("revoke", help="revoke the tokens at ServiceNow and clear them from the secret")
     revoke.add_argument("name")
     revoke.set_defaults(run=cmd_revoke)
+
+    check = commands.add_parser("smoke", help="check a deployed stack (read-only toward connections)")
+    check.add_argument("--stack", required=True)
+    check.set_defaults(run=cmd_smoke)
     return root
 
 

@@ -82,18 +82,18 @@ def aws(moto_server: str) -> str:
     return moto_server
 
 
-def register_rotation_lambda(url: str) -> str:
+def register_rotation_lambda(url: str, name: str = "rotation") -> str:
     """moto stages AWSPENDING only for a secret with a rotation Lambda; with `use_docker: false` it registers
     one without running it, and the test then plays Secrets Manager's part by calling the real handler's steps."""
     requests.post(f"{url}/moto-api/config", json={"lambda": {"use_docker": False}}, timeout=5).raise_for_status()
     iam = boto3.client("iam", endpoint_url=url, region_name=REGION)
-    role = iam.create_role(RoleName="rotation", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument="{}")["Role"]["Arn"]
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zipped:
         zipped.writestr("handlers/rotation.py", "# stand-in: moto registers it, the test runs the real one\n")
     functions = boto3.client("lambda", endpoint_url=url, region_name=REGION)
     created = functions.create_function(
-        FunctionName="rotation",
+        FunctionName=name,
         Runtime="python3.12",
         Role=role,
         Handler="handlers.rotation.lambda_handler",
