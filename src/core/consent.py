@@ -12,8 +12,11 @@ from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
 
+from botocore.exceptions import ClientError
+
 from core.clock import from_iso, to_iso
 from core.errors import (
+    ConcurrentUpdate,
     ConsentDenied,
     ConsentError,
     IdentityUnverified,
@@ -22,7 +25,7 @@ from core.errors import (
     WrongUser,
 )
 from core.secret import Connection
-from core.servicenow import ServiceNowClient, authorization_url, code_challenge
+from core.servicenow import ServiceNowClient, Token, authorization_url, code_challenge
 from core.signing import ConsentState, code_verifier_for, issue_state, verify_authorize_link, verify_state
 from core.store import ConnectionStore, StoredConnection
 
@@ -141,17 +144,47 @@ def complete_consent(
         replaced[0] = current.refresh_token if current.refresh_token != updated.refresh_token else None
         return replace(updated, redirect_uri=callback_url, extra=extra)
 
+    issued = token.refresh_token or token.access_token
+    _check_user_or_discard(client, read.connection, token.access_token, issued)
     try:
-        _check_user(client, read.connection, token.access_token)
         stored = store.update(name, store_tokens)
+    except (ClientError, ConcurrentUpdate):
+        # An AWS-side failure can hide a write that landed (a stage move whose answer was lost): revoke only
+        # what is certainly not stored; if that cannot be told, keep the tokens alive (never a dead secret).
+        landed = _stored(store, name, token)
+        if landed is None:
+            raise
+        if not landed:
+            _discard(client, read.connection, issued)
+            raise
+        stored = store.get(name)
     except BaseException:
-        _discard(client, read.connection, token.refresh_token or token.access_token)
+        _discard(client, read.connection, issued)  # a spent state, a vanished or broken secret: never stored
         raise
     if replaced[0]:
         # The consent superseded another refresh token (a re-consent): nobody uses it any more, so revoke it
         # rather than leave it alive in ServiceNow for up to 100 days. Best effort: the consent stands.
         _discard(client, stored.connection, replaced[0])
     return stored
+
+
+def _check_user_or_discard(client: ServiceNowClient, connection: Connection, access_token: str, issued: str) -> None:
+    try:
+        _check_user(client, connection, access_token)
+    except BaseException:
+        _discard(client, connection, issued)
+        raise
+
+
+def _stored(store: ConnectionStore, name: str, token: Token) -> bool | None:
+    """Whether AWSCURRENT holds these tokens now; None when Secrets Manager cannot say."""
+    try:
+        current = store.get(name).connection
+    except Exception:
+        return None
+    return current.access_token == token.access_token or (
+        token.refresh_token is not None and current.refresh_token == token.refresh_token
+    )
 
 
 def _check_user(client: ServiceNowClient, connection: Connection, access_token: str) -> None:

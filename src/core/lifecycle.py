@@ -46,7 +46,9 @@ Result = Literal[
     "revoked",
 ]
 Decision = Literal["read", "not_due", "backing_off", "needs_person"]
-Action = Literal["refresh", "not_due", "needs_person"]
+Action = Literal["refresh", "not_due", "needs_person", "backing_off"]
+# Changes that only the run that saw them can announce (the others are derived again from the health tags).
+ONE_SHOT_EVENTS = frozenset({"authorized", "client_secret_promoted"})
 
 
 class State(enum.Enum):
@@ -214,6 +216,10 @@ def decide(
         return "needs_person"
     if not force and not retrying and not is_due(connection, now, policy.leeway):
         return "not_due"
+    waiting = health is not None and health.next_attempt is not None and now < health.next_attempt - policy.slack
+    if not force and waiting and health is not None and health.version == version_id:
+        # Read for another reason (a candidate to adopt, an AppFlow push), but still backing off: no attempt.
+        return "backing_off"
     return "refresh"
 
 
@@ -226,6 +232,10 @@ def retry_allowed(health: Health) -> bool:
 def advance(old: Health, outcome: Outcome, now: datetime, policy: RefreshPolicy) -> tuple[Health, tuple[str, ...]]:
     """Fold one outcome into a connection's health: the new health and the change events to publish."""
     if outcome.result in ("invalid", "queued", "deferred", "backing_off"):
+        return old, ()
+    if outcome.result == "not_due" and outcome.status == "reauthorization_required":
+        # Read while someone changed a refused secret (credential changed while refreshing): nothing was tried,
+        # so the old health stands and the next sweep, seeing a new version, tries the change.
         return old, ()
     before = state_of(old)
     new = replace(

@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from core.appflow import profile_names
 from core.clock import to_iso
 from core.health import Health
-from core.lifecycle import Outcome, RefreshPolicy, advance, event_state
+from core.lifecycle import ONE_SHOT_EVENTS, Outcome, RefreshPolicy, advance, event_state
 from core.store import StoredConnection
 
 SOURCE = "servicenow-oauth"
@@ -62,8 +62,9 @@ class Monitor:
         new, kinds = advance(old, outcome, self.clock(), self.policy)
         if not self.save(outcome.arn, old, new):
             # The tags still describe the old health, so the next run derives the same change again and
-            # announces it then: publishing now would announce it twice.
-            return replace(outcome, events=())
+            # announces it then: publishing it now would announce it twice. Only what no later run can
+            # derive (a consent, a promoted client secret) goes out now.
+            kinds = tuple(kind for kind in kinds if kind in ONE_SHOT_EVENTS)
         self.publish(outcome.connection, list(kinds), old, new)
         return replace(outcome, events=kinds)
 

@@ -165,6 +165,8 @@ class Refresher:
         action = decide(connection, read.version_id, health, now, self.policy, force=force)
         if action == "needs_person":
             return self._done(connection, "needs_person", now, at=read)
+        if action == "backing_off":
+            return self._done(connection, "backing_off", now, at=read)
         if action == "not_due":
             # Not due, but a push to AppFlow may still be owed from an earlier run.
             return self._done(connection, "not_due", now, at=read, **self._sync_appflow(read))
@@ -245,12 +247,16 @@ class Refresher:
         for _ in range(5):
             new = adjust(read.connection).with_token(token, grant=grant, now=now)
             try:
-                written = self.store.compare_and_swap(read, new, request_token=adoptable_token(read.version_id))
+                token_id = adoptable_token(read.version_id, spent)
+                written = self.store.compare_and_swap(read, new, request_token=token_id)
             except ConcurrentUpdate:
                 read = self.store.get_latest(read.connection.name)
                 stored = read.connection.refresh_token
                 if new_refresh and stored == token.refresh_token:
-                    return self._done(read.connection, "not_due", now, at=read, detail="updated concurrently")
+                    # Our candidate was taken up by the re-read (written onto the winner's value): stored.
+                    return self._done(
+                        read.connection, "refreshed", now, at=read, detail="written onto a concurrent change"
+                    )
                 if new_refresh and stored == spent:
                     continue  # the winner kept the token we spent: ours supersede it
                 if new_refresh:
@@ -434,7 +440,13 @@ class Refresher:
         try:
             return self.refresh(read)
         except Exception as error:  # one broken connection must never stop the others
-            return Outcome(read.connection.name, "failed", failure="transient", detail=type(error).__name__)
+            failed = self._done(
+                read.connection, "failed", self.clock(), at=read, failure="transient", detail=type(error).__name__
+            )
+            try:
+                return self.observe(read, failed)  # recorded, so it backs off like any other failure
+            except Exception:
+                return failed
 
 
 def from_listing(entry: dict[str, Any], decision: str, name: str) -> Outcome:

@@ -18,7 +18,7 @@ def revoke_connection(store: ConnectionStore, client: ServiceNowClient, name: st
     Raises:
         ProviderError: ServiceNow refused or could not be reached; the secret is unchanged.
     """
-    read = store.get(name)
+    read = store.get_latest(name)  # a candidate's live refresh token is revoked too, never left behind
     for token in (read.connection.refresh_token, read.connection.access_token):
         if token:
             client.revoke(read.connection.app, token)

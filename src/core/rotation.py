@@ -14,6 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from core.errors import RotationError
+from core.health import CANDIDATE
 from core.lifecycle import needs_person
 from core.refresh import Refresher
 from core.store import AWSCURRENT, AWSPENDING
@@ -112,6 +113,11 @@ class Rotation:
         if current == token:
             return
         tags = {tag["Key"]: tag["Value"] for tag in metadata.get("Tags", [])}
+        if any(CANDIDATE in labels and AWSCURRENT not in labels for labels in metadata["VersionIdsToStages"].values()):
+            raise RotationError(
+                f"connection {name!r}: a newer refresh waits in a candidate version (its write did not finish); "
+                "not promoting the pending copy over it - the next sweep adopts it, then rotate again"
+            )
         if tags.get(BASE_TAG) != f"{token} {current}":
             raise RotationError(
                 f"connection {name!r} changed after createSecret (or was not created by it); not promoting a "

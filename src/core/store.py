@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -48,14 +48,39 @@ class SecretWriteFailed(ClientError):  # type: ignore[misc]
         self.staged = staged
 
 
-def adoptable_token(base_version: str) -> str:
-    """A version id that names the version it was built on, so a later run can tell that a candidate left
-    by a failed stage move supersedes the current value (and adopt it) without any other record."""
-    return f"{_base_mark(base_version)}-{uuid.uuid4().hex}"
+def adoptable_token(base_version: str, spent_refresh_token: str | None = None) -> str:
+    """A version id (58 characters; Secrets Manager allows 64) naming the version the candidate was built on
+    and the refresh token its refresh spent (truncated SHA-256 marks, never the token), so a later run can
+    tell, without any other record, that the candidate supersedes the current value: adopt it when built on
+    the current version, or rebase its tokens onto a newer value that still holds the spent refresh token."""
+    return f"{_mark(base_version)}-{_mark(spent_refresh_token or '')}-{uuid.uuid4().hex[:24]}"
 
 
-def _base_mark(version: str) -> str:
-    return hashlib.sha256(version.encode()).hexdigest()[:24]
+def _mark(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+def _candidate_marks(candidate: str) -> tuple[str, str] | None:
+    """(base mark, spent-token mark) of a candidate version id built by `adoptable_token`, else None."""
+    parts = candidate.split("-")
+    if len(parts) == 3 and len(parts[0]) == len(parts[1]) == 16:
+        return parts[0], parts[1]
+    return None
+
+
+def with_tokens_of(base: Connection, source: Connection) -> Connection:
+    """`base` with the tokens (and what describes them) of `source`: everything else stays `base`'s."""
+    return replace(
+        base,
+        access_token=source.access_token,
+        refresh_token=source.refresh_token,
+        token_type=source.token_type,
+        access_token_expires_at=source.access_token_expires_at,
+        refresh_token_expires_at=source.refresh_token_expires_at,
+        rotates_refresh_token=source.rotates_refresh_token or base.rotates_refresh_token,
+        status=source.status,
+        updated_at=source.updated_at,
+    )
 
 
 def validate_name(name: str) -> str:
@@ -195,33 +220,45 @@ class ConnectionStore:
         return next((version for version, labels in stages.items() if AWSCURRENT in labels), None)
 
     def get_latest(self, name: str) -> StoredConnection:
-        """`get`, then adopt a candidate version a failed write left behind (one DescribeSecret more)."""
+        """`get`, then adopt a candidate version a failed write left behind (one DescribeSecret more, which
+        also brings the health tags)."""
         read = self.get(name)
-        stages = self.client.describe_secret(SecretId=read.arn).get("VersionIdsToStages", {})
-        return self.adopt(read, stages)
+        described = self.client.describe_secret(SecretId=read.arn)
+        tags = {tag["Key"]: tag["Value"] for tag in described.get("Tags", [])}
+        read = StoredConnection(read.connection, read.version_id, read.arn, tags)
+        return self.adopt(read, described.get("VersionIdsToStages", {}))
 
     def adopt(self, read: StoredConnection, stages: Mapping[str, Any]) -> StoredConnection:
-        """Promote the candidate version built on `read` (a refresh whose stage move failed left its tokens
-        there: in rotating mode the only copy of the live refresh token); clear any other stale candidate.
+        """Take up the tokens a refresh whose stage move failed left in a candidate version (in rotating mode
+        the only copy of the live refresh token): promote the candidate if it was built on `read`; if a newer
+        value was written meanwhile that still holds the refresh token the candidate's refresh spent (an
+        operator's change made without adopting), write the candidate's tokens onto it; clear any other.
 
-        Returns the connection as it now stands: the adopted candidate, or `read` itself.
+        Returns the connection as it now stands: with the candidate's tokens, or `read` itself.
         """
         candidate = next((v for v, labels in stages.items() if CANDIDATE in labels), None)
         if candidate is None or candidate == read.version_id:
             return read
         name = read.connection.name
-        if not candidate.startswith(_base_mark(read.version_id) + "-"):
-            # Built on an older value (a lost race, a failed consent write): never promote it over newer data.
+        marks = _candidate_marks(candidate)
+        built_on_read = marks is not None and marks[0] == _mark(read.version_id)
+        spent = read.connection.refresh_token
+        rebase = marks is not None and not built_on_read and spent is not None and marks[1] == _mark(spent)
+        if not (built_on_read or rebase):
+            # Built on an older value whose tokens were superseded (a lost race, a consent): never over newer data.
             self.client.update_secret_version_stage(
                 SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
             )
             return read
         answer = self.client.get_secret_value(SecretId=read.arn, VersionId=candidate)
-        adopted = self.parse(name, answer["SecretString"], candidate, read.arn, read.tags)
+        adopted = self.parse(name, answer["SecretString"], candidate, read.arn, read.tags).connection
         try:
-            return self._promote(read, adopted.connection, candidate)
+            if built_on_read:
+                return self._promote(read, adopted, candidate)
+            rebased = with_tokens_of(read.connection, adopted)
+            return self.compare_and_swap(read, rebased, request_token=adoptable_token(read.version_id, spent))
         except ConcurrentUpdate:
-            return self.get(name)
+            return self.get_latest(name)
 
     def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:
         """Read, apply `change(connection) -> connection`, and compare-and-swap; re-read on a lost race.
@@ -229,7 +266,7 @@ class ConnectionStore:
         `change` sees the freshest value each time, so a concurrent writer's update is built on, not lost.
         """
         for attempt in range(attempts):
-            read = self.get(name)
+            read = self.get_latest(name)  # a candidate's tokens first: a change must never drop them
             new = change(read.connection)
             try:
                 return self.compare_and_swap(read, new)

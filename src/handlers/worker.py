@@ -32,7 +32,7 @@ def refresh_record(record: SQSRecord) -> Outcome | None:
     """
     name = connection_from_message(record.body)
     try:
-        read = refresher.store.get(name)
+        read = refresher.store.get_latest(name)  # with its health tags (backoff) and any candidate adopted
     except ConnectionNotFound:
         logger.warning("queued connection no longer exists", extra={"connection": name})
         return None

@@ -1,0 +1,276 @@
+"""Where the life cycle's states meet at their edges: the defects an adversarial review found after the model
+landed, each as it was reproduced (through the deployed handlers, on moto and the emulator), now fixed."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from botocore.exceptions import ClientError
+
+from core.errors import RotationError
+from core.health import Health
+from core.lifecycle import Outcome, RefreshPolicy, State, advance, state_of
+from core.revoke import revoke_connection
+from core.servicenow import OAuthApp, ServiceNowClient, build_session
+from local.servicenow_emulator import press_consent
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.test_callback import Stack
+from tests.test_callback import stack as callback_stack  # noqa: F401 (the fixture)
+from tests.test_lifecycle import Deployed, rotation_step
+from tests.test_lifecycle import deployed as deployed
+from tests.test_lifecycle import rotation as rotation
+from tests.test_refresh import PASSWORD, USER
+from tests.test_rotation import start_rotation
+
+EVENTS = Path(__file__).resolve().parent.parent / "events"
+
+
+def leave_candidate(deployed: Deployed) -> str:
+    """Rotating mode; one sweep's stage move is refused, so the rotated token waits in a candidate version."""
+    deployed.emulator.rotate_refresh_tokens = True
+    deployed.world.add()
+    spent = deployed.document()["refreshToken"]
+    deployed.clock.advance(1500)
+    undo = deployed.refuse({"UpdateSecretVersionStage"})
+    assert deployed.sweep() == {"write_failed": 1}
+    undo()
+    assert not deployed.live(spent)
+    return spent
+
+
+def test_an_operator_change_before_the_next_sweep_keeps_the_candidates_token(
+    deployed: Deployed, leak_check: list
+) -> None:
+    """`make stage-secret` (ConnectionStore.update) within the minutes before the next sweep adopts first."""
+    leave_candidate(deployed)
+    deployed.world.store.update("prod", lambda c: replace(c, extra={**c.extra, "clientSecretNext": "next-secret-X1"}))
+    deployed.clock.advance(300)
+    deployed.sweep()
+    assert deployed.document()["status"] == "active" and deployed.token_is_live()
+    assert deployed.document()["clientSecretNext"] == "next-secret-X1"
+
+
+def test_a_change_written_without_adopting_gets_the_candidates_tokens(deployed: Deployed, leak_check: list) -> None:
+    """A writer that does not adopt (the console): the candidate's refresh spent the token the new value still
+    holds, so its tokens are written onto it rather than cleared."""
+    leave_candidate(deployed)
+    version, document = deployed.world.value()
+    # What the console does: a new version made AWSCURRENT, other labels untouched (in two calls: moto's
+    # PutSecretValue mislabels versions after a stage move).
+    sm, secret = deployed.world.sm, "servicenow-oauth/prod"
+    written = sm.put_secret_value(
+        SecretId=secret, SecretString=json.dumps({**document, "owner": "team-b"}), VersionStages=["CONSOLE"]
+    )
+    sm.update_secret_version_stage(
+        SecretId=secret, VersionStage="AWSCURRENT", MoveToVersionId=written["VersionId"], RemoveFromVersionId=version
+    )
+    deployed.clock.advance(300)
+    deployed.sweep()
+    assert deployed.token_is_live() and deployed.document()["owner"] == "team-b"
+    assert deployed.document()["status"] == "active"
+
+
+def test_revoke_also_revokes_the_candidates_refresh_token(deployed: Deployed, leak_check: list) -> None:
+    leave_candidate(deployed)
+    revoke_connection(deployed.world.store, ServiceNowClient(build_session()), "prod", deployed.clock.now())
+    assert deployed.emulator.live_refresh_tokens() == set()
+
+
+def test_finish_secret_refuses_to_promote_over_a_candidate(
+    deployed: Deployed, rotation: Any, rotation_lambda: str, leak_check: list
+) -> None:
+    """createSecret rotated RT0 -> RT1; before finishSecret a forced refresh rotated RT1 -> RT2 but its stage
+    move failed. finishSecret must not put the pending copy (dead RT1) over the candidate (RT2)."""
+    deployed.emulator.rotate_refresh_tokens = True
+    deployed.world.add()
+    token = str(uuid.uuid4())
+    start_rotation(deployed.world.sm, rotation_lambda, token)
+    rotation_step(rotation, "createSecret", token)
+    rotation_step(rotation, "setSecret", token)
+    refresher = deployed.handler.refresher
+    undo = deployed.refuse({"UpdateSecretVersionStage"})
+    assert refresher.refresh(refresher.store.get("prod"), force=True).result == "write_failed"
+    undo()
+    rotation_step(rotation, "testSecret", token)
+    with pytest.raises(RotationError, match="candidate"):
+        rotation_step(rotation, "finishSecret", token)
+    deployed.clock.advance(1500)
+    deployed.sweep()
+    assert deployed.document()["status"] == "active" and deployed.token_is_live()
+
+
+def test_a_lost_race_whose_re_check_fails_keeps_the_rotated_token(deployed: Deployed, leak_check: list) -> None:
+    deployed.emulator.rotate_refresh_tokens = True
+    deployed.world.add()
+    deployed.clock.advance(1500)
+    raced: list[str] = []
+
+    def operator_writes_first(model: Any, **_: Any) -> None:
+        if model.name == "PutSecretValue" and not raced:
+            raced.append("yes")
+            deployed.world.store.update("prod", lambda c: replace(c, extra={**c.extra, "owner": "team-b"}))
+
+    deployed.client.meta.events.register("before-call.secrets-manager.PutSecretValue", operator_writes_first)
+    undo = deployed.refuse({"DescribeSecret"})
+    deployed.sweep()
+    undo()
+    deployed.clock.advance(300)
+    deployed.sweep()
+    assert deployed.token_is_live() and deployed.document()["status"] == "active"
+
+
+def test_a_candidate_that_cannot_be_adopted_does_not_bypass_backoff(deployed: Deployed, leak_check: list) -> None:
+    """UpdateSecretVersionStage refused for a day (throttled, or a missing permission)."""
+    deployed.world.add()
+    deployed.clock.advance(1500)
+    undo = deployed.refuse({"UpdateSecretVersionStage"})
+    before = deployed.emulator.token_requests()
+    deployed.sweep()
+    deployed.sweep_every(5, 24)
+    undo()
+    spent = deployed.emulator.token_requests() - before
+    assert deployed.health().consecutive_failures > 0
+    assert spent <= 40, f"{spent} token requests in 24 h for one failing connection"
+
+
+def test_a_fanned_out_failing_connection_keeps_its_backoff(
+    deployed: Deployed, leak_check: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More due than FAN_OUT_ABOVE (here 0): the worker refreshes them, and must read their health too."""
+    import handlers.worker
+
+    worker = importlib.reload(handlers.worker)
+    monkeypatch.setattr(worker, "refresher", deployed.handler.refresher)
+    template = json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0]
+
+    def queue(names: list[str]) -> None:
+        for name in names:
+            record = copy.deepcopy(template)
+            record["body"] = json.dumps({"connection": name})
+            worker.refresh_record(SQSRecord(record))
+
+    monkeypatch.setattr(deployed.handler, "fan_out", queue)
+    monkeypatch.setattr(deployed.handler, "settings", replace(deployed.handler.settings, fan_out_above=0))
+    deployed.world.add()
+    deployed.emulator.inject("server_error", path="*", count=10**6)
+    before = deployed.emulator.token_requests()
+    deployed.sweep_every(5, 24)
+    spent = deployed.emulator.token_requests() - before
+    assert deployed.health().consecutive_failures > 0
+    assert spent <= 40, f"{spent} token requests in 24 h of 5xx for one fanned-out connection"
+
+
+def test_a_consent_whose_write_landed_unseen_is_kept_not_revoked(callback_stack: Stack, leak_check: list) -> None:  # noqa: F811
+    """Re-consent: the stage move happens in Secrets Manager but its answer is lost, and the store's re-check
+    (DescribeSecret) is throttled, so the write looks failed. The tokens are in AWSCURRENT: keep them."""
+    stack = callback_stack
+    stack.create_connection()
+    assert stack.get("/callback", press_consent(stack.start()))["statusCode"] == 200
+    redirect = press_consent(stack.start())
+    client = stack.handler.store.client
+    stack.handler.store._sleep = lambda _: None
+    landed: list[bool] = []
+    captured: list[dict[str, Any]] = []
+
+    def capture(params: dict[str, Any], **_: Any) -> None:
+        captured.append(dict(params))
+
+    def stage_move_lands_answer_lost(**_: Any) -> None:
+        if not landed:
+            landed.append(True)
+            stack.secretsmanager.update_secret_version_stage(**captured[-1])
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "x"}}, "UpdateSecretVersionStage")
+
+    def describe_throttled_after(**_: Any) -> None:
+        if landed:
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "x"}}, "DescribeSecret")
+
+    client.meta.events.register("before-parameter-build.secretsmanager.UpdateSecretVersionStage", capture)
+    client.meta.events.register("before-call.secretsmanager.UpdateSecretVersionStage", stage_move_lands_answer_lost)
+    client.meta.events.register("before-call.secretsmanager.DescribeSecret", describe_throttled_after)
+    try:
+        page = stack.get("/callback", redirect)
+    finally:
+        client.meta.events.unregister(
+            "before-call.secretsmanager.UpdateSecretVersionStage", stage_move_lands_answer_lost
+        )
+        client.meta.events.unregister("before-call.secretsmanager.DescribeSecret", describe_throttled_after)
+    leak_check.append(page["body"])
+    document = stack.document()
+    assert landed and stack.emulator.token_info(document["refreshToken"])["active"], page["statusCode"]
+    assert page["statusCode"] == 200, page["body"]
+
+
+def record_events(deployed: Deployed) -> list[str]:
+    changes: list[str] = []
+
+    def hook(params: dict[str, Any], **_: Any) -> None:
+        changes.extend(json.loads(e["Detail"])["change"] for e in params.get("Entries", []))
+
+    deployed.handler.refresher.monitor.events.meta.events.register("before-parameter-build.eventbridge.PutEvents", hook)
+    return changes
+
+
+def test_a_promoted_client_secret_is_announced_even_if_its_tag_write_fails(
+    deployed: Deployed, leak_check: list
+) -> None:
+    changes = record_events(deployed)
+    deployed.world.add()
+    deployed.world.store.update("prod", lambda c: replace(c, extra={**c.extra, "clientSecretNext": "next-secret-Q9"}))
+    deployed.emulator.set_client_secret(CLIENT_ID, "next-secret-Q9")
+    deployed.clock.advance(1500)
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    assert deployed.sweep() == {"refreshed": 1}
+    undo()
+    deployed.sweep_every(5, 1)
+    assert deployed.document()["clientSecret"] == "next-secret-Q9"
+    assert changes.count("client_secret_promoted") == 1, changes
+
+
+def test_a_consent_is_announced_even_if_its_tag_write_fails(deployed: Deployed, leak_check: list) -> None:
+    changes = record_events(deployed)
+    deployed.world.add(consented=False)
+    deployed.sweep()
+    world = deployed.world
+    token = world.client.password_grant(
+        OAuthApp(deployed.emulator.url, CLIENT_ID, CLIENT_SECRET), username=USER, password=PASSWORD
+    )  # a stand-in for the code exchange
+    stored = world.store.update(
+        "prod", lambda c: c.with_token(token, grant="authorization_code", now=deployed.clock.now())
+    )
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    deployed.handler.refresher.monitor.after_consent(stored)  # what handlers/callback.py does after the write
+    undo()
+    deployed.sweep_every(5, 1)
+    assert changes.count("authorized") == 1, changes
+
+
+def test_a_refused_secret_changed_while_it_was_read_stays_refused_until_tried() -> None:
+    """'credential changed while refreshing' on a document still marked refused: nothing was tried."""
+    old = Health(status="reauthorization_required", version="v2", needs_person=True, rejected_version="v2")
+    outcome = Outcome(
+        "prod",
+        "not_due",
+        arn="arn",
+        version_id="v3",
+        status="reauthorization_required",
+        grant="authorization_code",
+        needs_person=True,
+        detail="credential changed while refreshing",
+    )
+    new, kinds = advance(old, outcome, FakeNow.now, RefreshPolicy())
+    assert state_of(new) is State.REJECTED and kinds == ()
+
+
+class FakeNow:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
