@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import boto3
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.allowlist import normalize_instance_url, parse_allowed_hosts
@@ -226,7 +227,8 @@ def cmd_smoke(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     return smoke(
         args.stack,
         cloudformation=boto3.client("cloudformation"),
-        lambda_client=boto3.client("lambda"),
+        # One attempt that may take the sweep's whole 240 s: a retried read timeout would start a second sweep.
+        lambda_client=boto3.client("lambda", config=Config(read_timeout=300, retries={"total_max_attempts": 1})),
         cloudwatch=boto3.client("cloudwatch"),
         sns=boto3.client("sns"),
         http=build_session(retries=0),

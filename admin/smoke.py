@@ -101,6 +101,8 @@ def _alarm_path(cloudwatch: Any, sns: Any, stack: str, outputs: dict[str, str]) 
     """Set one notifying alarm to ALARM: its notification travels the same path as every real one."""
     topic = _output(outputs, "AlarmTopicArn")
     alarm = f"{stack}-{TEST_ALARM}"
+    # From OK, so the ALARM transition (which is what notifies) happens even if it was already in ALARM.
+    cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="make smoke: reset before the test")
     cloudwatch.set_alarm_state(
         AlarmName=alarm,
         StateValue="ALARM",

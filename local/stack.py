@@ -291,7 +291,8 @@ class LocalStack:
         if self.refresher is None:
             raise RuntimeError("local stack not started")
         event = json.loads((EVENTS / "schedule.json").read_text())
-        context = LocalLambdaContext(function_name="refresh", aws_request_id=str(uuid.uuid4()))
+        # The deployed RefreshFunction's timeout (template.yaml), so the sweep plans its time as in Lambda.
+        context = LocalLambdaContext(function_name="refresh", aws_request_id=str(uuid.uuid4()), timeout_seconds=240)
         result: dict[str, int] = self.refresher.lambda_handler(event, context)
         return result
 

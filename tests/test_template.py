@@ -190,6 +190,9 @@ def test_each_condition_reaches_a_person_once(translated: dict[str, Any]) -> Non
         if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "Errors"
     }
     assert {"RefreshFunction", "WorkerFunction", "RotationFunction"} <= alarmed
+    # The one path of the three conditions the rule forwards is watched itself.
+    watched = {r["Properties"]["MetricName"] for r in resources.values() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    assert {"FailedInvocations", "ChangeEventsNotPublished"} <= watched
     assert any(
         r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "InvalidConnectionSecret"
         for r in resources.values()
@@ -204,13 +207,18 @@ def test_a_failed_first_create_leaves_no_secret_behind_to_block_the_retry() -> N
 
 def test_timeouts_fit_the_worst_case_refresh(translated: dict[str, Any]) -> None:
     """Sized from refresh.ATTEMPT_WORST_SECONDS, as the template's comments state."""
-    from core.refresh import ATTEMPT_WORST_SECONDS
+    from core.refresh import ATTEMPT_WORST_SECONDS, START_MARGIN_SECONDS
 
     resources = translated["Resources"]
     worker = resources["WorkerFunction"]["Properties"]
     [mapping] = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
-    assert mapping["BatchSize"] * ATTEMPT_WORST_SECONDS <= worker["Timeout"]
-    assert resources["RefreshQueue"]["Properties"]["VisibilityTimeout"] >= 6 * worker["Timeout"]
-    assert resources["RefreshFunction"]["Properties"]["Timeout"] > 2 * ATTEMPT_WORST_SECONDS
+    assert mapping["BatchSize"] * ATTEMPT_WORST_SECONDS + START_MARGIN_SECONDS < worker["Timeout"]
+    queue = resources["RefreshQueue"]["Properties"]
+    assert queue["VisibilityTimeout"] >= 6 * worker["Timeout"]
+    # A failed message must live through every redelivery to reach the dead-letter queue (and its alarm).
+    receives = queue["RedrivePolicy"]["maxReceiveCount"]
+    assert queue["MessageRetentionPeriod"] >= (receives + 1) * queue["VisibilityTimeout"]
+    assert resources["RefreshFunction"]["Properties"]["Timeout"] > 2 * ATTEMPT_WORST_SECONDS + START_MARGIN_SECONDS
+    assert resources["RotationFunction"]["Properties"]["Timeout"] >= 2 * ATTEMPT_WORST_SECONDS
     [invoke] = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig"]
     assert invoke["FunctionName"] == {"Ref": "RefreshFunction"} and invoke["MaximumRetryAttempts"] == 0

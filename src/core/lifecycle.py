@@ -127,6 +127,7 @@ class Outcome:
     rotation_unseen: bool = False
     appflow_owed: bool = False  # a consent stored new tokens for AppFlow profiles: push on the next sweep
     events: tuple[str, ...] = ()  # change events published for this outcome
+    events_failed: int = 0  # change events EventBridge did not take (not re-sent: ChangeEventsNotPublished)
 
 
 def state_of(health: Health) -> State:

@@ -65,8 +65,8 @@ class Monitor:
             # announces it then: publishing it now would announce it twice. Only what no later run can
             # derive (a consent, a promoted client secret) goes out now.
             kinds = tuple(kind for kind in kinds if kind in ONE_SHOT_EVENTS)
-        self.publish(outcome.connection, list(kinds), old, new)
-        return replace(outcome, events=kinds)
+        failed = self.publish(outcome.connection, list(kinds), old, new)
+        return replace(outcome, events=kinds, events_failed=failed)
 
     def after_consent(self, stored: StoredConnection, *, old_tags: Mapping[str, str] | None = None) -> None:
         """A completed consent: healthy again, failures forgotten, and one "authorized" event."""
@@ -109,9 +109,10 @@ class Monitor:
             return False
         return True
 
-    def publish(self, connection: str, kinds: list[str], old: Health, new: Health) -> None:
+    def publish(self, connection: str, kinds: list[str], old: Health, new: Health) -> int:
+        """Send the change events; returns how many EventBridge did not take (logged and counted, not re-sent)."""
         if not kinds or self.events is None:
-            return
+            return 0
         detail = {
             "connection": connection,
             "instance": new.instance,
@@ -136,10 +137,13 @@ class Monitor:
         ]
         try:
             answer = self.events.put_events(Entries=entries)
-            if answer.get("FailedEntryCount"):
-                self._warn("some change events were not accepted", None)
         except (ClientError, BotoCoreError) as error:
             self._warn("change events not published", error)
+            return len(entries)
+        failed = int(answer.get("FailedEntryCount") or 0)
+        if failed:
+            self._warn("some change events were not accepted", None)
+        return failed
 
     def _warn(self, message: str, error: Exception | None) -> None:
         if self.logger is not None:

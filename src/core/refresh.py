@@ -41,6 +41,7 @@ BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
 # The longest one refresh can take (template.yaml states the arithmetic): 3 token requests x (3.05 s connect +
 # 10 s read) + 2 Retry-After waits of up to 10 s, plus the compare-and-swap write's own retries.
 ATTEMPT_WORST_SECONDS = 75.0
+START_MARGIN_SECONDS = 20.0  # after the last refresh: queue the rest, report
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 
 
@@ -424,7 +425,7 @@ class Refresher:
             return outcomes + [Outcome(read.connection.name, "queued") for read in due]
 
         def refresh_in_time(read: StoredConnection) -> Outcome:
-            if time_left is not None and time_left() < ATTEMPT_WORST_SECONDS:
+            if time_left is not None and time_left() < ATTEMPT_WORST_SECONDS + START_MARGIN_SECONDS:
                 return Outcome(read.connection.name, "deferred")
             return self._safe_refresh(read)
 

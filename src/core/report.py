@@ -48,6 +48,9 @@ def report_outcomes(
     for failure, metric in _METRIC_BY_FAILURE.items():
         if failures.get(failure):
             metrics.add_metric(name=metric, unit=MetricUnit.Count, value=failures[failure])
+    not_published = sum(outcome.events_failed for outcome in outcomes)
+    if not_published:
+        metrics.add_metric(name="ChangeEventsNotPublished", unit=MetricUnit.Count, value=not_published)
     synced = sum(len(outcome.appflow_synced) for outcome in outcomes)
     failed_pushes = sum(len(outcome.appflow_failed) for outcome in outcomes)
     if synced or failed_pushes:

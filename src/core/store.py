@@ -65,6 +65,8 @@ def _candidate_marks(candidate: str) -> tuple[str, str] | None:
     parts = candidate.split("-")
     if len(parts) == 3 and len(parts[0]) == len(parts[1]) == 16:
         return parts[0], parts[1]
+    if len(parts) == 2 and len(parts[0]) == 24:  # the earlier format: base mark only (24 hex)
+        return parts[0][:16], ""
     return None
 
 
