@@ -274,3 +274,25 @@ class FakeNow:
     from datetime import UTC, datetime
 
     now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def test_a_change_event_eventbridge_refuses_is_counted_for_its_alarm(
+    deployed: Deployed, leak_check: list, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Events go out at most once: one EventBridge refused is counted (ChangeEventsNotPublished alarms)."""
+    from tests.test_lifecycle import refused
+
+    def refuse(model: Any, **_: Any) -> Any:
+        return refused("InternalException", model.name)
+
+    deployed.handler.refresher.monitor.events.meta.events.register("before-call.eventbridge.PutEvents", refuse)
+    deployed.world.add()
+    deployed.emulator.set_client_secret(CLIENT_ID, "changed-in-servicenow-Z1")
+    deployed.clock.advance(1500)
+    assert deployed.sweep() == {"reauthorization_required": 1}
+    [outcome] = deployed.outcomes
+    assert outcome.events == ("reauthorization_required",) and outcome.events_failed == 1
+    out = capfd.readouterr().out
+    leak_check.append(out)  # the leak check reads the capture at the end: hand it what was taken here
+    metrics = [json.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
+    assert any(m.get("ChangeEventsNotPublished") == [1.0] for m in metrics), metrics
