@@ -235,8 +235,10 @@ class LifecycleModel(RuleBasedStateMachine):
         return stored
 
     # ------------------------------------------------------------------ running an action under faults
-    def act(self, action: Any) -> int:
-        """Run an action with the instance's condition applied; returns the token requests it made."""
+    def act(self, action: Any, *, scheduled: bool = False) -> int:
+        """Run an action with the instance's condition applied; returns the token requests it made. Requests of
+        `scheduled` actions (sweeps) count toward the daily bound; an operator's forced refresh or a rotation
+        asks for its attempt and is not bounded."""
         self.emulator.clear_faults()
         if self.down:
             self.emulator.inject(self.down, count=10_000, retry_after=0)
@@ -266,7 +268,7 @@ class LifecycleModel(RuleBasedStateMachine):
                 self.unseen = True
                 self.unseen_tokens |= lost
         self.blip = None
-        if self.down:
+        if self.down and scheduled:
             self.down_requests.append((self.now, made))
         refused = any(a["status"] == 401 and a["grant_type"] == "refresh_token" for a in answers)
         version, connection = self.current()
@@ -351,7 +353,7 @@ class LifecycleModel(RuleBasedStateMachine):
             and CANDIDATE not in {label for labels in self.stages().values() for label in labels}
             and not (health.refresh_expires and health.refresh_expires - self.now <= POLICY.refresh_warning)
         )
-        made = self.act(lambda: self.refresher().sweep())
+        made = self.act(lambda: self.refresher().sweep(), scheduled=True)
         Stats.checks += 1
         if parked:
             assert made == 0, "a refused credential was retried before its secret changed"
@@ -408,7 +410,7 @@ class LifecycleModel(RuleBasedStateMachine):
                 thread.join()
 
         first = len(self.events)
-        self.act(both)
+        self.act(both, scheduled=True)
         assert not errors, errors
         # Overlapping invocations each announce the change they observed (the README says so): one per sweep.
         announced = self.events[first:]

@@ -296,3 +296,18 @@ def test_a_change_event_eventbridge_refuses_is_counted_for_its_alarm(
     leak_check.append(out)  # the leak check reads the capture at the end: hand it what was taken here
     metrics = [json.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
     assert any(m.get("ChangeEventsNotPublished") == [1.0] for m in metrics), metrics
+
+
+def test_failing_is_announced_once_even_when_a_tag_write_fails(deployed: Deployed, leak_check: list) -> None:
+    """Found by the life-cycle model: the event went out while the tags recording it did not, so the next
+    sweep announced it again."""
+    changes = record_events(deployed)
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.inject("hibernate", path="*", count=10**6)
+    deployed.sweep_every(5, 1.25)  # failing since about 20 minutes in: the alert is due at about 80
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    deployed.sweep_every(5, 0.5)  # the alert comes due while no tag can be written
+    undo()
+    deployed.sweep_every(5, 1)
+    assert changes.count("failing") == 1, changes
