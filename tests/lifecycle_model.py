@@ -247,6 +247,7 @@ class LifecycleModel(RuleBasedStateMachine):
         log_before = len(self.emulator.requests_log)
         before = self.emulator.token_requests()
         puts_refused = self.faults.refused["PutSecretValue"]
+        tags_refused_before = sum(self.faults.refused[op] for op in SM_GROUPS["tags"])
         connection_before = self.current()[1]
         try:
             action()
@@ -268,7 +269,9 @@ class LifecycleModel(RuleBasedStateMachine):
                 self.unseen = True
                 self.unseen_tokens |= lost
         self.blip = None
-        if self.down and scheduled:
+        tags_refused = sum(self.faults.refused[op] for op in SM_GROUPS["tags"]) > tags_refused_before
+        if self.down and scheduled and not tags_refused:
+            # The documented exception: while TagResource is refused the backoff cannot be recorded.
             self.down_requests.append((self.now, made))
         refused = any(a["status"] == 401 and a["grant_type"] == "refresh_token" for a in answers)
         version, connection = self.current()
@@ -335,7 +338,8 @@ class LifecycleModel(RuleBasedStateMachine):
                 self.monitor.after_consent(stored)
                 self.unseen = False
                 self.parked_version = None
-                self.faults_since_renewal = 0
+                # A consent renews the tokens, but an outage still under way is still more than one blip.
+                self.faults_since_renewal = 2 if self.down else 0
 
     @rule()
     @recorded
@@ -552,6 +556,7 @@ class LifecycleModel(RuleBasedStateMachine):
         version = self.current()[0]
         parked = self.parked_version == version
         made_total = 0
+        tags_before = sum(self.faults.refused[op] for op in SM_GROUPS["tags"])
         for _ in range(int(OUTAGE / SWEEP)):
             self.now += timedelta(seconds=SWEEP)
             self.emulator.clear_faults()
@@ -560,7 +565,9 @@ class LifecycleModel(RuleBasedStateMachine):
             with suppress(ServiceNowOAuthError, ClientError):
                 self.refresher().sweep()
             made = self.emulator.token_requests() - before
-            self.down_requests.append((self.now, made))
+            if sum(self.faults.refused[op] for op in SM_GROUPS["tags"]) == tags_before:
+                self.down_requests.append((self.now, made))  # (not while tag writes are refused: see act)
+            tags_before = sum(self.faults.refused[op] for op in SM_GROUPS["tags"])
             made_total += made
         self.emulator.clear_faults()
         Stats.checks += 1
