@@ -178,11 +178,14 @@ def plan(listing: Mapping[str, Any], now: datetime, policy: RefreshPolicy) -> De
     return "read"
 
 
+def without_credential(connection: Connection) -> bool:
+    """An authorization-code connection with no refresh token: only a (first or new) consent helps."""
+    return connection.grant_type == "authorization_code" and not connection.refresh_token
+
+
 def needs_person(connection: Connection) -> bool:
     """True when only a person can produce a token: no consent yet, or the last one was refused."""
-    if connection.status == "reauthorization_required":
-        return True
-    return connection.grant_type == "authorization_code" and not connection.refresh_token
+    return connection.status == "reauthorization_required" or without_credential(connection)
 
 
 def is_due(connection: Connection, now: datetime, leeway: timedelta) -> bool:
@@ -212,13 +215,17 @@ def decide(
     refused = rejected_version(health) if health is not None else None
     changed = refused is not None and refused != version_id
     retrying = connection.status == "reauthorization_required" and (force or changed)
-    no_credential = connection.grant_type == "authorization_code" and not connection.refresh_token
-    if no_credential or (connection.status == "reauthorization_required" and not retrying):
+    if without_credential(connection) or (connection.status == "reauthorization_required" and not retrying):
         return "needs_person"
     if not force and not retrying and not is_due(connection, now, policy.leeway):
         return "not_due"
-    waiting = health is not None and health.next_attempt is not None and now < health.next_attempt - policy.slack
-    if not force and waiting and health is not None and health.version == version_id:
+    if (
+        not force
+        and health is not None
+        and health.version == version_id
+        and health.next_attempt is not None
+        and now < health.next_attempt - policy.slack
+    ):
         # Read for another reason (a candidate to adopt, an AppFlow push), but still backing off: no attempt.
         return "backing_off"
     return "refresh"
