@@ -87,6 +87,7 @@ CONDITIONS = frozenset(
         "secrets_manager_recovers",
         "eventbridge",
         "appflow",
+        "container_recycled",
     }
 )
 
@@ -247,7 +248,6 @@ class LifecycleModel(RuleBasedStateMachine):
         log_before = len(self.emulator.requests_log)
         before = self.emulator.token_requests()
         puts_refused = self.faults.refused["PutSecretValue"]
-        tags_refused_before = sum(self.faults.refused[op] for op in SM_GROUPS["tags"])
         connection_before = self.current()[1]
         try:
             action()
@@ -269,9 +269,7 @@ class LifecycleModel(RuleBasedStateMachine):
                 self.unseen = True
                 self.unseen_tokens |= lost
         self.blip = None
-        tags_refused = sum(self.faults.refused[op] for op in SM_GROUPS["tags"]) > tags_refused_before
-        if self.down and scheduled and not tags_refused:
-            # The documented exception: while TagResource is refused the backoff cannot be recorded.
+        if self.down and scheduled:
             self.down_requests.append((self.now, made))
         refused = any(a["status"] == 401 and a["grant_type"] == "refresh_token" for a in answers)
         version, connection = self.current()
@@ -537,6 +535,13 @@ class LifecycleModel(RuleBasedStateMachine):
     def secrets_manager_recovers(self) -> None:
         self.faults.pending.clear()
 
+    @rule()
+    @recorded
+    def container_recycled(self) -> None:
+        """Lambda starts a new container: whatever the old one kept in memory (health whose tag write failed)
+        is gone; the next run starts from the tags."""
+        self.monitor = Monitor(self.sm, self.monitor.events, clock=lambda: self.now, policy=POLICY)
+
     @rule(down=st.booleans())
     @recorded
     def eventbridge(self, down: bool) -> None:
@@ -556,7 +561,6 @@ class LifecycleModel(RuleBasedStateMachine):
         version = self.current()[0]
         parked = self.parked_version == version
         made_total = 0
-        tags_before = sum(self.faults.refused[op] for op in SM_GROUPS["tags"])
         for _ in range(int(OUTAGE / SWEEP)):
             self.now += timedelta(seconds=SWEEP)
             self.emulator.clear_faults()
@@ -565,9 +569,7 @@ class LifecycleModel(RuleBasedStateMachine):
             with suppress(ServiceNowOAuthError, ClientError):
                 self.refresher().sweep()
             made = self.emulator.token_requests() - before
-            if sum(self.faults.refused[op] for op in SM_GROUPS["tags"]) == tags_before:
-                self.down_requests.append((self.now, made))  # (not while tag writes are refused: see act)
-            tags_before = sum(self.faults.refused[op] for op in SM_GROUPS["tags"])
+            self.down_requests.append((self.now, made))
             made_total += made
         self.emulator.clear_faults()
         Stats.checks += 1

@@ -24,7 +24,7 @@ from local.servicenow_emulator import press_consent
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.test_callback import Stack
 from tests.test_callback import stack as callback_stack  # noqa: F401 (the fixture)
-from tests.test_lifecycle import Deployed, rotation_step
+from tests.test_lifecycle import SECRET, Deployed, rotation_step
 from tests.test_lifecycle import deployed as deployed
 from tests.test_lifecycle import rotation as rotation
 from tests.test_refresh import PASSWORD, USER
@@ -311,3 +311,48 @@ def test_failing_is_announced_once_even_when_a_tag_write_fails(deployed: Deploye
     undo()
     deployed.sweep_every(5, 1)
     assert changes.count("failing") == 1, changes
+
+
+def test_an_outage_while_tag_writes_are_refused_still_backs_off(
+    deployed: Deployed, leak_check: list, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Found by the soak: the backoff lives in the tags, so while TagResource was refused every sweep tried
+    again (up to 288 token requests a day). The container now keeps the health it could not write, counts it
+    (HealthTagsNotWritten, alarmed) and writes it once the tags can be written."""
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.inject("hibernate", path="*", count=10**6)
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    before = deployed.emulator.token_requests()
+    deployed.sweep_every(5, 24)
+    spent = deployed.emulator.token_requests() - before
+    assert spent <= 40, f"{spent} token requests in 24 hours of hibernation while no tag could be written"
+    assert deployed.health().consecutive_failures == 0  # the tags really were never written
+    out = capfd.readouterr().out
+    leak_check.append(out)
+    metrics = [json.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
+    assert all(m.get("HealthTagsNotWritten") == [1.0] for m in metrics[-12:]), metrics[-12:]
+    undo()
+    deployed.emulator.clear_faults()
+    deployed.sweep_every(5, 1.5)
+    assert deployed.health().consecutive_failures == 0 and deployed.health().last_success is not None
+    assert deployed.document()["status"] == "active"
+
+
+def test_health_kept_in_memory_yields_to_tags_written_by_another_container(deployed: Deployed) -> None:
+    """The memory only stands in for the tags it failed to replace: once someone else writes them (another
+    container, a consent), theirs win."""
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.inject("hibernate", path="*", count=10**6)
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    deployed.clock.advance(1500)
+    deployed.sweep()
+    monitor = deployed.handler.refresher.monitor
+    arn = deployed.client.describe_secret(SecretId=SECRET)["ARN"]
+    assert monitor.unsaved(arn)
+    undo()
+    deployed.world.sm.tag_resource(SecretId=SECRET, Tags=[{"Key": "servicenow-oauth:failure-class", "Value": "x"}])
+    tags = deployed.client.describe_secret(SecretId=SECRET)["Tags"]
+    assert Health.from_tags(monitor.recall(arn, tags)).consecutive_failures == 0
+    assert not monitor.unsaved(arn)

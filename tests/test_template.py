@@ -193,6 +193,8 @@ def test_each_condition_reaches_a_person_once(translated: dict[str, Any]) -> Non
     # The one path of the three conditions the rule forwards is watched itself.
     watched = {r["Properties"]["MetricName"] for r in resources.values() if r["Type"] == "AWS::CloudWatch::Alarm"}
     assert {"FailedInvocations", "ChangeEventsNotPublished"} <= watched
+    # Health that lives only in a container's memory (tag writes refused) is a condition a person must hear of.
+    assert {"HealthTagsNotWritten", "SecretWriteFailed"} <= watched
     assert any(
         r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "InvalidConnectionSecret"
         for r in resources.values()

@@ -47,8 +47,6 @@ Result = Literal[
 ]
 Decision = Literal["read", "not_due", "backing_off", "needs_person"]
 Action = Literal["refresh", "not_due", "needs_person", "backing_off"]
-# Changes that only the run that saw them can announce (the others are derived again from the health tags).
-ONE_SHOT_EVENTS = frozenset({"authorized", "client_secret_promoted"})
 
 
 class State(enum.Enum):
@@ -128,6 +126,7 @@ class Outcome:
     appflow_owed: bool = False  # a consent stored new tokens for AppFlow profiles: push on the next sweep
     events: tuple[str, ...] = ()  # change events published for this outcome
     events_failed: int = 0  # change events EventBridge did not take (not re-sent: ChangeEventsNotPublished)
+    health_unsaved: bool = False  # the health tags could not be written: it lives in the container's memory
 
 
 def state_of(health: Health) -> State:

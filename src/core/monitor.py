@@ -5,11 +5,18 @@ state: authorized, recovered, reauthorization required, refresh token expiring, 
 than the alert threshold, client secret promoted. Which of them were already sent is part of the
 health tags, so a connection that stays broken produces one event, and one more when it recovers.
 No event, tag or log carries a token, code, password or client secret.
+
+When Secrets Manager refuses the tag write (throttling beyond botocore's retries, a missing
+`TagResource` right), the health it should have recorded is kept in this container's memory and
+used in place of the stale tags until a write lands, so a failing connection still backs off and
+a change is still announced once. Such outcomes carry `health_unsaved` (metric HealthTagsNotWritten,
+alarmed): memory ends with the container, and a cold start during the refusal costs one extra attempt.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -20,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from core.appflow import profile_names
 from core.clock import to_iso
 from core.health import Health
-from core.lifecycle import ONE_SHOT_EVENTS, Outcome, RefreshPolicy, advance, event_state
+from core.lifecycle import Outcome, RefreshPolicy, advance, event_state
 from core.store import StoredConnection
 
 SOURCE = "servicenow-oauth"
@@ -53,20 +60,42 @@ class Monitor:
         self.policy = policy
         self.bus = bus
         self.logger = logger
+        # arn -> (the health its tags hold, the health they should hold): tag writes that failed.
+        self._unsaved: dict[str, tuple[Health, Health]] = {}
+        self._lock = threading.Lock()
 
     def observe(self, read: StoredConnection, outcome: Outcome) -> Outcome:
         """Fold one outcome into the connection's health (lifecycle.advance); returns it with the events sent."""
         if outcome.arn is None or outcome.result in ("invalid", "queued", "deferred"):
             return outcome
-        old = Health.from_tags(read.tags if read.tags is not None else self._tags(outcome.arn))
+        tags = read.tags if read.tags is not None else self._tags(outcome.arn)
+        old = Health.from_tags(self.recall(outcome.arn, tags))
         new, kinds = advance(old, outcome, self.clock(), self.policy)
-        if not self.save(outcome.arn, old, new):
-            # The tags still describe the old health, so the next run derives the same change again and
-            # announces it then: publishing it now would announce it twice. Only what no later run can
-            # derive (a consent, a promoted client secret) goes out now.
-            kinds = tuple(kind for kind in kinds if kind in ONE_SHOT_EVENTS)
+        saved = self.save(outcome.arn, old, new)
+        # Announced now even when the tags could not be written: the health remembered in place of them keeps
+        # a later run in this container from deriving (and announcing) the same change again.
         failed = self.publish(outcome.connection, list(kinds), old, new)
-        return replace(outcome, events=kinds, events_failed=failed)
+        return replace(outcome, events=kinds, events_failed=failed, health_unsaved=not saved)
+
+    def recall(self, arn: str, tags: Mapping[str, str] | list[dict[str, str]] | None) -> dict[str, str]:
+        """The connection's tags as they should be: read tags, or the health a failed tag write left in memory
+        while the tags still hold what that write was to replace (anyone else's newer tags win)."""
+        read = Health.from_tags(tags)
+        plain = read.to_tags() | dict(read.extra)
+        with self._lock:
+            held = self._unsaved.get(arn)
+            if held is None:
+                return plain
+            actual, intended = held
+            if read not in (actual, intended):
+                del self._unsaved[arn]  # the tags moved on without us: theirs stand
+                return plain
+        return intended.to_tags() | dict(read.extra)
+
+    def unsaved(self, arn: str) -> bool:
+        """Whether this connection's health lives only in this container's memory (its tag write failed)."""
+        with self._lock:
+            return arn in self._unsaved
 
     def after_consent(self, stored: StoredConnection, *, old_tags: Mapping[str, str] | None = None) -> None:
         """A completed consent: healthy again, failures forgotten, and one "authorized" event."""
@@ -95,8 +124,11 @@ class Monitor:
             return []
 
     def save(self, arn: str, old: Health, new: Health) -> bool:
-        """Write only what changed; a failed tag write is logged and costs nothing but a re-read next sweep."""
-        before, after = old.to_tags(), new.to_tags()
+        """Write only what changed; on failure remember `new` in place of the tags (see the module's note)."""
+        with self._lock:
+            held = self._unsaved.get(arn)
+        actual = held[0] if held is not None and old == held[1] else old  # what the tags really hold
+        before, after = actual.to_tags(), new.to_tags()
         changed = [{"Key": key, "Value": value} for key, value in after.items() if before.get(key) != value]
         removed = [key for key in before if key not in after]
         try:
@@ -105,8 +137,13 @@ class Monitor:
             if removed:
                 self.secretsmanager.untag_resource(SecretId=arn, TagKeys=removed)
         except (ClientError, BotoCoreError) as error:
-            self._warn("health tags not written", error)
+            self._warn("health tags not written; kept in memory until a write lands", error)
+            with self._lock:
+                # As the tags would read it back (times to the second), so `recall` can compare.
+                self._unsaved[arn] = (actual, Health.from_tags(after))
             return False
+        with self._lock:
+            self._unsaved.pop(arn, None)
         return True
 
     def publish(self, connection: str, kinds: list[str], old: Health, new: Health) -> int:

@@ -159,10 +159,18 @@ class Refresher:
         """Record an outcome produced outside `refresh` (rotation) in the connection's health and events."""
         return self.monitor.observe(read, outcome) if self.monitor is not None else outcome
 
+    def _health(self, read: StoredConnection) -> Health | None:
+        """The health the read's tags record, or what a failed tag write left in the monitor's memory."""
+        if read.tags is None:
+            return None
+        if self.monitor is None or read.arn is None:
+            return Health.from_tags(read.tags)
+        return Health.from_tags(self.monitor.recall(read.arn, read.tags))
+
     def _refresh(self, read: StoredConnection, force: bool) -> Outcome:
         now = self.clock()
         connection = read.connection
-        health = Health.from_tags(read.tags) if read.tags is not None else None
+        health = self._health(read)
         action = decide(connection, read.version_id, health, now, self.policy, force=force)
         if action == "needs_person":
             return self._done(connection, "needs_person", now, at=read)
@@ -299,7 +307,7 @@ class Refresher:
     def mark_rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
         """Mark `reauthorization_required` only if the refused credential is still the current one."""
         now = self.clock()
-        health = Health.from_tags(read.tags)
+        health = self._health(read) or Health()
         detail = str(error)
         if health.rotation_unseen:
             detail += (
@@ -393,10 +401,16 @@ class Refresher:
             batch.clear()
 
         for entry in self.list_connection_secrets():
+            unsaved = False
+            if self.monitor is not None and self.monitor.unsaved(entry["ARN"]):
+                tags = self.monitor.recall(entry["ARN"], entry.get("Tags"))
+                entry = {**entry, "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}
+                unsaved = self.monitor.unsaved(entry["ARN"])
             # The listing's health tags settle most connections without reading a value.
             decision = plan(entry, now, self.policy)
             if decision != "read":
-                outcomes.append(from_listing(entry, decision, self.store.name_of(entry["Name"]) or entry["Name"]))
+                name = self.store.name_of(entry["Name"]) or entry["Name"]
+                outcomes.append(replace(from_listing(entry, decision, name), health_unsaved=unsaved))
                 continue
             batch.append(entry)
             if len(batch) == BATCH_READ_SIZE:

@@ -51,6 +51,10 @@ def report_outcomes(
     not_published = sum(outcome.events_failed for outcome in outcomes)
     if not_published:
         metrics.add_metric(name="ChangeEventsNotPublished", unit=MetricUnit.Count, value=not_published)
+    unsaved = sum(1 for outcome in outcomes if outcome.health_unsaved)
+    if unsaved:
+        # Connections whose health (backoff, alerts sent) lives only in this container: tag writes are refused.
+        metrics.add_metric(name="HealthTagsNotWritten", unit=MetricUnit.Count, value=unsaved)
     synced = sum(len(outcome.appflow_synced) for outcome in outcomes)
     failed_pushes = sum(len(outcome.appflow_failed) for outcome in outcomes)
     if synced or failed_pushes:
