@@ -15,7 +15,7 @@ export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint build clean deps chromium local demo bench soak connections connection-add authorize-url refresh revoke stage-secret smoke
+.PHONY: test lint build clean deps chromium local demo bench soak connections connection-add jwt-certificate stage-jwt-key authorize-url refresh revoke stage-secret smoke
 
 deps: $(VENV)/.installed $(SAM_VENV)/.installed
 
@@ -58,10 +58,17 @@ demo: $(VENV)/.installed ## one connection's whole life on this machine: consent
 connections: $(VENV)/.installed ## list connections: status and expiries, never tokens
 	$(ADMIN) connections list
 
-connection-add: $(VENV)/.installed ## CONNECTION=, INSTANCE=, CLIENT_ID=, optional GRANT=, USERNAME=, SCOPE=, APPFLOW=
+connection-add: $(VENV)/.installed ## CONNECTION=, INSTANCE=, CLIENT_ID=, optional GRANT=, USERNAME=, SCOPE=, APPFLOW=, JWT_SUBJECT=, JWT_KEY_ID=, JWT_KMS_KEY=
 	$(ADMIN) connections add "$(CONNECTION)" --instance-url "$(INSTANCE)" --client-id "$(CLIENT_ID)" \
 		$(if $(GRANT),--grant-type "$(GRANT)") $(if $(USERNAME),--username "$(USERNAME)") $(if $(SCOPE),--scope "$(SCOPE)") \
-		$(if $(APPFLOW),--appflow-profile "$(APPFLOW)")
+		$(if $(APPFLOW),--appflow-profile "$(APPFLOW)") $(if $(JWT_SUBJECT),--jwt-subject "$(JWT_SUBJECT)") \
+		$(if $(JWT_KEY_ID),--jwt-key-id "$(JWT_KEY_ID)") $(if $(JWT_KMS_KEY),--jwt-kms-key "$(JWT_KMS_KEY)")
+
+jwt-certificate: $(VENV)/.installed ## CONNECTION=, NEXT=1 for the staged key: the PEM certificate to upload to ServiceNow
+	$(ADMIN) jwt-certificate "$(CONNECTION)" $(if $(NEXT),--next)
+
+stage-jwt-key: $(VENV)/.installed ## CONNECTION=, JWT_KEY_ID=, JWT_KMS_KEY=: stage the next signing key (rollover)
+	$(ADMIN) connections stage-jwt-key "$(CONNECTION)" --jwt-key-id "$(JWT_KEY_ID)" --jwt-kms-key "$(JWT_KMS_KEY)"
 
 authorize-url: $(VENV)/.installed ## CONNECTION=, and STACK= (deployed) or SERVICENOW_OAUTH_API_URL in the environment
 	$(ADMIN) authorize-url "$(CONNECTION)" $(if $(STACK),--stack "$(STACK)")

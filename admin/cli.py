@@ -25,6 +25,7 @@ from core.clock import to_iso, utc_now
 from core.config import load_settings
 from core.errors import ConnectionNotFound, InstanceNotAllowed, InvalidName, SecretFormatError, ServiceNowOAuthError
 from core.health import Health
+from core.jwt_bearer import KmsSigner
 from core.lifecycle import RefreshPolicy, needs_person
 from core.monitor import Monitor
 from core.refresh import NEXT_CLIENT_SECRET, Refresher
@@ -78,6 +79,14 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     password = _read_secret("ServiceNow password: ", stdin) if args.grant_type == "password" else None
     if args.grant_type == "password" and not args.username:
         raise CliError(f"connection {name!r}: --username is required with --grant-type password")
+    jwt_options = (args.jwt_subject, args.jwt_key_id, args.jwt_kms_key)
+    if args.grant_type == "jwt_bearer" and not all(jwt_options):
+        raise CliError(
+            f"connection {name!r}: --jwt-subject, --jwt-key-id and --jwt-kms-key are required with --grant-type "
+            "jwt_bearer (the ServiceNow user, the verifier map's key id, the stack's JwtSigningKeyArn output)"
+        )
+    if args.grant_type != "jwt_bearer" and any(jwt_options):
+        raise CliError(f"connection {name!r}: --jwt-* options only apply to --grant-type jwt_bearer")
     extra: dict[str, Any] = {"expectedUser": args.expected_user} if args.expected_user else {}
     if args.appflow_profile:
         extra[PROFILES_KEY] = list(args.appflow_profile)
@@ -90,6 +99,9 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         username=args.username,
         password=password,
         scope=args.scope,
+        jwt_subject=args.jwt_subject,
+        jwt_key_id=args.jwt_key_id,
+        kms_key_id=args.jwt_kms_key,
         status="pending_authorization",
         updated_at=utc_now(),
         extra=extra,
@@ -114,6 +126,10 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     out.write(f"created connection {name} ({connection.host}), status pending_authorization\n")
     if args.grant_type == "authorization_code":
         out.write(f"next: authorize it with `make authorize-url CONNECTION={name}`\n")
+    elif args.grant_type == "jwt_bearer":
+        out.write(
+            f"next: `make refresh CONNECTION={name}` once ServiceNow has the certificate (make jwt-certificate)\n"
+        )
     return 0
 
 
@@ -168,6 +184,43 @@ def cmd_stage_secret(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> in
     return 0
 
 
+def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    """JWT key rollover: stage the next key before ServiceNow drops the current one's verifier map."""
+    store = _store(args)
+    name = validate_name(args.name)
+
+    def stage(connection: Connection) -> Connection:
+        if connection.grant_type != "jwt_bearer":
+            raise CliError(f"connection {name!r} uses {connection.grant_type}, not jwt_bearer: no key to stage")
+        return replace(connection, jwt_key_id_next=args.jwt_key_id, kms_key_id_next=args.jwt_kms_key)
+
+    store.update(name, stage)
+    out.write(
+        f"staged key id {args.jwt_key_id} for {name}; assertions keep using the current key and switch over, in "
+        "one write with a new token, as soon as ServiceNow refuses the current one\n"
+    )
+    return 0
+
+
+def cmd_jwt_certificate(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    """The certificate to upload to ServiceNow's sys_certificate for a JWT connection's (current or next) key."""
+    from admin.certificate import kms_certificate
+
+    store = _store(args)
+    connection = store.get(validate_name(args.name)).connection
+    key = connection.jwt_key_next if args.next else connection.jwt_key
+    if connection.grant_type != "jwt_bearer" or key is None:
+        which = "a staged next key" if args.next else "a JWT signing key"
+        raise CliError(f"connection {connection.name!r} has no {which} (grantType jwt_bearer, kmsKeyId)")
+    try:
+        pem = kms_certificate(boto3.client("kms"), key.kms_key_id, f"servicenow-oauth {connection.name}", utc_now())
+    except ValueError as error:
+        raise CliError(f"connection {connection.name!r}: {error}") from None
+    out.write(pem)
+    out.write(f"# key id (JWT Verifier Map 'Kid'): {key.key_id}\n")
+    return 0
+
+
 def cmd_authorize_url(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     store = _store(args)
     name = validate_name(args.name)
@@ -189,7 +242,14 @@ def _cli_refresher(store: ConnectionStore) -> Refresher:
     settings = load_settings()
     policy = RefreshPolicy.from_settings(settings)
     monitor = Monitor(store.client, boto3.client("events"), clock=utc_now, policy=policy, bus=settings.event_bus_name)
-    return Refresher(store, ServiceNowClient(build_session()), clock=utc_now, policy=policy, monitor=monitor)
+    return Refresher(
+        store,
+        ServiceNowClient(build_session()),
+        clock=utc_now,
+        policy=policy,
+        monitor=monitor,
+        signer=KmsSigner(boto3.client("kms")),
+    )
 
 
 def cmd_refresh(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
@@ -252,8 +312,15 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--instance-url", required=True, help="https://<name>.service-now.com")
     add.add_argument("--client-id", required=True)
     add.add_argument(
-        "--grant-type", default="authorization_code", choices=["authorization_code", "password", "client_credentials"]
+        "--grant-type",
+        default="authorization_code",
+        choices=["authorization_code", "password", "client_credentials", "jwt_bearer"],
     )
+    add.add_argument(
+        "--jwt-subject", help="jwt_bearer: the ServiceNow user the token acts as (the verifier's User Field)"
+    )
+    add.add_argument("--jwt-key-id", help="jwt_bearer: the key id (kid) of the JWT Verifier Map")
+    add.add_argument("--jwt-kms-key", help="jwt_bearer: the KMS signing key (the stack's JwtSigningKeyArn output)")
     add.add_argument("--username", help="password grant only (the password is read from prompt/stdin)")
     add.add_argument("--scope")
     add.add_argument("--expected-user", help="refuse consents given by any other ServiceNow user")
@@ -267,6 +334,16 @@ def parser() -> argparse.ArgumentParser:
     staging = connections.add_parser("stage-secret", help="stage a new client secret (read from prompt/stdin)")
     staging.add_argument("name")
     staging.set_defaults(run=cmd_stage_secret)
+    key_staging = connections.add_parser("stage-jwt-key", help="stage the next JWT signing key (rollover)")
+    key_staging.add_argument("name")
+    key_staging.add_argument("--jwt-key-id", required=True, help="the new verifier map's key id (kid)")
+    key_staging.add_argument("--jwt-kms-key", required=True, help="the new KMS signing key (id, ARN or alias)")
+    key_staging.set_defaults(run=cmd_stage_jwt_key)
+
+    certificate = commands.add_parser("jwt-certificate", help="print the certificate ServiceNow needs (PEM)")
+    certificate.add_argument("name")
+    certificate.add_argument("--next", action="store_true", help="for the staged next key")
+    certificate.set_defaults(run=cmd_jwt_certificate)
 
     link = commands.add_parser("authorize-url", help="print a signed, short-lived consent link")
     link.add_argument("name")

@@ -93,6 +93,19 @@ def run() -> int:
         after = len(stack.secretsmanager.list_secret_version_ids(SecretId=stack.secret_id())["Versions"])
         timeline.say("eventbridge", f"sweep 2: {counts}; secret versions {versions} -> {after} (no write)")
         expect(counts.get("not_due") == 1 and after == versions, "a not-due sweep wrote to the secret")
+
+        # A machine-to-machine connection: no consent, no refresh token, the private key never outside KMS.
+        key = stack.create_jwt_connection("jwt-demo")
+        timeline.say(
+            "operator",
+            f"jwt_bearer connection 'jwt-demo': KMS key {key.rsplit('/', 1)[1][:8]}..., its certificate "
+            "(make jwt-certificate) in ServiceNow's JWT Verifier Map",
+        )
+        counts = stack.sweep()
+        jwt = json.loads(stack.read_secret("jwt-demo")["SecretString"])
+        timeline.say("eventbridge", f"sweep 3: {counts} (an assertion signed by kms:Sign, a fresh jti)")
+        expect(jwt["status"] == "active" and "refreshToken" not in jwt, "the JWT connection did not get a token")
+        timeline.say("secret", f"jwt-demo: access token until {jwt['accessTokenExpiresAt']}; no refresh token exists")
         timeline.say(
             "done", f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} connection {name!r} is live; no token was printed"
         )

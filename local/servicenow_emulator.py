@@ -37,6 +37,7 @@ CURRENT_USER_PATH = "/api/now/ui/user/current_user"
 ADMIN_PREFIX = "/_emulator/"
 
 DEFAULT_SCOPE = "useraccount"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 FORM_TYPE = "application/x-www-form-urlencoded"
 # "drop" hangs up without processing the request; "lost" processes it, then hangs up (the answer is lost).
 FAULT_KINDS = frozenset({"hibernate", "rate_limit", "server_error", "slow", "drop", "lost"})
@@ -68,6 +69,24 @@ class OAuthFailure(Exception):
 
 
 @dataclass
+class _JwtVerifier:
+    """A JWT Verifier Map row: a key id and the sys_certificate whose public key checks the signature."""
+
+    certificate_pem: str
+    public_key: Any
+
+
+@dataclass
+class _JwtEndpoint:
+    """The "OAuth JWT API endpoint for external clients" part of a registry entry."""
+
+    verifiers: dict[str, _JwtVerifier] = field(default_factory=dict)
+    user_field: str = "user_name"  # sys_user field that `sub` is matched against: user_name, email or sys_id
+    jti_verification: bool = True  # ServiceNow's default: a jti is accepted once
+    clock_skew: int = 300  # seconds allowed on exp and nbf (ServiceNow's default)
+
+
+@dataclass
 class _Client:
     """An OAuth registry entry (oauth_entity)."""
 
@@ -76,6 +95,7 @@ class _Client:
     client_credentials_user: str | None
     access_lifespan: int | None
     refresh_lifespan: int | None
+    jwt: _JwtEndpoint = field(default_factory=_JwtEndpoint)
 
 
 @dataclass
@@ -172,6 +192,13 @@ def _s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii", "replace")).digest()).rstrip(b"=").decode()
 
 
+def _b64url_decode(text: str) -> bytes:
+    """base64url without padding, strictly (a JWT segment)."""
+    if not text or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 def _sys_id(username: str) -> str:
     """Stable 32-hex sys_id derived from the user name so repeated lookups agree."""
     return hashlib.sha256(f"sys_user:{username}".encode()).hexdigest()[:32]
@@ -211,6 +238,8 @@ class ServiceNowEmulator(BackgroundServer):
         self._lock = threading.Lock()
         self._clients: dict[str, _Client] = {}
         self._users: dict[str, str] = {}
+        self._emails: dict[str, str] = {}  # sys_user.email -> user_name
+        self._jtis: dict[str, float] = {}  # jti -> when it may be forgotten (its assertion expired)
         self._codes: dict[str, _Code] = {}
         self._refresh: dict[str, _Refresh] = {}
         self._access: dict[str, _Access] = {}
@@ -244,11 +273,43 @@ class ServiceNowEmulator(BackgroundServer):
             self._clients[client_id].secret = new_secret
             self._issued.add(new_secret)
 
-    def add_user(self, username: str, password: str) -> None:
-        """Create or update a sys_user usable by the password grant."""
+    def add_user(self, username: str, password: str, *, email: str | None = None) -> None:
+        """Create or update a sys_user usable by the password grant (and by `sub` of a JWT)."""
         with self._lock:
             self._users[username] = password
             self._issued.add(password)
+            if email:
+                self._emails[email] = username
+
+    def add_jwt_verifier(
+        self,
+        client_id: str,
+        kid: str,
+        certificate_pem: str,
+        *,
+        user_field: str | None = None,
+        jti_verification: bool | None = None,
+    ) -> None:
+        """Upload a certificate to sys_certificate and map it to `kid` in the entry's JWT Verifier Maps."""
+        from cryptography import x509  # a dev dependency: the emulator never ships
+
+        try:
+            public_key = x509.load_pem_x509_certificate(certificate_pem.encode("ascii")).public_key()
+        except (ValueError, UnicodeEncodeError) as error:
+            raise ValueError("certificate must be one PEM-encoded X.509 certificate") from error
+        if user_field not in (None, "user_name", "email", "sys_id"):
+            raise ValueError("user_field must be user_name, email or sys_id")
+        with self._lock:
+            endpoint = self._clients[client_id].jwt
+            endpoint.verifiers[kid] = _JwtVerifier(certificate_pem, public_key)
+            endpoint.user_field = user_field or endpoint.user_field
+            if jti_verification is not None:
+                endpoint.jti_verification = jti_verification
+
+    def remove_jwt_verifier(self, client_id: str, kid: str) -> None:
+        """Delete a verifier map (the end of a key rollover): assertions with that kid are refused."""
+        with self._lock:
+            self._clients[client_id].jwt.verifiers.pop(kid, None)
 
     def add_record(self, table: str, record: dict[str, Any]) -> dict[str, Any]:
         """Add a row returned by GET /api/now/table/<table>; a sys_id is generated if absent."""
@@ -661,6 +722,14 @@ class ServiceNowEmulator(BackgroundServer):
             return self._new_grant(client_id, client, username, _first(form, "scope") or DEFAULT_SCOPE)
         if grant_type == "refresh_token":
             return self._refresh_grant(client_id, client, _first(form, "refresh_token") or "", now)
+        if grant_type == JWT_BEARER:
+            assertion = _first(form, "assertion") or ""
+            self._issued.add(assertion)  # a bearer credential for its few minutes
+            user = self._verify_assertion(client_id, client, assertion, now)
+            access_life, _ = self._lifespans(client)
+            scope = _first(form, "scope") or DEFAULT_SCOPE
+            access = self._new_access(client_id, user, scope, access_life, None)
+            return self._payload(access, None, scope, access_life)  # the JWT grant issues no refresh token
         if grant_type == "client_credentials":
             if not client.client_credentials_user:
                 raise OAuthFailure
@@ -669,6 +738,62 @@ class ServiceNowEmulator(BackgroundServer):
             access = self._new_access(client_id, client.client_credentials_user, scope, access_life, None)
             return self._payload(access, None, scope, access_life)
         raise OAuthFailure
+
+    def _verify_assertion(self, client_id: str, client: _Client, assertion: str, now: float) -> str:
+        """ServiceNow's checks of an inbound JWT: RS256 signature by the certificate its `kid` maps to, `aud`
+        and `iss` = the client id, `exp`/`nbf` within the clock skew, the `sub` user, and a `jti` used once.
+        Returns the user name (caller holds the lock)."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        parts = assertion.split(".")
+        if len(parts) != 3:
+            raise OAuthFailure
+        try:
+            header = json.loads(_b64url_decode(parts[0]))
+            claims = json.loads(_b64url_decode(parts[1]))
+            signature = _b64url_decode(parts[2])
+        except ValueError:
+            raise OAuthFailure from None
+        if not isinstance(header, dict) or not isinstance(claims, dict) or header.get("alg") != "RS256":
+            raise OAuthFailure
+        endpoint = client.jwt
+        verifier = endpoint.verifiers.get(str(header.get("kid")))
+        if verifier is None:
+            raise OAuthFailure
+        try:
+            verifier.public_key.verify(
+                signature, f"{parts[0]}.{parts[1]}".encode("ascii"), padding.PKCS1v15(), hashes.SHA256()
+            )
+        except (InvalidSignature, ValueError, TypeError):
+            raise OAuthFailure from None
+        if claims.get("aud") != client_id or claims.get("iss") != client_id:
+            raise OAuthFailure
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if not isinstance(exp, int) or exp + endpoint.clock_skew <= now:
+            raise OAuthFailure
+        if nbf is not None and (not isinstance(nbf, int) or nbf - endpoint.clock_skew > now):
+            raise OAuthFailure
+        user = self._user_by(endpoint.user_field, claims.get("sub"))
+        if user is None:
+            raise OAuthFailure
+        if endpoint.jti_verification:
+            jti = claims.get("jti")
+            self._jtis = {known: until for known, until in self._jtis.items() if until > now}
+            if not isinstance(jti, str) or not jti or jti in self._jtis:
+                raise OAuthFailure
+            self._jtis[jti] = exp + endpoint.clock_skew
+        return user
+
+    def _user_by(self, user_field: str, subject: Any) -> str | None:
+        if not isinstance(subject, str) or not subject:
+            return None
+        if user_field == "email":
+            return self._emails.get(subject)
+        if user_field == "sys_id":
+            return next((name for name in self._users if _sys_id(name) == subject), None)
+        return subject if subject in self._users else None
 
     def _refresh_grant(self, client_id: str, client: _Client, token: str, now: float) -> dict[str, Any]:
         """Same refresh token, expiry untouched; the current access token is reused while it lives."""
@@ -767,7 +892,19 @@ class ServiceNowEmulator(BackgroundServer):
                     return _json_reply(404, {"error": "unknown client"})
                 self.set_client_secret(client_id, _req_str(data, "client_secret"))
             elif path == "/_emulator/users":
-                self.add_user(_req_str(data, "username"), _req_str(data, "password"))
+                self.add_user(_req_str(data, "username"), _req_str(data, "password"), email=_opt_str(data, "email"))
+            elif path == "/_emulator/jwt_verifiers":
+                client_id = _req_str(data, "client_id")
+                with self._lock:
+                    known = client_id in self._clients
+                if not known:
+                    return _json_reply(404, {"error": "unknown client"})
+                self.add_jwt_verifier(
+                    client_id,
+                    _req_str(data, "kid"),
+                    _req_str(data, "certificate"),
+                    user_field=_opt_str(data, "user_field"),
+                )
             elif path == "/_emulator/revoke_user":
                 self.revoke_user_tokens(_req_str(data, "username"))
             elif path == "/_emulator/faults":

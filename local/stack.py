@@ -342,6 +342,35 @@ class LocalStack:
         )
         self.store.create(connection, description=f"ServiceNow OAuth connection {name} (local stack)")
 
+    def create_jwt_connection(self, name: str, *, subject: str = "svc.jwt", key_id: str = "local-key-1") -> str:
+        """A jwt_bearer connection signed by a fresh KMS key (moto's), trusted by the emulator the way the README
+        has a person trust it in ServiceNow: the certificate from `make jwt-certificate` in a JWT Verifier Map.
+        Returns the key's ARN."""
+        from admin.certificate import kms_certificate  # dev dependency (cryptography), like the emulator
+
+        if self.store is None or self.emulator is None or self._emulator_client is None:
+            raise RuntimeError("local stack not started (with the emulator)")
+        kms = boto3.client("kms", endpoint_url=self.moto.url, region_name=REGION)
+        key = str(kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"])
+        client_id, client_secret = self._emulator_client
+        self.emulator.add_user(subject, secrets.token_urlsafe(16))
+        self.emulator.add_jwt_verifier(
+            client_id, key_id, kms_certificate(kms, key, f"servicenow-oauth {name}", datetime.now(UTC))
+        )
+        connection = Connection(
+            name=name,
+            instance_url=normalize_instance_url(self.instance_url, self.allowed_hosts),
+            client_id=client_id,
+            client_secret=client_secret,
+            grant_type="jwt_bearer",
+            jwt_subject=subject,
+            jwt_key_id=key_id,
+            kms_key_id=key,
+            status="pending_authorization",
+        )
+        self.store.create(connection, description=f"ServiceNow OAuth JWT connection {name} (local stack)")
+        return key
+
     def read_secret(self, name: str | None = None) -> dict[str, Any]:
         """The current version of a connection secret as Secrets Manager returns it (tests compare these)."""
         answer: dict[str, Any] = self.secretsmanager.get_secret_value(

@@ -224,3 +224,33 @@ def test_timeouts_fit_the_worst_case_refresh(translated: dict[str, Any]) -> None
     assert resources["RotationFunction"]["Properties"]["Timeout"] >= 2 * ATTEMPT_WORST_SECONDS
     [invoke] = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig"]
     assert invoke["FunctionName"] == {"Ref": "RefreshFunction"} and invoke["MaximumRetryAttempts"] == 0
+
+
+def test_only_the_refreshing_functions_may_sign_with_the_jwt_key(translated: dict[str, Any]) -> None:
+    """The JWT signing key's private half never leaves KMS, and the key policy decides who can mint assertions:
+    the three functions that refresh (and an optional named certificate issuer), nobody through IAM or grants."""
+    resources = translated["Resources"]
+    key = resources["JwtSigningKmsKey"]
+    assert key["Condition"] == "CreateJwtKey" and key["DeletionPolicy"] == "Retain"
+    assert key["Properties"]["KeySpec"] == "RSA_2048" and key["Properties"]["KeyUsage"] == "SIGN_VERIFY"
+    statements = key["Properties"]["KeyPolicy"]["Statement"]
+    signing = [s for s in statements if "kms:Sign" in json.dumps(s["Action"]) or s["Action"] in ("kms:*", "*")]
+    assert len(signing) == 1, "exactly one statement may allow kms:Sign"
+    principals = signing[0]["Principal"]["AWS"]
+    roles = {p["Fn::GetAtt"][0] for p in principals if isinstance(p, dict) and "Fn::GetAtt" in p}
+    assert roles == {"RefreshFunctionRole", "WorkerFunctionRole", "RotationFunctionRole"}
+    assert [p for p in principals if isinstance(p, dict) and "Fn::If" in p] == [
+        {"Fn::If": ["HasJwtIssuer", {"Ref": "JwtCertificateIssuerArn"}, {"Ref": "AWS::NoValue"}]}
+    ]
+    assert signing[0]["Condition"]["StringEquals"]["kms:SigningAlgorithm"] == "RSASSA_PKCS1_V1_5_SHA_256"
+    for statement in statements:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert "kms:CreateGrant" not in actions and not any(a.endswith("*") for a in actions), statement["Sid"]
+    # Operators read the public key (for the certificate) through IAM: the account may delegate GetPublicKey.
+    admin = next(s for s in statements if s["Sid"] == "AccountAdministersTheKey")
+    assert "kms:GetPublicKey" in admin["Action"]
+    # The callback never signs: no kms:Sign in its role, with either kind of key.
+    callback = json.dumps(resources["CallbackFunctionRole"]["Properties"])
+    assert "kms:Sign" not in callback
+    for role in ("RefreshFunctionRole", "WorkerFunctionRole", "RotationFunctionRole"):
+        assert '"JwtSigningKey"' in json.dumps(resources[role]["Properties"]), role  # the external key's grant

@@ -121,6 +121,7 @@ class Outcome:
     needs_person: bool = False
     retry_after: float | None = None
     client_secret_promoted: bool = False
+    jwt_key_promoted: bool = False
     # The refresh token may have rotated without being stored (answer lost after sending, or every write failed):
     rotation_unseen: bool = False
     appflow_owed: bool = False  # a consent stored new tokens for AppFlow profiles: push on the next sweep
@@ -302,6 +303,8 @@ def advance(old: Health, outcome: Outcome, now: datetime, policy: RefreshPolicy)
         new = replace(new, alerted_expiring=False)  # a new refresh token deserves its own warning
     if outcome.client_secret_promoted:
         kinds.append("client_secret_promoted")
+    if outcome.jwt_key_promoted:
+        kinds.append("jwt_key_promoted")
     if new.failing_since and now - new.failing_since >= policy.alert_after and not new.alerted_failing:
         kinds.append("failing")
         new = replace(new, alerted_failing=True)

@@ -38,6 +38,7 @@ DETAIL_TYPES = {
     "refresh_token_expiring": "ServiceNow Refresh Token Expiring",
     "failing": "ServiceNow Connection Failing",
     "client_secret_promoted": "ServiceNow Client Secret Promoted",
+    "jwt_key_promoted": "ServiceNow JWT Signing Key Promoted",
 }
 
 

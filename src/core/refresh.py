@@ -18,15 +18,19 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from core.appflow import AppFlowSync
+from core.clock import utc_now
 from core.errors import (
     ConcurrentUpdate,
     ConnectionNotFound,
     CredentialRejected,
+    InstanceUnavailable,
     ProviderError,
+    RateLimited,
     SecretFormatError,
     TransientProviderError,
 )
 from core.health import Health
+from core.jwt_bearer import KmsSigner
 from core.lifecycle import Outcome, RefreshPolicy, Result, decide, is_due, needs_person, plan, retry_allowed
 from core.secret import Connection
 from core.servicenow import ServiceNowClient, Token
@@ -45,11 +49,19 @@ START_MARGIN_SECONDS = 20.0  # after the last refresh: queue the rest, report
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 
 
-def request_token(client: ServiceNowClient, connection: Connection, *, replay: bool = True) -> tuple[Token, str]:
-    """The grant this connection refreshes with: refresh_token, password, or client_credentials.
+def request_token(
+    client: ServiceNowClient,
+    connection: Connection,
+    *,
+    replay: bool = True,
+    signer: KmsSigner | None = None,
+    now: datetime | None = None,
+) -> tuple[Token, str]:
+    """The grant this connection refreshes with: refresh_token, password, client_credentials or jwt_bearer.
 
     `replay=False` (a connection already failing) lets the HTTP layer retry only failed connects; a refresh
-    token that rotates is never re-sent either way, since a lost answer may already have spent it.
+    token that rotates is never re-sent either way, since a lost answer may already have spent it. A JWT
+    assertion is never re-sent (ServiceNow refuses a reused `jti`): its one retry signs a new one.
     """
     app = connection.app
     if connection.grant_type == "password":
@@ -60,9 +72,28 @@ def request_token(client: ServiceNowClient, connection: Connection, *, replay: b
         return token, "password"
     if connection.grant_type == "client_credentials":
         return client.client_credentials(app, scope=connection.scope, replay=replay), "client_credentials"
+    if connection.grant_type == "jwt_bearer":
+        return _jwt_bearer(client, connection, signer, now or utc_now(), replay=replay), "jwt_bearer"
     assert connection.refresh_token  # is_due / needs_person guarantee it
     replay = replay and not connection.rotates_refresh_token
     return client.refresh(app, connection.refresh_token, replay=replay), "refresh_token"
+
+
+def _jwt_bearer(
+    client: ServiceNowClient, connection: Connection, signer: KmsSigner | None, now: datetime, *, replay: bool
+) -> Token:
+    key, subject = connection.jwt_key, connection.jwt_subject
+    assert key is not None and subject  # parse_connection guarantees them
+    if signer is None:
+        raise InstanceUnavailable(connection.host, "jwt_bearer", "no KMS signer is configured in this function")
+    for attempt in range(2 if replay else 1):
+        assertion = signer.assertion(connection.client_id, subject, key, now, host=connection.host)
+        try:
+            return client.jwt_bearer(connection.app, assertion)
+        except (TransientProviderError, RateLimited):
+            if attempt or not replay:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _credential(connection: Connection) -> tuple[Any, ...]:
@@ -73,6 +104,9 @@ def _credential(connection: Connection) -> tuple[Any, ...]:
         connection.password,
         connection.status,
         connection.extra.get(NEXT_CLIENT_SECRET),
+        connection.jwt_subject,
+        connection.jwt_key,
+        connection.jwt_key_next,
     )
 
 
@@ -103,8 +137,10 @@ class Refresher:
         policy: RefreshPolicy | None = None,
         appflow: AppFlowSync | None = None,
         monitor: Monitor | None = None,
+        signer: KmsSigner | None = None,
     ) -> None:
         self.store = store
+        self.signer = signer
         self.appflow = appflow
         self.monitor = monitor
         self.client = client
@@ -181,9 +217,11 @@ class Refresher:
             return self._done(connection, "not_due", now, at=read, **self._sync_appflow(read))
         health = health or Health()
         try:
-            token, grant = request_token(self.client, connection, replay=retry_allowed(health))
+            token, grant = request_token(
+                self.client, connection, replay=retry_allowed(health), signer=self.signer, now=now
+            )
         except CredentialRejected as error:
-            return self._try_next_client_secret(read, error) or self.mark_rejected(read, error)
+            return self._try_staged(read, error) or self.mark_rejected(read, error)
         except ProviderError as error:
             return self._failed(read, error, now)
         return self._store_token(read, token, grant, now)
@@ -212,27 +250,53 @@ class Refresher:
             rotation_unseen=unseen,
         )
 
-    def _try_next_client_secret(self, read: StoredConnection, error: CredentialRejected) -> Outcome | None:
-        """Client-secret rollover: on a refusal, try the staged `clientSecretNext` once; if ServiceNow takes
-        it, promote it in the same write that stores the new tokens."""
-        staged = read.connection.extra.get(NEXT_CLIENT_SECRET)
-        if not isinstance(staged, str) or not staged or staged == read.connection.client_secret:
-            return None
+    def _try_staged(self, read: StoredConnection, error: CredentialRejected) -> Outcome | None:
+        """Rollover without downtime: on a refusal, try what the operator staged once - the next client secret
+        (`clientSecretNext`), then the next JWT signing key (`jwtKeyIdNext` + `kmsKeyIdNext`); if ServiceNow
+        takes it, promote it in the same write that stores the new tokens."""
+        connection = read.connection
+        staged = connection.extra.get(NEXT_CLIENT_SECRET)
+        if isinstance(staged, str) and staged and staged != connection.client_secret:
 
-        def promote(connection: Connection) -> Connection:
-            if connection.extra.get(NEXT_CLIENT_SECRET) != staged:
-                return connection  # the operator changed the staging meanwhile: leave it be
-            extra = {key: value for key, value in connection.extra.items() if key != NEXT_CLIENT_SECRET}
-            return replace(connection, client_secret=staged, extra=extra)
+            def promote_secret(current: Connection) -> Connection:
+                if current.extra.get(NEXT_CLIENT_SECRET) != staged:
+                    return current  # the operator changed the staging meanwhile: leave it be
+                extra = {key: value for key, value in current.extra.items() if key != NEXT_CLIENT_SECRET}
+                return replace(current, client_secret=staged, extra=extra)
 
+            outcome = self._try_promoted(read, promote_secret, client_secret_promoted=True)
+            if outcome is not None:
+                return outcome
+        staged_key = connection.jwt_key_next if connection.grant_type == "jwt_bearer" else None
+        if staged_key is not None and staged_key != connection.jwt_key:
+
+            def promote_key(current: Connection) -> Connection:
+                if current.jwt_key_next != staged_key:
+                    return current
+                return replace(
+                    current,
+                    jwt_key_id=staged_key.key_id,
+                    kms_key_id=staged_key.kms_key_id,
+                    jwt_key_id_next=None,
+                    kms_key_id_next=None,
+                )
+
+            return self._try_promoted(read, promote_key, jwt_key_promoted=True)
+        return None
+
+    def _try_promoted(
+        self, read: StoredConnection, promote: Callable[[Connection], Connection], **flags: Any
+    ) -> Outcome | None:
         now = self.clock()
         try:
-            token, grant = request_token(self.client, promote(read.connection), replay=False)
+            token, grant = request_token(
+                self.client, promote(read.connection), replay=False, signer=self.signer, now=now
+            )
         except CredentialRejected:
-            return None  # the staged secret is not live either: the refusal stands
+            return None  # the staged credential is not live either: the refusal stands
         except ProviderError as failure:
             return self._failed(read, failure, now)
-        return self._store_token(read, token, grant, now, adjust=promote, client_secret_promoted=True)
+        return self._store_token(read, token, grant, now, adjust=promote, **flags)
 
     def _store_token(
         self,

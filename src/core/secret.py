@@ -15,9 +15,10 @@ from typing import Any, Literal, cast, get_args
 from core.allowlist import normalize_instance_url
 from core.clock import from_iso, to_iso
 from core.errors import InstanceNotAllowed, SecretFormatError
+from core.jwt_bearer import KMS_KEY_ID, JwtKey
 from core.servicenow import OAuthApp, Token
 
-ConnectionGrant = Literal["authorization_code", "password", "client_credentials"]
+ConnectionGrant = Literal["authorization_code", "password", "client_credentials", "jwt_bearer"]
 Status = Literal["pending_authorization", "active", "reauthorization_required"]
 
 DEFAULT_REFRESH_TOKEN_LIFESPAN = 8_640_000  # ServiceNow's default: 100 days
@@ -40,11 +41,17 @@ _KEYS = {
     "refreshTokenExpiresAt": "refresh_token_expires_at",
     "refreshTokenLifespanSeconds": "refresh_token_lifespan_seconds",
     "refreshTokenRotates": "rotates_refresh_token",
+    "jwtSubject": "jwt_subject",
+    "jwtKeyId": "jwt_key_id",
+    "kmsKeyId": "kms_key_id",
+    "jwtKeyIdNext": "jwt_key_id_next",
+    "kmsKeyIdNext": "kms_key_id_next",
     "status": "status",
     "updatedAt": "updated_at",
 }
 _TIMESTAMPS = {"accessTokenExpiresAt", "refreshTokenExpiresAt", "updatedAt"}
 _OPTIONAL_STRINGS = {"redirectUri", "username", "password", "scope", "accessToken", "refreshToken", "tokenType"}
+_JWT_STRINGS = ("jwtSubject", "jwtKeyId", "kmsKeyId", "jwtKeyIdNext", "kmsKeyIdNext")
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,27 @@ class Connection:
     # True once ServiceNow answered a refresh with a new refresh token (or set by the operator): such a
     # refresh is never re-sent after a lost answer, since the token it spends is dead once processed.
     rotates_refresh_token: bool | None = None
+    # jwt_bearer: the user the assertion names, and the key that signs it (a staged next key for rollover).
+    jwt_subject: str | None = None
+    jwt_key_id: str | None = None
+    kms_key_id: str | None = None
+    jwt_key_id_next: str | None = None
+    kms_key_id_next: str | None = None
     status: Status = "pending_authorization"
     updated_at: datetime | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def jwt_key(self) -> JwtKey | None:
+        if self.jwt_key_id and self.kms_key_id:
+            return JwtKey(self.jwt_key_id, self.kms_key_id)
+        return None
+
+    @property
+    def jwt_key_next(self) -> JwtKey | None:
+        if self.jwt_key_id_next and self.kms_key_id_next:
+            return JwtKey(self.jwt_key_id_next, self.kms_key_id_next)
+        return None
 
     @property
     def app(self) -> OAuthApp:
@@ -94,7 +119,7 @@ class Connection:
             rotates = True
         if grant in ("authorization_code", "password") and token.refresh_token:
             refresh_expires = now + timedelta(seconds=self.refresh_token_lifespan_seconds)
-        elif grant == "client_credentials":
+        elif grant in ("client_credentials", "jwt_bearer"):
             refresh_token, refresh_expires = None, None
         return replace(
             self,
@@ -188,5 +213,15 @@ def parse_connection(name: str, secret_string: str, allowed_hosts: Iterable[str]
     values["rotates_refresh_token"] = rotates
     if values["grant_type"] == "password" and not (values["username"] and values["password"]):
         raise SecretFormatError(name, "username/password", "are required when grantType is password")
+    for key in _JWT_STRINGS:
+        values[_KEYS[key]] = _require_string(name, document, key, required=False)
+        if key.startswith("kms") and values[_KEYS[key]] and not KMS_KEY_ID.match(values[_KEYS[key]]):
+            raise SecretFormatError(name, key, "must be a KMS key id, key ARN, alias/name or alias ARN")
+    if values["grant_type"] == "jwt_bearer" and not (
+        values["jwt_subject"] and values["jwt_key_id"] and values["kms_key_id"]
+    ):
+        raise SecretFormatError(name, "jwtSubject/jwtKeyId/kmsKeyId", "are required when grantType is jwt_bearer")
+    if bool(values["jwt_key_id_next"]) != bool(values["kms_key_id_next"]):
+        raise SecretFormatError(name, "jwtKeyIdNext/kmsKeyIdNext", "must be staged together (or both left out)")
     extra = {key: value for key, value in document.items() if key not in _KEYS}
     return Connection(name=name, extra=extra, **values)

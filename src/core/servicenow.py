@@ -30,7 +30,14 @@ from core.errors import (
     TransientProviderError,
 )
 
-GrantType = Literal["authorization_code", "refresh_token", "password", "client_credentials"]
+GrantType = Literal[
+    "authorization_code",
+    "refresh_token",
+    "password",
+    "client_credentials",
+    "urn:ietf:params:oauth:grant-type:jwt-bearer",
+]
+JWT_BEARER: GrantType = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 AUTHORIZE_PATH = "/oauth_auth.do"
 TOKEN_PATH = "/oauth_token.do"
@@ -274,8 +281,9 @@ class ServiceNowClient:
 
     def _grant(self, app: OAuthApp, grant: GrantType, *, replay: bool = True, **values: str | None) -> Token:
         session = self._session if replay else self._single_shot
-        response = self._post(session, app, TOKEN_PATH, grant, grant_form(app, grant, **values))
-        return parse_token(app, grant, response, self._clock())
+        label = "jwt_bearer" if grant == JWT_BEARER else grant  # what messages call it
+        response = self._post(session, app, TOKEN_PATH, label, grant_form(app, grant, **values))
+        return parse_token(app, label, response, self._clock())
 
     def exchange_code(self, app: OAuthApp, *, code: str, redirect_uri: str, code_verifier: str) -> Token:
         """authorization_code grant. Never retried: the code is single-use, and a retry after a lost
@@ -300,6 +308,11 @@ class ServiceNowClient:
     def client_credentials(self, app: OAuthApp, *, scope: str | None = None, replay: bool = True) -> Token:
         """client_credentials grant (Washington DC or later, with an OAuth Application User): no refresh token."""
         return self._grant(app, "client_credentials", replay=replay, scope=scope)
+
+    def jwt_bearer(self, app: OAuthApp, assertion: str) -> Token:
+        """JWT bearer grant (an assertion signed by the connection's KMS key): no refresh token. Never re-sent
+        by the HTTP layer - ServiceNow refuses a reused `jti` by default, so a retry needs a new assertion."""
+        return self._grant(app, JWT_BEARER, replay=False, assertion=assertion)
 
     def revoke(self, app: OAuthApp, token: str) -> None:
         """Mark a token expired in ServiceNow (`oauth_revoke_token.do`); the response body is undocumented."""

@@ -12,6 +12,7 @@ from botocore.config import Config
 from core.appflow import AppFlowSync
 from core.clock import utc_now
 from core.config import Settings
+from core.jwt_bearer import KmsSigner
 from core.lifecycle import RefreshPolicy
 from core.monitor import Monitor
 from core.redaction import RedactingFormatter
@@ -81,6 +82,7 @@ def build_refresher(settings: Settings, logger: Any = None) -> Refresher:
         policy=RefreshPolicy.from_settings(settings),
         appflow=AppFlowSync(LazyClient("appflow"), store.client),
         monitor=build_monitor(settings, store.client, logger),
+        signer=KmsSigner(LazyClient("kms")),  # created on the first JWT connection's refresh
     )
 
 
