@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLERS = ["callback", "refresh", "worker", "rotation"]
+HANDLERS = ["callback", "refresh", "worker", "rotation", "dashboard"]
 
 
 @dataclass
@@ -421,6 +421,56 @@ def package_size() -> list[Row]:
     return rows
 
 
+def dashboard(count: int, world: Any, runs: int = 5) -> list[Row]:
+    """The custom widget at `count` connections: rendering the page beside fetching its ListSecrets pages."""
+    from benchmarks.world import secretsmanager
+    from core.dashboard import render, rows_from_listing
+    from core.health import Health
+    from core.lifecycle import RefreshPolicy
+    from core.store import ConnectionStore
+
+    world.reset()
+    sm = secretsmanager()
+    now = datetime.now(UTC)
+    for index in range(count):
+        failing = index % 10 == 0
+        health = Health(
+            status="active",
+            version="v1",
+            instance=f"customer-{index:05d}.service-now.com",
+            grant="authorization_code",
+            access_expires=now + timedelta(minutes=index % 30),
+            refresh_expires=now + timedelta(days=index % 100),
+            last_success=now - timedelta(minutes=5),
+            consecutive_failures=3 if failing else 0,
+            failing_since=now - timedelta(hours=1) if failing else None,
+            failure_class="unavailable" if failing else None,
+        )
+        tags = [{"Key": key, "Value": value} for key, value in health.to_tags().items()]
+        sm.create_secret(Name=f"servicenow-oauth/d{index:05d}", SecretString="{}", Tags=tags)
+    store = ConnectionStore(sm, prefix="servicenow-oauth/", allowed_hosts=())
+    fetches, renders, size = [], [], 0
+    for _ in range(runs):
+        start = time.perf_counter()
+        entries = list(store.listing())
+        fetches.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        html = render(rows_from_listing(entries, store.name_of), now, RefreshPolicy())
+        renders.append(time.perf_counter() - start)
+        size = len(html.encode())
+    fetch, draw = statistics.median(fetches), statistics.median(renders)
+    return [
+        Row(
+            "Dashboard",
+            f"custom widget at {count} connections: render (median of {runs}); page {size / 1024:.0f} kB",
+            f"{draw * 1000:.0f} ms ({draw / fetch:.2f}x the fetch)",
+            f"ListSecrets pages for the same connections: {fetch * 1000:.0f} ms",
+            "render <= 0.5x the fetch",
+            draw <= 0.5 * fetch,
+        )
+    ]
+
+
 def progress(section: str, started: float) -> None:
     print(f"[bench] {section} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
@@ -459,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.smoke:
             rows = cold_start(2) + sweep_cost(40, world) + throughput(20, 0.01, 4, world) + fan_out(30, 0.01, 2, 20)
-            rows += failure_cost()
+            rows += failure_cost() + dashboard(50, world, runs=2)
         else:
             rows = cold_start(11)
             progress("cold start", started)
@@ -469,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
             progress("throughput", started)
             rows += fan_out(10_000, 0.1, 10, 500)
             progress("fan-out", started)
+            rows += dashboard(1000, world)
+            progress("dashboard", started)
             rows += failure_cost() + package_size()
     finally:
         world.stop()

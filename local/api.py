@@ -215,9 +215,18 @@ class LocalApi(BackgroundServer):
     handler_class = _RequestHandler
     thread_name = "local-api"
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        local_pages: dict[str, Callable[[], HttpAnswer]] | None = None,
+    ) -> None:
         super().__init__(host, port)
         self.handler = handler
+        # Pages only the local stack serves (GET, exact path): never routes of the deployed API.
+        self.local_pages = dict(local_pages or {})
 
     def answer(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, source_ip: str
@@ -225,6 +234,8 @@ class LocalApi(BackgroundServer):
         """Route, build the event, invoke the handler, and map its result (one request, no I/O of its own)."""
         parts = urlsplit(target)
         raw_path = parts.path or "/"
+        if method in ("GET", "HEAD") and raw_path in self.local_pages:
+            return self.local_pages[raw_path]()
         route = match_route(method, raw_path)
         if route is None:
             return _json_answer(404, NOT_FOUND)

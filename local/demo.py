@@ -106,6 +106,12 @@ def run() -> int:
         timeline.say("eventbridge", f"sweep 3: {counts} (an assertion signed by kms:Sign, a fresh jti)")
         expect(jwt["status"] == "active" and "refreshToken" not in jwt, "the JWT connection did not get a token")
         timeline.say("secret", f"jwt-demo: access token until {jwt['accessTokenExpiresAt']}; no refresh token exists")
+        status = requests.get(f"{stack.api.url}/status", timeout=30)
+        expect(status.status_code == 200 and "jwt-demo" in status.text, "the status page does not show the connections")
+        expect(consented["refreshToken"] not in status.text, "a token reached the status page")
+        timeline.say(
+            "dashboard", f"{stack.api.url}/status: every connection's health (what the CloudWatch widget shows)"
+        )
         timeline.say(
             "done", f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} connection {name!r} is live; no token was printed"
         )

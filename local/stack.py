@@ -40,11 +40,13 @@ from aws_lambda_powertools.utilities import parameters
 
 from core.allowlist import DEFAULT_ALLOWED_HOSTS, normalize_instance_url
 from core.config import DEFAULT_PREFIX, DEFAULT_STATE_KEY
+from core.dashboard import page
 from core.errors import InstanceNotAllowed
+from core.pages import SECURITY_HEADERS
 from core.secret import Connection
 from core.signing import LINK_TTL, sign_authorize_link
 from core.store import AWSCURRENT, ConnectionStore
-from local.api import LocalApi, LocalLambdaContext
+from local.api import HttpAnswer, LocalApi, LocalLambdaContext
 from local.servicenow_emulator import DEFAULT_SCOPE, ServiceNowEmulator
 
 REGION = "us-east-1"
@@ -53,6 +55,7 @@ DEMO_CONNECTION = "demo"
 EVENTS = Path(__file__).resolve().parent.parent / "events"
 HANDLER_MODULE = "handlers.callback"
 REFRESH_MODULE = "handlers.refresh"
+DASHBOARD_MODULE = "handlers.dashboard"
 REFRESH_INTERVAL = 60.0  # seconds between local sweeps (EventBridge's default in AWS is 5 minutes)
 # A fixed port when a real instance is used: its registered Redirect URL must stay valid across runs.
 REAL_INSTANCE_API_PORT = 8765
@@ -194,7 +197,8 @@ class LocalStack:
         self.host = host
         self.connection = connection
         self.moto = MotoServer(host)
-        self.api = LocalApi(self._invoke, host, api_port)
+        self.api = LocalApi(self._invoke, host, api_port, local_pages={"/status": self.status_page})
+        self.dashboard: ModuleType | None = None
         self.emulator: ServiceNowEmulator | None = None
         self.secretsmanager: Any = None
         self.store: ConnectionStore | None = None
@@ -255,6 +259,7 @@ class LocalStack:
         """Stop everything started, in reverse order, and restore the environment."""
         self._cleanup.close()
         self.handler = None
+        self.dashboard = None
         self._forget_handler_caches()
 
     def __enter__(self) -> LocalStack:
@@ -285,6 +290,21 @@ class LocalStack:
         thread.start()
         cleanup.callback(thread.join, 5)
         cleanup.callback(stopped.set)
+
+    def status_page(self) -> HttpAnswer:
+        """`/status` (local only): the dashboard widget's handler, invoked as the CloudWatch console would, in a
+        page of its own with the consent pages' security headers."""
+        if self.store is None:
+            return HttpAnswer(503, [("Content-Type", "text/plain")], b"the local stack is still starting")
+        if self.dashboard is None:
+            already = DASHBOARD_MODULE in sys.modules
+            module = importlib.import_module(DASHBOARD_MODULE)
+            self.dashboard = importlib.reload(module) if already else module
+        event = json.loads((EVENTS / "dashboard.json").read_text())
+        context = LocalLambdaContext(function_name="dashboard", aws_request_id=str(uuid.uuid4()))
+        fragment = self.dashboard.lambda_handler(event, context)
+        headers = [("Content-Type", "text/html; charset=utf-8"), *SECURITY_HEADERS.items()]
+        return HttpAnswer(200, headers, page(fragment).encode("utf-8"))
 
     def sweep(self) -> dict[str, int]:
         """One scheduled sweep, as EventBridge would trigger it: the refresh handler on a schedule event."""
@@ -443,6 +463,7 @@ def banner(stack: LocalStack, link: str, ttl: timedelta) -> str:
         f"{servicenow}\n"
         f"  Secrets Manager (moto)   {stack.moto.url}\n"
         f"  Callback URL             {stack.callback_url}\n"
+        f"  Connections' health      {stack.api.url}/status (local only; deployed: the CloudWatch dashboard)\n"
         f"{register}"
         f"  Connection secret        {stack.secret_id()}\n"
         "\n"

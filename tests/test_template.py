@@ -254,3 +254,39 @@ def test_only_the_refreshing_functions_may_sign_with_the_jwt_key(translated: dic
     assert "kms:Sign" not in callback
     for role in ("RefreshFunctionRole", "WorkerFunctionRole", "RotationFunctionRole"):
         assert '"JwtSigningKey"' in json.dumps(resources[role]["Properties"]), role  # the external key's grant
+
+
+def test_the_dashboard_shows_only_this_stack_and_its_widget_can_only_list(translated: dict[str, Any]) -> None:
+    """Every resource the dashboard names is the stack's own; the custom widget's role has the list-only
+    MonitoringPolicy and nothing else (no GetSecretValue: the page can hold no token)."""
+    import re
+
+    resources = translated["Resources"]
+    body_template, values = resources["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"], {}
+    for name in re.findall(r"\$\{([A-Za-z0-9]+)\.Arn\}", body_template):
+        assert name in resources, f"the dashboard names {name}, which the stack does not have"
+        values[f"{name}.Arn"] = f"arn:aws:test:::{name}"
+    values["AWS::Region"] = "us-east-1"
+    body = json.loads(re.sub(r"\$\{([^}]+)\}", lambda m: values[m.group(1)], body_template))
+    alarms = {r for r, v in resources.items() if v["Type"] == "AWS::CloudWatch::Alarm"}
+    [alarm_widget] = [w for w in body["widgets"] if w["type"] == "alarm"]
+    assert {arn.rsplit(":", 1)[1] for arn in alarm_widget["properties"]["alarms"]} == alarms, "every alarm shown"
+    [custom] = [w for w in body["widgets"] if w["type"] == "custom"]
+    assert custom["properties"]["endpoint"] == "arn:aws:test:::DashboardFunction"
+    metrics = {m[1] for w in body["widgets"] if w["type"] == "metric" for m in w["properties"]["metrics"]}
+    assert {"Refreshed", "FailedRejected", "MinAccessTokenSecondsLeft", "MinRefreshTokenDaysLeft"} <= metrics
+    assert {m[0] for w in body["widgets"] if w["type"] == "metric" for m in w["properties"]["metrics"]} == {
+        "ServiceNowOAuth"
+    }
+    role = resources["DashboardFunctionRole"]["Properties"]
+    assert role.get("Policies", []) == [], "no inline rights beyond the managed policies"
+    managed = role["ManagedPolicyArns"]
+    assert {"Ref": "MonitoringPolicy"} in managed
+    assert all(
+        "AWSLambdaBasicExecutionRole" in json.dumps(p)
+        or "AWSXrayWriteOnlyAccess" in json.dumps(p)
+        or p == {"Ref": "MonitoringPolicy"}
+        for p in managed
+    ), managed
+    monitoring = json.dumps(resources["MonitoringPolicy"]["Properties"]["PolicyDocument"])
+    assert "GetSecretValue" not in monitoring and "BatchGetSecretValue" not in monitoring

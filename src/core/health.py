@@ -135,6 +135,27 @@ class Health:
         )
 
 
+def unreadable_tags(tags: Mapping[str, str]) -> list[str]:
+    """Our tags whose value does not read back (hand-edited, truncated, from a future encoding): the dashboard
+    shows such a connection as "unknown health" instead of trusting half of it."""
+    bad = []
+    for name in _FLAGS:
+        if tags.get(_tag(name), "true") != "true":
+            bad.append(_tag(name))
+    for name in _TIMES:
+        raw = tags.get(_tag(name))
+        try:
+            if raw is not None:
+                from_iso(raw)
+        except ValueError:
+            bad.append(_tag(name))
+    for name in ("consecutive_failures", "appflow_failures"):
+        raw = tags.get(_tag(name))
+        if raw is not None and not raw.isdigit():
+            bad.append(_tag(name))
+    return bad
+
+
 def backoff(failures: int, interval: timedelta, cap: timedelta) -> timedelta:
     """One interval after the first failure, then 2x, 4x, ... never more than the cap."""
     return min(interval * (1 << min(max(failures - 1, 0), 30)), cap)

@@ -398,14 +398,7 @@ class Refresher:
     # ----------------------------------------------------------------- the sweep
     def list_connection_secrets(self) -> Iterator[dict[str, Any]]:
         """Every secret under the prefix, 100 per ListSecrets page (planned deletions excluded)."""
-        paginator = self.store.client.get_paginator("list_secrets")
-        pages = paginator.paginate(
-            Filters=[{"Key": "name", "Values": [self.store.prefix]}], PaginationConfig={"PageSize": LIST_PAGE_SIZE}
-        )
-        for page in pages:
-            for entry in page.get("SecretList", []):
-                if self.store.name_of(entry["Name"]):
-                    yield entry
+        return self.store.listing(LIST_PAGE_SIZE)
 
     def read_batch(self, entries: list[dict[str, Any]]) -> Iterator[StoredConnection | Outcome]:
         """One BatchGetSecretValue for up to 20 secrets; unreadable ones come back as `invalid` outcomes."""

@@ -13,7 +13,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -124,6 +124,18 @@ class ConnectionStore:
             return None
         name = secret_name[len(self.prefix) :]
         return name if NAME_PATTERN.match(name) else None
+
+    def listing(self, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every secret under the prefix from ListSecrets (100 per page, tags and stages included, no value);
+        planned deletions are not listed."""
+        paginator = self.client.get_paginator("list_secrets")
+        pages = paginator.paginate(
+            Filters=[{"Key": "name", "Values": [self.prefix]}], PaginationConfig={"PageSize": page_size}
+        )
+        for page in pages:
+            for entry in page.get("SecretList", []):
+                if self.name_of(entry["Name"]):
+                    yield entry
 
     def parse(
         self, name: str, secret_string: str, version_id: str, arn: str, tags: Mapping[str, str] | None = None
