@@ -15,7 +15,7 @@ export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint build clean deps chromium local demo bench soak connections connection-add jwt-certificate stage-jwt-key authorize-url refresh revoke stage-secret smoke
+.PHONY: test lint build clean deps chromium local demo bench soak connections connection-add connection-grant connection-revoke-access jwt-certificate stage-jwt-key authorize-url refresh revoke stage-secret smoke
 
 deps: $(VENV)/.installed $(SAM_VENV)/.installed
 
@@ -58,11 +58,18 @@ demo: $(VENV)/.installed ## one connection's whole life on this machine: consent
 connections: $(VENV)/.installed ## list connections: status and expiries, never tokens
 	$(ADMIN) connections list
 
-connection-add: $(VENV)/.installed ## CONNECTION=, INSTANCE=, CLIENT_ID=, optional GRANT=, USERNAME=, SCOPE=, APPFLOW=, JWT_SUBJECT=, JWT_KEY_ID=, JWT_KMS_KEY=
+connection-add: $(VENV)/.installed ## CONNECTION=, INSTANCE=, CLIENT_ID=, optional GRANT=, USERNAME=, SCOPE=, APPFLOW=, JWT_SUBJECT=, JWT_KEY_ID=, JWT_KMS_KEY=, STACK=
 	$(ADMIN) connections add "$(CONNECTION)" --instance-url "$(INSTANCE)" --client-id "$(CLIENT_ID)" \
 		$(if $(GRANT),--grant-type "$(GRANT)") $(if $(USERNAME),--username "$(USERNAME)") $(if $(SCOPE),--scope "$(SCOPE)") \
 		$(if $(APPFLOW),--appflow-profile "$(APPFLOW)") $(if $(JWT_SUBJECT),--jwt-subject "$(JWT_SUBJECT)") \
-		$(if $(JWT_KEY_ID),--jwt-key-id "$(JWT_KEY_ID)") $(if $(JWT_KMS_KEY),--jwt-kms-key "$(JWT_KMS_KEY)")
+		$(if $(JWT_KEY_ID),--jwt-key-id "$(JWT_KEY_ID)") $(if $(JWT_KMS_KEY),--jwt-kms-key "$(JWT_KMS_KEY)") \
+		$(if $(STACK),--stack "$(STACK)")
+
+connection-grant: $(VENV)/.installed ## CONNECTION=, PRINCIPAL= (account id or role ARN): let it read the connection's secret
+	$(ADMIN) connections grant "$(CONNECTION)" "$(PRINCIPAL)"
+
+connection-revoke-access: $(VENV)/.installed ## CONNECTION=, PRINCIPAL=: take that reader's access away
+	$(ADMIN) connections revoke-access "$(CONNECTION)" "$(PRINCIPAL)"
 
 jwt-certificate: $(VENV)/.installed ## CONNECTION=, NEXT=1 for the staged key: the PEM certificate to upload to ServiceNow
 	$(ADMIN) jwt-certificate "$(CONNECTION)" $(if $(NEXT),--next)

@@ -11,6 +11,7 @@ import getpass
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -19,6 +20,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from admin.access import AccessError, ConnectionAccess, account_of, parse_principal, parse_region
 from core.allowlist import normalize_instance_url, parse_allowed_hosts
 from core.appflow import PROFILES_KEY
 from core.clock import to_iso, utc_now
@@ -87,6 +89,7 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         )
     if args.grant_type != "jwt_bearer" and any(jwt_options):
         raise CliError(f"connection {name!r}: --jwt-* options only apply to --grant-type jwt_bearer")
+    consumers, replicas = _consumers_and_replicas(args, store, name)
     extra: dict[str, Any] = {"expectedUser": args.expected_user} if args.expected_user else {}
     if args.appflow_profile:
         extra[PROFILES_KEY] = list(args.appflow_profile)
@@ -120,10 +123,24 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
             needs_person=needs_person(connection),
         )
         kms_key_id = args.kms_key_id or os.environ.get("SECRETS_KMS_KEY_ID") or None
-        store.create(connection, kms_key_id=kms_key_id, tags=health.to_tags())
+        own_account = boto3.client("sts").get_caller_identity()["Account"] if consumers else None
+        if any(account_of(principal) != own_account for principal in consumers) and not kms_key_id:
+            raise CliError(
+                f"connection {name!r}: readers in other accounts need the secret on a customer-managed KMS key "
+                "(the AWS managed one cannot be shared): pass --kms-key-id <the stack's SecretsKmsKeyArn output>, "
+                "deployed with ConsumerPrincipals or SecretsKmsKeyArn; nothing was created"
+            )
+        stored = store.create(connection, kms_key_id=kms_key_id, tags=health.to_tags(), replicas=replicas)
     except store.client.exceptions.ResourceExistsException:
         raise CliError(f"connection {name!r} already exists; delete its secret first or pick another name") from None
     out.write(f"created connection {name} ({connection.host}), status pending_authorization\n")
+    if replicas:
+        out.write(f"replicated to {', '.join(replicas)} (read-only copies; only this region is written)\n")
+    access = ConnectionAccess(store.client)
+    for principal in consumers:
+        readers = access.grant(name, stored.arn, principal)
+    if consumers:
+        out.write(f"readers: {', '.join(readers)}\n")
     if args.grant_type == "authorization_code":
         out.write(f"next: authorize it with `make authorize-url CONNECTION={name}`\n")
     elif args.grant_type == "jwt_bearer":
@@ -142,9 +159,24 @@ def cmd_list(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     store = _store(args)
     refresher = Refresher(store, ServiceNowClient(build_session()), clock=utc_now)
     rows = [
-        ("CONNECTION", "INSTANCE", "STATUS", "ACCESS EXPIRES", "REFRESH EXPIRES", "LAST SUCCESS", "FAILING", "NEXT TRY")
+        (
+            "CONNECTION",
+            "INSTANCE",
+            "STATUS",
+            "ACCESS EXPIRES",
+            "REFRESH EXPIRES",
+            "LAST SUCCESS",
+            "FAILING",
+            "NEXT TRY",
+            "OTHER READERS",
+            "REPLICAS",
+        )
     ]
-    for entry in refresher.list_connection_secrets():
+    entries = list(refresher.list_connection_secrets())
+    access = ConnectionAccess(store.client)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # GetResourcePolicy + DescribeSecret each: never a value
+        details = list(pool.map(lambda entry: _access_of(access, entry["ARN"]), entries))
+    for entry, (who, replicas) in zip(entries, details, strict=True):
         health = Health.from_tags(entry.get("Tags"))
         failing = f"{health.failure_class} x{health.consecutive_failures}" if health.consecutive_failures else "-"
         if health.failure_class == "rejected":
@@ -159,12 +191,25 @@ def cmd_list(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
                 _when(health.last_success),
                 failing,
                 _when(health.next_attempt),
+                who,
+                replicas,
             )
         )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
     return 0
+
+
+def _access_of(access: ConnectionAccess, arn: str) -> tuple[str, str]:
+    """Who besides this account may read a connection, and where its replicas are (or why that is unknown)."""
+    try:
+        readers = ",".join(access.readers(arn)) or "-"
+        replication = access.client.describe_secret(SecretId=arn).get("ReplicationStatus", [])
+    except ClientError as error:  # e.g. a role without GetResourcePolicy: say so, keep listing
+        unknown = f"? ({error.response.get('Error', {}).get('Code', 'error')})"
+        return unknown, unknown
+    return readers, ",".join(f"{r.get('Region')} ({r.get('Status', '?')})" for r in replication) or "-"
 
 
 def cmd_stage_secret(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
@@ -181,6 +226,72 @@ def cmd_stage_secret(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> in
         f"staged a new client secret for {name}; grants keep using the current one and switch over, "
         "in one write with new tokens, as soon as ServiceNow rejects the old one\n"
     )
+    return 0
+
+
+def _split(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _consumers_and_replicas(
+    args: argparse.Namespace, store: ConnectionStore, name: str
+) -> tuple[list[str], dict[str, str | None]]:
+    """The readers and replica regions for a new connection (options, else the stack's, else the environment),
+    all parsed before anything is created."""
+    outputs = _stack_outputs(args.stack) if getattr(args, "stack", None) else {}
+    consumers = args.consumer or _split(
+        outputs.get("ConsumerPrincipals") or os.environ.get("SERVICENOW_OAUTH_CONSUMERS")
+    )
+    regions = args.replica_region or _split(
+        outputs.get("ReplicaRegions") or os.environ.get("SERVICENOW_OAUTH_REPLICA_REGIONS")
+    )
+    if outputs.get("SecretsKmsKeyArn") and not args.kms_key_id:
+        args.kms_key_id = outputs["SecretsKmsKeyArn"]
+    primary = store.client.meta.region_name
+    known = boto3.session.Session().get_available_regions("secretsmanager")
+    try:
+        principals = [parse_principal(principal) for principal in consumers]
+        keys = dict(item.split("=", 1) for item in (args.replica_kms_key or []) if "=" in item)
+        replicas: dict[str, str | None] = {
+            parse_region(region, primary=primary, known=known): keys.get(region) for region in regions
+        }
+    except AccessError as error:
+        raise CliError(f"connection {name!r}: {error}; nothing was created") from None
+    unknown = set(keys) - set(replicas)
+    if unknown or any("=" not in item for item in args.replica_kms_key or []):
+        raise CliError(
+            f"connection {name!r}: --replica-kms-key takes REGION=KEY for a --replica-region; nothing was created"
+        )
+    return principals, replicas
+
+
+def cmd_grant(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    """Let a principal (an account id or a role ARN) read a connection's secret."""
+    store = _store(args)
+    name = validate_name(args.name)
+    try:
+        principal = parse_principal(args.principal)
+        arn = store.client.describe_secret(SecretId=store.secret_id(name))["ARN"]
+        readers = ConnectionAccess(store.client).grant(name, arn, principal)
+    except AccessError as error:
+        raise CliError(str(error)) from None
+    except store.client.exceptions.ResourceNotFoundException:
+        raise ConnectionNotFound(name, store.secret_id(name)) from None
+    out.write(f"{name}: readers {', '.join(readers)}\n")
+    return 0
+
+
+def cmd_revoke_access(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    store = _store(args)
+    name = validate_name(args.name)
+    try:
+        principal = parse_principal(args.principal)
+        readers = ConnectionAccess(store.client).revoke(name, store.secret_id(name), principal)
+    except AccessError as error:
+        raise CliError(str(error)) from None
+    except store.client.exceptions.ResourceNotFoundException:
+        raise ConnectionNotFound(name, store.secret_id(name)) from None
+    out.write(f"{name}: readers {', '.join(readers) or 'none but this account'}\n")
     return 0
 
 
@@ -328,12 +439,26 @@ def parser() -> argparse.ArgumentParser:
         "--appflow-profile", action="append", help="AppFlow connector profile to keep updated (repeatable)"
     )
     add.add_argument("--kms-key-id", help="the stack's SecretsKmsKeyArn, if it has one (default: $SECRETS_KMS_KEY_ID)")
+    add.add_argument(
+        "--consumer", action="append", help="account id or role ARN that may read it (repeatable; default: the stack's)"
+    )
+    add.add_argument("--replica-region", action="append", help="keep a read-only copy there (repeatable)")
+    add.add_argument("--replica-kms-key", action="append", help="REGION=KEY: the replica's KMS key (repeatable)")
+    add.add_argument("--stack", help="read ConsumerPrincipals, ReplicaRegions and SecretsKmsKeyArn from this stack")
     add.set_defaults(run=cmd_add)
     listing = connections.add_parser("list", help="health of every connection (list permission only; never tokens)")
     listing.set_defaults(run=cmd_list)
     staging = connections.add_parser("stage-secret", help="stage a new client secret (read from prompt/stdin)")
     staging.add_argument("name")
     staging.set_defaults(run=cmd_stage_secret)
+    grant = connections.add_parser("grant", help="let an account id or role ARN read the connection's secret")
+    grant.add_argument("name")
+    grant.add_argument("principal")
+    grant.set_defaults(run=cmd_grant)
+    revoke_access = connections.add_parser("revoke-access", help="take a reader's access away again")
+    revoke_access.add_argument("name")
+    revoke_access.add_argument("principal")
+    revoke_access.set_defaults(run=cmd_revoke_access)
     key_staging = connections.add_parser("stage-jwt-key", help="stage the next JWT signing key (rollover)")
     key_staging.add_argument("name")
     key_staging.add_argument("--jwt-key-id", required=True, help="the new verifier map's key id (kid)")

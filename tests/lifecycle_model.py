@@ -46,6 +46,7 @@ from local.servicenow_emulator import ServiceNowEmulator, press_consent
 from tests.conftest import register_rotation_lambda
 
 REGION = "us-east-1"
+REPLICA_REGION = "eu-west-1"  # a read-only replica some histories have: nothing may ever be written there
 PREFIX = "servicenow-oauth/"
 NAME = "prod"
 SECRET = PREFIX + NAME
@@ -121,11 +122,14 @@ class AwsFaults:
         self.refused: Counter[str] = Counter()  # operations refused so far, by name
         self.events_down = False
         self.appflow_down = False
+        self.write_regions: set[str] = set()  # where the code under test wrote (only ever the primary)
         self.lock = threading.Lock()
 
-    def hook(self, model: Any, **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+    def hook(self, model: Any, context: Any = None, **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
         name = model.name
         with self.lock:
+            if name in SM_GROUPS["write"] + SM_GROUPS["tags"]:
+                self.write_regions.add((context or {}).get("client_region", "?"))
             if name == "PutEvents" and self.events_down:
                 return _error("InternalException", name)
             if name == "UpdateConnectorProfile":
@@ -287,9 +291,9 @@ class LifecycleModel(RuleBasedStateMachine):
             self.faults_since_renewal = 0
 
     # ------------------------------------------------------------------ rules
-    @initialize(rotating=st.booleans(), appflow=st.booleans())
+    @initialize(rotating=st.booleans(), appflow=st.booleans(), replica=st.booleans())
     @recorded
-    def create(self, rotating: bool, appflow: bool) -> None:
+    def create(self, rotating: bool, appflow: bool, replica: bool) -> None:
         self.rotating = rotating
         self.emulator.rotate_refresh_tokens = rotating
         document = {
@@ -301,7 +305,8 @@ class LifecycleModel(RuleBasedStateMachine):
         }
         if appflow:
             document["appflowConnectorProfiles"] = ["model-profile"]
-        self.plain.create_secret(Name=SECRET, SecretString=json.dumps(document))
+        replicas = {"AddReplicaRegions": [{"Region": REPLICA_REGION}]} if replica else {}
+        self.plain.create_secret(Name=SECRET, SecretString=json.dumps(document), **replicas)
         self.created = True
         self._consent(twice=False)
 
@@ -587,6 +592,12 @@ class LifecycleModel(RuleBasedStateMachine):
         Stats.checks += 1
         unknown = self.emulator.live_refresh_tokens(CLIENT_ID) - self.operator_tokens - self.stored_refresh_tokens()
         assert not (unknown - self.unseen_tokens), f"{len(unknown)} live refresh token(s) are stored nowhere"
+
+    @invariant()
+    def writes_only_in_the_primary(self) -> None:
+        """With or without a replica region, every write and tag write goes to the primary region."""
+        Stats.checks += 1
+        assert self.faults.write_regions <= {REGION}, f"wrote in {sorted(self.faults.write_regions - {REGION})}"
 
     @invariant()
     def bounded_cost(self) -> None:

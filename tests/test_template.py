@@ -62,7 +62,7 @@ def test_every_environment_variable_read_by_config_is_declared() -> None:
 
 
 PREFIX_ARN = "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:${AWS::AccountId}:secret:${ConnectionSecretPrefix}*"
-APPFLOW_SECRETS = "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:${AWS::AccountId}:secret:appflow!*"
+APPFLOW_SECRETS = "arn:*:secretsmanager:*:*:secret:appflow!*-"
 WRITES = {"PutSecretValue", "UpdateSecretVersionStage", "TagResource", "UntagResource", "UpdateSecret"}
 WRITERS = {"CallbackFunctionRole", "RefreshFunctionRole", "WorkerFunctionRole", "RotationFunctionRole"}
 
@@ -75,16 +75,26 @@ def _branches(value: Any) -> list[Any]:
 
 
 def role_statements(translated: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every statement a role may hold: its inline policies and the stack's managed policies it references
+    (both sides of every condition)."""
+    resources = translated["Resources"]
     roles: dict[str, list[dict[str, Any]]] = {}
-    for name, resource in translated["Resources"].items():
+    for name, resource in resources.items():
         if resource["Type"] != "AWS::IAM::Role":
             continue
         statements = roles.setdefault(name, [])
         for policy in resource["Properties"].get("Policies", []):
             for branch in _branches(policy):
                 if isinstance(branch, dict) and "PolicyDocument" in branch:
-                    statements += branch["PolicyDocument"]["Statement"]
-    return roles
+                    statements += [s for item in branch["PolicyDocument"]["Statement"] for s in _branches(item)]
+        for arn in resource["Properties"].get("ManagedPolicyArns", []):
+            for branch in _branches(arn):
+                if isinstance(branch, dict) and branch.get("Ref") in resources:
+                    document = resources[branch["Ref"]]["Properties"]["PolicyDocument"]
+                    statements += [s for item in document["Statement"] for s in _branches(item)]
+    return {
+        role: [s for s in statements if isinstance(s, dict) and "Action" in s] for role, statements in roles.items()
+    }
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -99,17 +109,22 @@ def test_secrets_manager_access_is_scoped_to_the_prefix_and_the_state_key(transl
             if not actions:
                 continue
             resources = _as_list(statement["Resource"])
+            if actions == ["ListSecrets"]:  # the MonitoringPolicy: names and tags, no value
+                assert resources == ["*"] and role == "DashboardFunctionRole", (role, actions)
+                continue
             if set(actions) <= {"ListSecrets", "BatchGetSecretValue"}:
                 assert resources == ["*"] and role == "RefreshFunctionRole", (role, actions)
                 continue
             if resources == [{"Ref": "StateKeySecret"}]:
                 assert actions == ["GetSecretValue"] and role == "CallbackFunctionRole", (role, actions)
                 continue
-            if resources == [{"Fn::Sub": APPFLOW_SECRETS}]:
+            if APPFLOW_SECRETS in json.dumps(resources):
+                # AppFlow's own credential secrets, one pattern per named profile, in this account only.
                 assert set(actions) <= {"PutSecretValue", "UpdateSecret"}, (role, actions)
+                assert statement["Condition"]["StringEquals"]["aws:ResourceAccount"] == {"Ref": "AWS::AccountId"}
                 continue
             assert resources == [{"Fn::Sub": PREFIX_ARN}], (role, resources)
-            assert set(actions) <= {"GetSecretValue", "DescribeSecret"} | WRITES, (role, actions)
+            assert set(actions) <= {"GetSecretValue", "DescribeSecret", "GetResourcePolicy"} | WRITES, (role, actions)
             if WRITES & set(actions):
                 writers.add(role)
     assert writers == WRITERS
@@ -253,7 +268,8 @@ def test_only_the_refreshing_functions_may_sign_with_the_jwt_key(translated: dic
     callback = json.dumps(resources["CallbackFunctionRole"]["Properties"])
     assert "kms:Sign" not in callback
     for role in ("RefreshFunctionRole", "WorkerFunctionRole", "RotationFunctionRole"):
-        assert '"JwtSigningKey"' in json.dumps(resources[role]["Properties"]), role  # the external key's grant
+        assert '"JwtSigningPolicy"' in json.dumps(resources[role]["Properties"]), role  # the external key's grant
+    assert '"JwtSigningPolicy"' not in callback
 
 
 def test_the_dashboard_shows_only_this_stack_and_its_widget_can_only_list(translated: dict[str, Any]) -> None:
@@ -290,3 +306,54 @@ def test_the_dashboard_shows_only_this_stack_and_its_widget_can_only_list(transl
     ), managed
     monitoring = json.dumps(resources["MonitoringPolicy"]["Properties"]["PolicyDocument"])
     assert "GetSecretValue" not in monitoring and "BatchGetSecretValue" not in monitoring
+
+
+def test_the_shared_rights_have_one_home(translated: dict[str, Any]) -> None:
+    """The four functions that touch connections reference one ConnectionWriterPolicy; none repeats its
+    statements inline, so who can do what is read once."""
+    resources = translated["Resources"]
+    shared = resources["ConnectionWriterPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    shared_sids = {s["Sid"] for item in shared for s in _branches(item) if isinstance(s, dict) and "Sid" in s}
+    assert {"ConnectionSecrets", "ChangeEvents", "SecretsKmsKey"} <= shared_sids
+    for role in WRITERS:
+        properties = resources[role]["Properties"]
+        assert {"Ref": "ConnectionWriterPolicy"} in properties["ManagedPolicyArns"], role
+        inline = {
+            s.get("Sid")
+            for policy in properties.get("Policies", [])
+            for branch in _branches(policy)
+            for s in branch["PolicyDocument"]["Statement"]
+        }
+        assert not inline & shared_sids, (role, inline & shared_sids)
+    assert {"Ref": "ConnectionWriterPolicy"} not in resources["DashboardFunctionRole"]["Properties"][
+        "ManagedPolicyArns"
+    ]
+
+
+def test_readers_in_other_accounts_decrypt_only_through_secrets_manager(translated: dict[str, Any]) -> None:
+    """ConsumerPrincipals get kms:Decrypt on the stack's secrets key only via Secrets Manager in this region; the
+    key exists only when consumers are named without a key of the operator's own."""
+    resources = translated["Resources"]
+    key = resources["SecretsKey"]
+    assert key["Condition"] == "CreateSecretsKey" and key["DeletionPolicy"] == "Retain"
+    assert key["Properties"]["EnableKeyRotation"] is True
+    [consumers] = [
+        s for s in key["Properties"]["KeyPolicy"]["Statement"] if s["Sid"] == "ConsumersDecryptThroughSecretsManager"
+    ]
+    assert consumers["Principal"] == {"AWS": {"Fn::Split": [",", {"Ref": "ConsumerPrincipals"}]}}
+    assert sorted(consumers["Action"]) == ["kms:Decrypt", "kms:DescribeKey"]
+    assert consumers["Condition"] == {
+        "StringEquals": {"kms:ViaService": {"Fn::Sub": "secretsmanager.${AWS::Region}.amazonaws.com"}}
+    }
+    conditions = translated["Conditions"]
+    assert conditions["CreateSecretsKey"] == {
+        "Fn::And": [{"Condition": "HasConsumers"}, {"Fn::Not": [{"Condition": "HasSecretsKmsKey"}]}]
+    }
+    # The state key and the functions use whichever key is in force.
+    assert "SecretsKey" in json.dumps(resources["StateKeySecret"]["Properties"]["KmsKeyId"])
+    import re
+
+    pattern = re.compile(translated["Parameters"]["ConsumerPrincipals"]["AllowedPattern"])
+    assert pattern.match("111122223333,arn:aws:iam::444455556666:role/reader")
+    for bad in ("*", "arn:aws:iam::111122223333:user/bob", "11112222333", "111122223333,*"):
+        assert not pattern.match(bad), bad

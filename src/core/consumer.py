@@ -5,7 +5,8 @@
     incidents = session.get(f"{base}/api/now/table/incident", params={"sysparm_limit": 10}).json()
 
 Copy this module (and `servicenow.py` for the session) into your function, or import it from this
-package. The secret is read through Powertools' parameters utility with a short cache; on a 401 the
+package. It calls `secretsmanager:GetSecretValue` only (the README's consumer policies allow exactly that).
+The secret is read through Powertools' parameters utility with a short cache; on a 401 the
 secret is fetched once more (the refresher may just have written a new token) and the request is
 sent once more. Never twice, never a loop, and the token never reaches a log.
 """
@@ -26,9 +27,16 @@ DEFAULT_MAX_AGE = 60  # seconds; tokens are refreshed 10 minutes before they exp
 class ServiceNowBearerAuth(requests.auth.AuthBase):
     """Adds `Authorization: Bearer <accessToken>` from the connection secret; refetches once on a 401."""
 
-    def __init__(self, secret_id: str, *, max_age: int = DEFAULT_MAX_AGE, provider: Any = None) -> None:
+    def __init__(
+        self, secret_id: str, *, max_age: int = DEFAULT_MAX_AGE, provider: Any = None, region: str | None = None
+    ) -> None:
         self.secret_id = secret_id
         self.max_age = max_age
+        if provider is None and region is not None:
+            # A replica region's read-only copy (or any region's secret named by ARN): the same reads, there.
+            import boto3
+
+            provider = parameters.SecretsProvider(boto3_client=boto3.client("secretsmanager", region_name=region))
         self._provider = provider
 
     def document(self, *, force_fetch: bool = False) -> dict[str, Any]:
@@ -77,10 +85,12 @@ def _status(value: Any) -> str:
 
 
 def servicenow_session(
-    secret_id: str, *, max_age: int = DEFAULT_MAX_AGE, provider: Any = None
+    secret_id: str, *, max_age: int = DEFAULT_MAX_AGE, provider: Any = None, region: str | None = None
 ) -> tuple[requests.Session, str]:
-    """A pooled session with retries and the bearer auth, plus the instance's base URL."""
-    auth = ServiceNowBearerAuth(secret_id, max_age=max_age, provider=provider)
+    """A pooled session with retries and the bearer auth, plus the instance's base URL. `region` reads the
+    secret there (a replica, or a consumer in another region than the stack); `secret_id` may be a full ARN
+    (a consumer in another account must name the secret by ARN)."""
+    auth = ServiceNowBearerAuth(secret_id, max_age=max_age, provider=provider, region=region)
     # Retries for reads only: a Table API POST (create an incident) must not be sent twice.
     session = build_session(retry_methods=("GET",))
     session.auth = auth

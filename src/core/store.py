@@ -167,8 +167,11 @@ class ConnectionStore:
         description: str | None = None,
         kms_key_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        replicas: Mapping[str, str | None] | None = None,
     ) -> StoredConnection:
-        """Create the secret for a new connection (fails if it exists: never overwrite by accident)."""
+        """Create the secret for a new connection (fails if it exists: never overwrite by accident), replicated
+        to `replicas` (region -> its KMS key, None for that region's AWS managed key): read-only copies that
+        Secrets Manager keeps in step; only this primary is ever written."""
         token = str(uuid.uuid4())
         kwargs: dict[str, Any] = {
             "Name": self.secret_id(connection.name),
@@ -180,6 +183,10 @@ class ConnectionStore:
             kwargs["KmsKeyId"] = kms_key_id
         if tags:
             kwargs["Tags"] = [{"Key": key, "Value": value} for key, value in tags.items()]
+        if replicas:
+            kwargs["AddReplicaRegions"] = [
+                {"Region": region, **({"KmsKeyId": key} if key else {})} for region, key in replicas.items()
+            ]
         answer = self.client.create_secret(**kwargs)
         return StoredConnection(connection, answer["VersionId"], answer["ARN"])
 

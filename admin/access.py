@@ -1,0 +1,154 @@
+"""Who may read a connection: the secret's resource policy, for consumers in other accounts, and replica regions.
+
+A connection's readers are exactly the principals in one statement of its secret's resource policy
+(`secretsmanager:GetSecretValue` and `DescribeSecret`). Principals are parsed here, never copied from input:
+an AWS account id (its root, i.e. whatever that account's IAM allows) or an IAM role ARN; a wildcard, a
+user, a service or anything that does not parse is refused before any call. Every policy is checked by
+Secrets Manager's `ValidateResourcePolicy` and put with `BlockPublicPolicy`. Another account can decrypt the
+secret only if it is encrypted with a customer-managed key: the AWS managed `aws/secretsmanager` key cannot
+be shared, so such a grant is refused with what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from core.errors import ServiceNowOAuthError
+
+STATEMENT_ID = "ServiceNowOAuthConsumers"
+READ_ACTIONS = ("secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret")
+DEFAULT_KEY_ALIAS = "alias/aws/secretsmanager"
+_ACCOUNT = re.compile(r"^\d{12}$")
+_ROLE_ARN = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/([\w+=,.@/-]{1,512})$")
+_ROOT_ARN = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):root$")
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
+
+
+class AccessError(ServiceNowOAuthError):
+    """A principal or region that cannot be used, or a grant the secret's encryption cannot honour."""
+
+
+def parse_principal(text: str, *, partition: str = "aws") -> str:
+    """An account id or IAM role ARN, as the ARN a policy names (an account id becomes its root)."""
+    value = text.strip()
+    if _ACCOUNT.match(value):
+        return f"arn:{partition}:iam::{value}:root"
+    if _ROLE_ARN.match(value) or _ROOT_ARN.match(value):
+        return value
+    raise AccessError(
+        f"{value!r} is not an AWS account id (12 digits) or an IAM role ARN (arn:aws:iam::123456789012:role/name); "
+        "wildcards, users and services are refused"
+    )
+
+
+def account_of(principal: str) -> str:
+    return principal.split(":")[4]
+
+
+def account_of_secret(secret_arn: str) -> str:
+    return secret_arn.split(":")[4]
+
+
+def parse_region(text: str, *, primary: str, known: Iterable[str]) -> str:
+    """A replica region: well formed, one AWS knows for Secrets Manager, and not the primary."""
+    value = text.strip()
+    if not _REGION.match(value) or value not in set(known):
+        raise AccessError(f"{value!r} is not a region Secrets Manager offers (for example eu-west-1)")
+    if value == primary:
+        raise AccessError(f"{value!r} is the primary region: a replica must be in another one")
+    return value
+
+
+def policy_document(principals: Iterable[str]) -> dict[str, Any]:
+    """The resource policy naming exactly these readers."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": STATEMENT_ID,
+                "Effect": "Allow",
+                "Principal": {"AWS": sorted(set(principals))},
+                "Action": list(READ_ACTIONS),
+                "Resource": "*",
+            }
+        ],
+    }
+
+
+def readers(policy: str | None) -> list[str]:
+    """The principals our statement names in a resource policy (others' statements are not ours to show)."""
+    if not policy:
+        return []
+    try:
+        document = json.loads(policy)
+    except ValueError:
+        return []
+    statements = document.get("Statement", []) if isinstance(document, dict) else []
+    for statement in statements if isinstance(statements, list) else [statements]:
+        if isinstance(statement, dict) and statement.get("Sid") == STATEMENT_ID:
+            principal = statement.get("Principal", {})
+            names = principal.get("AWS", []) if isinstance(principal, dict) else []
+            return sorted([names] if isinstance(names, str) else [str(name) for name in names])
+    return []
+
+
+class ConnectionAccess:
+    """Reads and changes a connection secret's readers through an injected Secrets Manager client."""
+
+    def __init__(self, secretsmanager: Any) -> None:
+        self.client = secretsmanager
+
+    def readers(self, secret_id: str) -> list[str]:
+        return readers(self.client.get_resource_policy(SecretId=secret_id).get("ResourcePolicy"))
+
+    def grant(self, connection: str, secret_id: str, principal: str) -> list[str]:
+        """Add a reader; refuses another account's reader while the secret uses the AWS managed key."""
+        described = self.client.describe_secret(SecretId=secret_id)
+        if account_of(principal) != account_of_secret(described["ARN"]) and uses_default_key(described):
+            raise AccessError(
+                f"connection {connection!r}: its secret is encrypted with the AWS managed key aws/secretsmanager, "
+                "which other accounts cannot use. Deploy the stack with ConsumerPrincipals (it creates a "
+                "customer-managed key) or SecretsKmsKeyArn, re-encrypt the secret with `aws secretsmanager "
+                "update-secret --secret-id <secret> --kms-key-id <the stack's SecretsKmsKeyArn output>`, and grant "
+                "again; nothing was changed"
+            )
+        current = self.readers(secret_id)
+        if principal in current:
+            return current
+        return self._put(connection, secret_id, [*current, principal])
+
+    def revoke(self, connection: str, secret_id: str, principal: str) -> list[str]:
+        current = self.readers(secret_id)
+        if principal not in current:
+            raise AccessError(f"connection {connection!r}: {principal} is not one of its readers; nothing was changed")
+        remaining = [name for name in current if name != principal]
+        if not remaining:
+            self.client.delete_resource_policy(SecretId=secret_id)
+            return []
+        return self._put(connection, secret_id, remaining)
+
+    def _put(self, connection: str, secret_id: str, principals: list[str]) -> list[str]:
+        policy = json.dumps(policy_document(principals))
+        answer = self.client.validate_resource_policy(SecretId=secret_id, ResourcePolicy=policy)
+        if not answer.get("PolicyValidationPassed", False):
+            problems = "; ".join(str(e.get("ErrorMessage", "")) for e in answer.get("ValidationErrors", []))
+            raise AccessError(f"connection {connection!r}: Secrets Manager refused the policy ({problems})")
+        try:
+            self.client.put_resource_policy(SecretId=secret_id, ResourcePolicy=policy, BlockPublicPolicy=True)
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "ClientError")
+            raise AccessError(
+                f"connection {connection!r}: the policy was not put ({code}); nothing was changed"
+            ) from None
+        return sorted(set(principals))
+
+
+def uses_default_key(described: dict[str, Any]) -> bool:
+    """Whether a secret (DescribeSecret's answer) is encrypted with the AWS managed key."""
+    key = described.get("KmsKeyId")
+    return not key or str(key).endswith(DEFAULT_KEY_ALIAS)
