@@ -252,6 +252,9 @@ def _consumers_and_replicas(
     try:
         principals = [parse_principal(principal) for principal in consumers]
         keys = dict(item.split("=", 1) for item in (args.replica_kms_key or []) if "=" in item)
+        stack_keys = _split(outputs.get("ReplicaKmsKeyArns"))
+        if not keys and stack_keys and not args.replica_region:
+            keys = dict(zip(regions, stack_keys, strict=False))  # the stack's, one per replica region, in order
         replicas: dict[str, str | None] = {
             parse_region(region, primary=primary, known=known): keys.get(region) for region in regions
         }
@@ -303,7 +306,12 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     def stage(connection: Connection) -> Connection:
         if connection.grant_type != "jwt_bearer":
             raise CliError(f"connection {name!r} uses {connection.grant_type}, not jwt_bearer: no key to stage")
-        return replace(connection, jwt_key_id_next=args.jwt_key_id, kms_key_id_next=args.jwt_kms_key)
+        staged = replace(connection, jwt_key_id_next=args.jwt_key_id, kms_key_id_next=args.jwt_kms_key)
+        try:  # exactly what every reader will accept, or nothing is written
+            parse_connection(name, staged.to_json(), store.allowed_hosts)
+        except SecretFormatError as error:
+            raise CliError(str(error)) from None
+        return staged
 
     store.update(name, stage)
     out.write(

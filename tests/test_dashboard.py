@@ -207,8 +207,10 @@ def test_the_local_status_page_in_chromium(emulator: Any) -> None:
             sm.create_secret(Name=f"servicenow-oauth/{name}", SecretString="{}", Tags=tags)
         answer = requests.get(f"{stack.api.url}/status", timeout=30)
         assert answer.status_code == 200 and "default-src 'none'" in answer.headers["Content-Security-Policy"]
-        secret_values = [json.loads(stack.read_secret("jwt-machine")["SecretString"])["accessToken"]]
-        assert not any(value in answer.text for value in secret_values), "a token reached the status page"
+        assert stack.emulator is not None
+        issued = stack.emulator.secret_values()  # every token, secret and assertion the emulator ever saw
+        assert json.loads(stack.read_secret("jwt-machine")["SecretString"])["accessToken"] in issued
+        assert not [value for value in issued if value in answer.text], "secret material reached the status page"
         assert requests.post(f"{stack.api.url}/status", timeout=10).status_code == 404  # GET only, local only
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,7 @@ from local.servicenow_emulator import ServiceNowEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.test_lifecycle import SECRET, Deployed
 from tests.test_lifecycle import deployed as deployed
+from tests.test_lifecycle_edges import record_events
 
 SUBJECT = "svc.jwt"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -264,3 +266,91 @@ def test_kms_errors_become_the_provider_error_they_amount_to() -> None:
     with pytest.raises(InstanceUnavailable) as raised:
         KmsSigner(Refusing("AccessDeniedException")).assertion("c", "s", key, NOW, host="h")
     assert "kms:Sign" in str(raised.value) and not isinstance(raised.value, CredentialRejected)
+
+
+def _active_jwt(deployed: Deployed, kms: Any) -> str:
+    deployed.emulator.add_user(SUBJECT, "unused-password-J1")
+    key = new_key(kms)
+    trust(deployed.emulator, kms, "key-1", key)
+    add_jwt_connection(deployed, key)
+    assert deployed.sweep() == {"refreshed": 1}
+    return key
+
+
+@pytest.mark.parametrize(
+    "key_id,kms_key", [("key-2", "not a kms key"), ("", "alias/next-key")], ids=["bad-kms-key", "empty-kid"]
+)
+def test_stage_jwt_key_refuses_bad_input_and_changes_nothing(
+    deployed: Deployed, kms: Any, key_id: str, kms_key: str
+) -> None:
+    _active_jwt(deployed, kms)
+    before = deployed.world.value()
+    out, err = io.StringIO(), io.StringIO()
+    code = cli(
+        ["--allowed-hosts", "127.0.0.1", "connections", "stage-jwt-key", "prod", "--jwt-key-id", key_id,
+         "--jwt-kms-key", kms_key],
+        out=out, err=err,
+    )  # fmt: skip
+    after = deployed.world.value()
+    assert code == 2 and after == before, (code, after[1].get("kmsKeyIdNext"), after[1].get("jwtKeyIdNext"))
+    assert "must" in err.getvalue() and "'prod'" in err.getvalue()
+    deployed.clock.advance(1500)
+    assert deployed.sweep() == {"refreshed": 1}  # the connection goes on working
+
+
+def test_a_client_secret_and_a_key_rolled_together_are_tried_together(deployed: Deployed, kms: Any) -> None:
+    """Found by the review: both rolled at once (stage-secret + stage-jwt-key, then both changed in ServiceNow)
+    tried only (new secret, old key) and (old secret, new key); now also both together."""
+    _active_jwt(deployed, kms)
+    new = new_key(kms)
+    deployed.world.store.update(
+        "prod",
+        lambda c: replace(
+            c, extra={**c.extra, "clientSecretNext": "next-secret-Q9"}, jwt_key_id_next="key-2", kms_key_id_next=new
+        ),
+    )
+    trust(deployed.emulator, kms, "key-2", new)
+    deployed.emulator.set_client_secret(CLIENT_ID, "next-secret-Q9")
+    deployed.emulator.remove_jwt_verifier(CLIENT_ID, "key-1")
+    deployed.clock.advance(1500)
+    result = deployed.sweep()
+    assert result == {"refreshed": 1}
+
+
+def test_a_jwt_refresh_honours_a_long_retry_after(deployed: Deployed, kms: Any) -> None:
+    """Found by the review: a 429 with Retry-After 3600 was retried at once by the JWT retry; now it ends the
+    attempt, as for the other grants, and the backoff honours it."""
+    _active_jwt(deployed, kms)
+    before = deployed.emulator.token_requests()
+    deployed.emulator.inject("rate_limit", count=1, retry_after=3600)
+    deployed.clock.advance(1500)
+    assert deployed.sweep() == {"failed": 1}
+    assert deployed.emulator.token_requests() - before == 1  # the 429 is not retried: the backoff honours it
+
+
+def test_no_promotion_is_announced_when_the_operator_restaged_meanwhile(deployed: Deployed, kms: Any) -> None:
+    """Found by the review: the operator re-stages a different key while the sweep tries the first staged one;
+    the write leaves the document's key alone, and no "promoted" event may claim otherwise."""
+    _active_jwt(deployed, kms)
+    changes = record_events(deployed)
+    staged, other = new_key(kms), new_key(kms)
+    deployed.world.store.update("prod", lambda c: replace(c, jwt_key_id_next="key-2", kms_key_id_next=staged))
+    trust(deployed.emulator, kms, "key-2", staged)
+    deployed.emulator.remove_jwt_verifier(CLIENT_ID, "key-1")
+    refresher = deployed.handler.refresher
+    real = refresher._try_promoted
+
+    calls: list[int] = []
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        # the operator's `make stage-jwt-key ... key-3` lands between the read and the write
+        calls.append(1)
+        deployed.world.store.update("prod", lambda c: replace(c, jwt_key_id_next="key-3", kms_key_id_next=other))
+        return real(*args, **kwargs)
+
+    refresher._try_promoted = racing
+    deployed.clock.advance(1500)
+    deployed.sweep()
+    assert calls, "the staged key was never tried"
+    assert deployed.document()["jwtKeyId"] == "key-1" and deployed.document()["jwtKeyIdNext"] == "key-3"
+    assert "jwt_key_promoted" not in changes, changes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import json
 import uuid
 from dataclasses import replace
@@ -356,3 +357,75 @@ def test_health_kept_in_memory_yields_to_tags_written_by_another_container(deplo
     tags = deployed.client.describe_secret(SecretId=SECRET)["Tags"]
     assert Health.from_tags(monitor.recall(arn, tags)).consecutive_failures == 0
     assert not monitor.unsaved(arn)
+
+
+def test_recovered_is_announced_once_when_only_untag_fails(deployed: Deployed) -> None:
+    """Found by the review: TagResource landed, UntagResource was refused; the mixed tags were neither the old
+    nor the new health, the memory was dropped and "recovered" announced again. Now the memory is what landed."""
+    changes = record_events(deployed)
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.inject("hibernate", path="*", count=10**6)
+    deployed.sweep_every(5, 2)  # failing long enough for the "failing" alert
+    assert changes.count("failing") == 1, changes
+    deployed.emulator.clear_faults()
+    undo = deployed.refuse({"UntagResource"})  # one sweep's untag throttled
+    for _ in range(12):  # until the recovery sweep (bounded)
+        deployed.clock.advance(300)
+        deployed.sweep()
+        if "recovered" in changes:
+            break
+    undo()
+    deployed.sweep_every(5, 2)
+    assert changes.count("recovered") == 1, changes
+
+
+def test_recovered_every_refresh_while_untag_is_denied(deployed: Deployed) -> None:
+    """A role with TagResource but not UntagResource (or UntagResource throttled for a while)."""
+    changes = record_events(deployed)
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.inject("hibernate", path="*", count=10**6)
+    deployed.sweep_every(5, 2)
+    deployed.emulator.clear_faults()
+    deployed.refuse({"UntagResource"}, code="AccessDeniedException")
+    deployed.sweep_every(5, 3)
+    assert changes.count("recovered") == 1, changes
+
+
+def test_untag_denied_is_counted_every_sweep_for_its_alarm(deployed: Deployed) -> None:
+    """HealthTagsNotWritten alarms on 2 consecutive 5-minute periods: while UntagResource is denied every sweep
+    counts the connection (it was counted only on refresh sweeps, and the alarm never fired)."""
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.inject("hibernate", path="*", count=10**6)
+    deployed.sweep_every(5, 2)
+    deployed.emulator.clear_faults()
+    deployed.refuse({"UntagResource"}, code="AccessDeniedException")
+    flags: list[bool] = []
+    for _ in range(36):
+        deployed.clock.advance(300)
+        n = len(deployed.outcomes)
+        deployed.sweep()
+        flags.append(any(o.health_unsaved for o in deployed.outcomes[n:]))
+    assert any(a and b for a, b in itertools.pairwise(flags)), "alarm (2 consecutive periods) never fires"
+
+
+def test_health_kept_in_memory_keeps_the_stacks_other_tags(deployed: Deployed) -> None:
+    """The memory stands in for the health tags only: AppFlow's synced version (and rotation's base) are read
+    as they are, or an AppFlow push already made would look owed again."""
+    from core.appflow import SYNCED_TAG
+
+    deployed.world.add()
+    deployed.sweep()
+    arn = deployed.client.describe_secret(SecretId=SECRET)["ARN"]
+    deployed.world.sm.tag_resource(SecretId=SECRET, Tags=[{"Key": SYNCED_TAG, "Value": "v1"}])
+    deployed.emulator.inject("hibernate", path="*", count=10**6)
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    deployed.clock.advance(1500)
+    deployed.sweep()
+    undo()
+    monitor = deployed.handler.refresher.monitor
+    assert monitor.unsaved(arn)
+    recalled = monitor.recall(arn, deployed.client.describe_secret(SecretId=SECRET)["Tags"])
+    assert recalled.get(SYNCED_TAG) == "v1" and Health.from_tags(recalled).consecutive_failures == 1

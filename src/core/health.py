@@ -39,6 +39,10 @@ def _tag(attribute: str) -> str:
     return PREFIX + attribute.replace("_", "-")
 
 
+# The tags `Health` owns (the stack's other tags under the prefix, e.g. appflow-synced-version, are not health).
+HEALTH_TAGS = frozenset(_tag(name) for name in (*_TIMES, *_TEXTS, *_FLAGS, "consecutive_failures", "appflow_failures"))
+
+
 @dataclass(frozen=True)
 class Health:
     """What the sweep knows about a connection between runs; every field is safe to show anyone."""

@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from core.appflow import profile_names
 from core.clock import to_iso
-from core.health import Health
+from core.health import HEALTH_TAGS, Health
 from core.lifecycle import Outcome, RefreshPolicy, advance, event_state
 from core.store import StoredConnection
 
@@ -80,18 +80,19 @@ class Monitor:
 
     def recall(self, arn: str, tags: Mapping[str, str] | list[dict[str, str]] | None) -> dict[str, str]:
         """The connection's tags as they should be: read tags, or the health a failed tag write left in memory
-        while the tags still hold what that write was to replace (anyone else's newer tags win)."""
-        read = Health.from_tags(tags)
-        plain = read.to_tags() | dict(read.extra)
+        while the tags still hold what they held after that write (anyone else's newer tags win). Tags that are
+        not health (AppFlow's synced version, rotation's base) are always the read ones."""
+        plain = {tag["Key"]: tag["Value"] for tag in tags} if isinstance(tags, list) else dict(tags or {})
         with self._lock:
             held = self._unsaved.get(arn)
             if held is None:
                 return plain
             actual, intended = held
+            read = Health.from_tags(plain)
             if read not in (actual, intended):
                 del self._unsaved[arn]  # the tags moved on without us: theirs stand
                 return plain
-        return intended.to_tags() | dict(read.extra)
+        return {key: value for key, value in plain.items() if key not in HEALTH_TAGS} | intended.to_tags()
 
     def unsaved(self, arn: str) -> bool:
         """Whether this connection's health lives only in this container's memory (its tag write failed)."""
@@ -132,16 +133,18 @@ class Monitor:
         before, after = actual.to_tags(), new.to_tags()
         changed = [{"Key": key, "Value": value} for key, value in after.items() if before.get(key) != value]
         removed = [key for key in before if key not in after]
+        landed = dict(before)  # what the tags hold as each call succeeds (a refused untag leaves them mixed)
         try:
             if changed:
                 self.secretsmanager.tag_resource(SecretId=arn, Tags=changed)
+                landed.update({tag["Key"]: tag["Value"] for tag in changed})
             if removed:
                 self.secretsmanager.untag_resource(SecretId=arn, TagKeys=removed)
         except (ClientError, BotoCoreError) as error:
             self._warn("health tags not written; kept in memory until a write lands", error)
             with self._lock:
-                # As the tags would read it back (times to the second), so `recall` can compare.
-                self._unsaved[arn] = (actual, Health.from_tags(after))
+                # As the tags read back now (times to the second), so `recall` recognises them.
+                self._unsaved[arn] = (Health.from_tags(landed), Health.from_tags(after))
             return False
         with self._lock:
             self._unsaved.pop(arn, None)

@@ -25,12 +25,11 @@ from core.errors import (
     CredentialRejected,
     InstanceUnavailable,
     ProviderError,
-    RateLimited,
     SecretFormatError,
     TransientProviderError,
 )
 from core.health import Health
-from core.jwt_bearer import KmsSigner
+from core.jwt_bearer import JwtKey, KmsSigner
 from core.lifecycle import Outcome, RefreshPolicy, Result, decide, is_due, needs_person, plan, retry_allowed
 from core.secret import Connection
 from core.servicenow import ServiceNowClient, Token
@@ -90,7 +89,7 @@ def _jwt_bearer(
         assertion = signer.assertion(connection.client_id, subject, key, now, host=connection.host)
         try:
             return client.jwt_bearer(connection.app, assertion)
-        except (TransientProviderError, RateLimited):
+        except TransientProviderError:  # a 5xx or a lost answer: sign anew (a 429 ends the attempt, as elsewhere)
             if attempt or not replay:
                 raise
     raise AssertionError("unreachable")
@@ -252,41 +251,49 @@ class Refresher:
 
     def _try_staged(self, read: StoredConnection, error: CredentialRejected) -> Outcome | None:
         """Rollover without downtime: on a refusal, try what the operator staged once - the next client secret
-        (`clientSecretNext`), then the next JWT signing key (`jwtKeyIdNext` + `kmsKeyIdNext`); if ServiceNow
-        takes it, promote it in the same write that stores the new tokens."""
+        (`clientSecretNext`), the next JWT signing key (`jwtKeyIdNext` + `kmsKeyIdNext`), then both together;
+        if ServiceNow takes it, promote it in the same write that stores the new tokens."""
         connection = read.connection
         staged = connection.extra.get(NEXT_CLIENT_SECRET)
+        staged_key = connection.jwt_key_next if connection.grant_type == "jwt_bearer" else None
+        rollovers: list[tuple[str, ...]] = []
         if isinstance(staged, str) and staged and staged != connection.client_secret:
-
-            def promote_secret(current: Connection) -> Connection:
-                if current.extra.get(NEXT_CLIENT_SECRET) != staged:
-                    return current  # the operator changed the staging meanwhile: leave it be
-                extra = {key: value for key, value in current.extra.items() if key != NEXT_CLIENT_SECRET}
-                return replace(current, client_secret=staged, extra=extra)
-
-            outcome = self._try_promoted(read, promote_secret, client_secret_promoted=True)
+            rollovers.append(("client_secret",))
+        if staged_key is not None and staged_key != connection.jwt_key:
+            rollovers.append(("jwt_key",))
+        if len(rollovers) == 2:
+            rollovers.append(("client_secret", "jwt_key"))
+        for parts in rollovers:
+            outcome = self._try_promoted(read, parts, staged, staged_key)
             if outcome is not None:
                 return outcome
-        staged_key = connection.jwt_key_next if connection.grant_type == "jwt_bearer" else None
-        if staged_key is not None and staged_key != connection.jwt_key:
-
-            def promote_key(current: Connection) -> Connection:
-                if current.jwt_key_next != staged_key:
-                    return current
-                return replace(
-                    current,
-                    jwt_key_id=staged_key.key_id,
-                    kms_key_id=staged_key.kms_key_id,
-                    jwt_key_id_next=None,
-                    kms_key_id_next=None,
-                )
-
-            return self._try_promoted(read, promote_key, jwt_key_promoted=True)
         return None
 
     def _try_promoted(
-        self, read: StoredConnection, promote: Callable[[Connection], Connection], **flags: Any
+        self, read: StoredConnection, parts: tuple[str, ...], staged: Any, staged_key: JwtKey | None
     ) -> Outcome | None:
+        promoted: dict[str, bool] = {}
+
+        def promote(current: Connection) -> Connection:
+            # Applied to each value a write builds on: what the operator staged meanwhile is left alone.
+            promoted.clear()
+            if "client_secret" in parts:
+                promoted["client_secret"] = current.extra.get(NEXT_CLIENT_SECRET) == staged
+                if promoted["client_secret"]:
+                    extra = {key: value for key, value in current.extra.items() if key != NEXT_CLIENT_SECRET}
+                    current = replace(current, client_secret=staged, extra=extra)
+            if "jwt_key" in parts and staged_key is not None:
+                promoted["jwt_key"] = current.jwt_key_next == staged_key
+                if promoted["jwt_key"]:
+                    current = replace(
+                        current,
+                        jwt_key_id=staged_key.key_id,
+                        kms_key_id=staged_key.kms_key_id,
+                        jwt_key_id_next=None,
+                        kms_key_id_next=None,
+                    )
+            return current
+
         now = self.clock()
         try:
             token, grant = request_token(
@@ -296,7 +303,15 @@ class Refresher:
             return None  # the staged credential is not live either: the refusal stands
         except ProviderError as failure:
             return self._failed(read, failure, now)
-        return self._store_token(read, token, grant, now, adjust=promote, **flags)
+        outcome = self._store_token(read, token, grant, now, adjust=promote)
+        if outcome.result != "refreshed":
+            return outcome
+        # Announced only what the stored value really took up (not what was staged again meanwhile).
+        return replace(
+            outcome,
+            client_secret_promoted=promoted.get("client_secret", False),
+            jwt_key_promoted=promoted.get("jwt_key", False),
+        )
 
     def _store_token(
         self,

@@ -26,6 +26,7 @@ from core.store import ConnectionStore
 _SESSION = botocore.session.get_session()
 # The standard retry mode backs off on throttling (PutSecretValue shares 50 writes/s per region).
 AWS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=3, read_timeout=10)
+KMS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=1, read_timeout=3)
 
 
 def build_logger() -> Logger:
@@ -50,13 +51,18 @@ def aws_client(service: str, *, max_pool_connections: int | None = None) -> Any:
 class LazyClient:
     """A client created on first use: AppFlow's model costs cold-start time most sweeps never need."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, *, config: Config | None = None) -> None:
         self._service = service
+        self._config = config
         self._client: Any = None
 
     def __getattr__(self, name: str) -> Any:
         if self._client is None:
-            self._client = aws_client(self._service)
+            self._client = (
+                _SESSION.create_client(self._service, config=self._config)
+                if self._config is not None
+                else aws_client(self._service)
+            )
         return getattr(self._client, name)
 
 
@@ -82,7 +88,9 @@ def build_refresher(settings: Settings, logger: Any = None) -> Refresher:
         policy=RefreshPolicy.from_settings(settings),
         appflow=AppFlowSync(LazyClient("appflow"), store.client),
         monitor=build_monitor(settings, store.client, logger),
-        signer=KmsSigner(LazyClient("kms")),  # created on the first JWT connection's refresh
+        # Created on the first JWT connection's refresh; short timeouts and 2 attempts, so the up to 3 signatures of
+        # one refresh (a retry, a staged key) stay within its 75 s budget (template.yaml).
+        signer=KmsSigner(LazyClient("kms", config=KMS_CONFIG)),
     )
 
 
