@@ -270,26 +270,21 @@ def _consumers_and_replicas(
 
 def cmd_grant(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     """Let a principal (an account id or a role ARN) read a connection's secret."""
-    store = _store(args)
-    name = validate_name(args.name)
-    try:
-        principal = parse_principal(args.principal)
-        arn = store.client.describe_secret(SecretId=store.secret_id(name))["ARN"]
-        readers = ConnectionAccess(store.client).grant(name, arn, principal)
-    except AccessError as error:
-        raise CliError(str(error)) from None
-    except store.client.exceptions.ResourceNotFoundException:
-        raise ConnectionNotFound(name, store.secret_id(name)) from None
-    out.write(f"{name}: readers {', '.join(readers)}\n")
-    return 0
+    return _change_readers(args, out, revoke=False)
 
 
 def cmd_revoke_access(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    return _change_readers(args, out, revoke=True)
+
+
+def _change_readers(args: argparse.Namespace, out: TextIO, *, revoke: bool) -> int:
     store = _store(args)
     name = validate_name(args.name)
+    access = ConnectionAccess(store.client)
     try:
         principal = parse_principal(args.principal)
-        readers = ConnectionAccess(store.client).revoke(name, store.secret_id(name), principal)
+        arn = store.client.describe_secret(SecretId=store.secret_id(name))["ARN"]
+        readers = access.revoke(name, arn, principal) if revoke else access.grant(name, arn, principal)
     except AccessError as error:
         raise CliError(str(error)) from None
     except store.client.exceptions.ResourceNotFoundException:

@@ -380,15 +380,20 @@ def test_recovered_is_announced_once_when_only_untag_fails(deployed: Deployed) -
     assert changes.count("recovered") == 1, changes
 
 
-def test_recovered_every_refresh_while_untag_is_denied(deployed: Deployed) -> None:
-    """A role with TagResource but not UntagResource (or UntagResource throttled for a while)."""
-    changes = record_events(deployed)
+def failing_then_untag_denied(deployed: Deployed) -> None:
+    """Two hours failing (alerted), then the instance is back while UntagResource is denied (a role with
+    TagResource only, or UntagResource throttled for a while)."""
     deployed.world.add()
     deployed.sweep()
     deployed.emulator.inject("hibernate", path="*", count=10**6)
     deployed.sweep_every(5, 2)
     deployed.emulator.clear_faults()
     deployed.refuse({"UntagResource"}, code="AccessDeniedException")
+
+
+def test_recovered_every_refresh_while_untag_is_denied(deployed: Deployed) -> None:
+    changes = record_events(deployed)
+    failing_then_untag_denied(deployed)
     deployed.sweep_every(5, 3)
     assert changes.count("recovered") == 1, changes
 
@@ -396,12 +401,7 @@ def test_recovered_every_refresh_while_untag_is_denied(deployed: Deployed) -> No
 def test_untag_denied_is_counted_every_sweep_for_its_alarm(deployed: Deployed) -> None:
     """HealthTagsNotWritten alarms on 2 consecutive 5-minute periods: while UntagResource is denied every sweep
     counts the connection (it was counted only on refresh sweeps, and the alarm never fired)."""
-    deployed.world.add()
-    deployed.sweep()
-    deployed.emulator.inject("hibernate", path="*", count=10**6)
-    deployed.sweep_every(5, 2)
-    deployed.emulator.clear_faults()
-    deployed.refuse({"UntagResource"}, code="AccessDeniedException")
+    failing_then_untag_denied(deployed)
     flags: list[bool] = []
     for _ in range(36):
         deployed.clock.advance(300)
