@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -23,10 +23,11 @@ from core.errors import ServiceNowOAuthError
 STATEMENT_ID = "ServiceNowOAuthConsumers"
 READ_ACTIONS = ("secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret")
 DEFAULT_KEY_ALIAS = "alias/aws/secretsmanager"
-_ACCOUNT = re.compile(r"^\d{12}$")
-_ROLE_ARN = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/([\w+=,.@/-]{1,512})$")
-_ROOT_ARN = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):root$")
-_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
+# ASCII only: `\d` and `\w` would take other scripts' digits and letters, which IAM refuses.
+_ACCOUNT = re.compile(r"^[0-9]{12}$")
+_ROLE_ARN = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):role/([A-Za-z0-9_+=,.@/-]{1,512})$")
+_ROOT_ARN = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):root$")
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]{1,2}$")
 
 
 class AccessError(ServiceNowOAuthError):
@@ -80,8 +81,7 @@ def policy_document(principals: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def readers(policy: str | None) -> list[str]:
-    """The principals our statement names in a resource policy (others' statements are not ours to show)."""
+def _statements(policy: str | None) -> list[Any]:
     if not policy:
         return []
     try:
@@ -89,12 +89,27 @@ def readers(policy: str | None) -> list[str]:
     except ValueError:
         return []
     statements = document.get("Statement", []) if isinstance(document, dict) else []
-    for statement in statements if isinstance(statements, list) else [statements]:
+    return statements if isinstance(statements, list) else [statements]
+
+
+def readers(policy: str | None) -> list[str]:
+    """The principals our statement names in a resource policy (others' statements are not ours to show)."""
+    for statement in _statements(policy):
         if isinstance(statement, dict) and statement.get("Sid") == STATEMENT_ID:
             principal = statement.get("Principal", {})
             names = principal.get("AWS", []) if isinstance(principal, dict) else []
             return sorted([names] if isinstance(names, str) else [str(name) for name in names])
     return []
+
+
+def with_readers(policy: str | None, principals: Iterable[str]) -> dict[str, Any] | None:
+    """The resource policy with our statement naming exactly `principals` and everyone else's statements kept
+    as they are (a guardrail Deny, a backup account's read); None when nothing is left to put."""
+    others = [s for s in _statements(policy) if not (isinstance(s, dict) and s.get("Sid") == STATEMENT_ID)]
+    ours = policy_document(principals)["Statement"] if list(principals) else []
+    if not others and not ours:
+        return None
+    return {"Version": "2012-10-17", "Statement": others + ours}
 
 
 class ConnectionAccess:
@@ -103,8 +118,19 @@ class ConnectionAccess:
     def __init__(self, secretsmanager: Any) -> None:
         self.client = secretsmanager
 
+    def check(self, connection: str, principals: list[str]) -> None:
+        """Ask Secrets Manager to validate the policy a new connection will get, before it exists."""
+        answer = self.client.validate_resource_policy(ResourcePolicy=json.dumps(policy_document(principals)))
+        if not answer.get("PolicyValidationPassed", False):
+            problems = "; ".join(str(e.get("ErrorMessage", "")) for e in answer.get("ValidationErrors", []))
+            raise AccessError(f"connection {connection!r}: Secrets Manager refused the policy ({problems})")
+
+    def _policy(self, secret_id: str) -> str | None:
+        policy: str | None = self.client.get_resource_policy(SecretId=secret_id).get("ResourcePolicy")
+        return policy
+
     def readers(self, secret_id: str) -> list[str]:
-        return readers(self.client.get_resource_policy(SecretId=secret_id).get("ResourcePolicy"))
+        return readers(self._policy(secret_id))
 
     def grant(self, connection: str, secret_id: str, principal: str) -> list[str]:
         """Add a reader; refuses another account's reader while the secret uses the AWS managed key."""
@@ -117,29 +143,34 @@ class ConnectionAccess:
                 "update-secret --secret-id <secret> --kms-key-id <the stack's SecretsKmsKeyArn output>`, and grant "
                 "again; nothing was changed"
             )
-        current = self.readers(secret_id)
+        policy = self._policy(secret_id)
+        current = readers(policy)
         if principal in current:
             return current
-        return self._put(connection, secret_id, [*current, principal])
+        return self._put(connection, secret_id, policy, [*current, principal])
 
     def revoke(self, connection: str, secret_id: str, principal: str) -> list[str]:
-        current = self.readers(secret_id)
+        """Remove a reader (also one AWS now shows by its unique id, because its role was deleted)."""
+        policy = self._policy(secret_id)
+        current = readers(policy)
         if principal not in current:
             raise AccessError(f"connection {connection!r}: {principal} is not one of its readers; nothing was changed")
-        remaining = [name for name in current if name != principal]
-        if not remaining:
+        return self._put(connection, secret_id, policy, [name for name in current if name != principal])
+
+    def _put(self, connection: str, secret_id: str, policy: str | None, principals: list[str]) -> list[str]:
+        document = with_readers(policy, principals)
+        if document is None:
             self.client.delete_resource_policy(SecretId=secret_id)
             return []
-        return self._put(connection, secret_id, remaining)
-
-    def _put(self, connection: str, secret_id: str, principals: list[str]) -> list[str]:
-        policy = json.dumps(policy_document(principals))
-        answer = self.client.validate_resource_policy(SecretId=secret_id, ResourcePolicy=policy)
+        text = json.dumps(document)
+        answer = self.client.validate_resource_policy(SecretId=secret_id, ResourcePolicy=text)
         if not answer.get("PolicyValidationPassed", False):
             problems = "; ".join(str(e.get("ErrorMessage", "")) for e in answer.get("ValidationErrors", []))
-            raise AccessError(f"connection {connection!r}: Secrets Manager refused the policy ({problems})")
+            raise AccessError(
+                f"connection {connection!r}: Secrets Manager refused the policy ({problems}); nothing was changed"
+            )
         try:
-            self.client.put_resource_policy(SecretId=secret_id, ResourcePolicy=policy, BlockPublicPolicy=True)
+            self.client.put_resource_policy(SecretId=secret_id, ResourcePolicy=text, BlockPublicPolicy=True)
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code", "ClientError")
             raise AccessError(
@@ -148,7 +179,7 @@ class ConnectionAccess:
         return sorted(set(principals))
 
 
-def uses_default_key(described: dict[str, Any]) -> bool:
+def uses_default_key(described: Mapping[str, Any]) -> bool:
     """Whether a secret (DescribeSecret's answer) is encrypted with the AWS managed key."""
     key = described.get("KmsKeyId")
     return not key or str(key).endswith(DEFAULT_KEY_ALIAS)

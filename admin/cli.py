@@ -10,7 +10,7 @@ import argparse
 import getpass
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,7 +20,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from admin.access import AccessError, ConnectionAccess, account_of, parse_principal, parse_region
+from admin.access import AccessError, ConnectionAccess, account_of, parse_principal, parse_region, uses_default_key
 from core.allowlist import normalize_instance_url, parse_allowed_hosts
 from core.appflow import PROFILES_KEY
 from core.clock import to_iso, utc_now
@@ -124,23 +124,43 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         )
         kms_key_id = args.kms_key_id or os.environ.get("SECRETS_KMS_KEY_ID") or None
         own_account = boto3.client("sts").get_caller_identity()["Account"] if consumers else None
-        if any(account_of(principal) != own_account for principal in consumers) and not kms_key_id:
+        foreign = [principal for principal in consumers if account_of(principal) != own_account]
+        if foreign and uses_default_key({"KmsKeyId": kms_key_id}):
             raise CliError(
                 f"connection {name!r}: readers in other accounts need the secret on a customer-managed KMS key "
                 "(the AWS managed one cannot be shared): pass --kms-key-id <the stack's SecretsKmsKeyArn output>, "
                 "deployed with ConsumerPrincipals or SecretsKmsKeyArn; nothing was created"
             )
+        access = ConnectionAccess(store.client)
+        if consumers:
+            access.check(name, consumers)  # ValidateResourcePolicy before anything exists
         stored = store.create(connection, kms_key_id=kms_key_id, tags=health.to_tags(), replicas=replicas)
     except store.client.exceptions.ResourceExistsException:
         raise CliError(f"connection {name!r} already exists; delete its secret first or pick another name") from None
+    except AccessError as error:
+        raise CliError(f"{error}; nothing was created") from None
+    try:
+        readers = [reader for principal in consumers for reader in access.grant(name, stored.arn, principal)]
+    except AccessError as error:
+        _undo_create(store, stored.arn, replicas)  # a connection without the readers asked for is not what was asked
+        raise CliError(f"{error}; the new secret was deleted again, so nothing was created") from None
     out.write(f"created connection {name} ({connection.host}), status pending_authorization\n")
     if replicas:
-        out.write(f"replicated to {', '.join(replicas)} (read-only copies; only this region is written)\n")
-    access = ConnectionAccess(store.client)
-    for principal in consumers:
-        readers = access.grant(name, stored.arn, principal)
+        states = {
+            r.get("Region"): r.get("Status")
+            for r in store.client.describe_secret(SecretId=stored.arn).get("ReplicationStatus", [])
+        }
+        out.write(
+            f"replicated to {', '.join(f'{r} ({states.get(r, "?")})' for r in replicas)} "
+            "(read-only copies; only this region is written; make connections shows their status)\n"
+        )
     if consumers:
-        out.write(f"readers: {', '.join(readers)}\n")
+        out.write(f"readers: {', '.join(sorted(set(readers)))}\n")
+    if foreign:
+        out.write(
+            "readers in other accounts also need kms:Decrypt on the secret's key through Secrets Manager: the "
+            "stack's key allows exactly its ConsumerPrincipals (docs/consumer-policies/other-account.json)\n"
+        )
     if args.grant_type == "authorization_code":
         out.write(f"next: authorize it with `make authorize-url CONNECTION={name}`\n")
     elif args.grant_type == "jwt_bearer":
@@ -229,6 +249,13 @@ def cmd_stage_secret(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> in
     return 0
 
 
+def _undo_create(store: ConnectionStore, arn: str, replicas: Mapping[str, str | None]) -> None:
+    """Delete a secret this very command created (replicas first, as Secrets Manager requires)."""
+    if replicas:
+        store.client.remove_regions_from_replication(SecretId=arn, RemoveReplicaRegions=list(replicas))
+    store.client.delete_secret(SecretId=arn, ForceDeleteWithoutRecovery=True)
+
+
 def _split(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
@@ -254,7 +281,15 @@ def _consumers_and_replicas(
         keys = dict(item.split("=", 1) for item in (args.replica_kms_key or []) if "=" in item)
         stack_keys = _split(outputs.get("ReplicaKmsKeyArns"))
         if not keys and stack_keys and not args.replica_region:
-            keys = dict(zip(regions, stack_keys, strict=False))  # the stack's, one per replica region, in order
+            # The stack's, one per replica region, in order, each in its own region.
+            if len(stack_keys) != len(regions) or any(
+                k.split(":")[3] != r for r, k in zip(regions, stack_keys, strict=False)
+            ):
+                raise AccessError(
+                    "the stack's ReplicaKmsKeyArns must name one key per ReplicaRegions entry, in the same order, "
+                    "each in its replica's region"
+                )
+            keys = dict(zip(regions, stack_keys, strict=True))
         replicas: dict[str, str | None] = {
             parse_region(region, primary=primary, known=known): keys.get(region) for region in regions
         }
@@ -282,8 +317,10 @@ def _change_readers(args: argparse.Namespace, out: TextIO, *, revoke: bool) -> i
     name = validate_name(args.name)
     access = ConnectionAccess(store.client)
     try:
-        principal = parse_principal(args.principal)
         arn = store.client.describe_secret(SecretId=store.secret_id(name))["ARN"]
+        principal = args.principal.strip()
+        if not (revoke and principal in access.readers(arn)):  # a deleted role shows as its unique id: revocable
+            principal = parse_principal(principal)
         readers = access.revoke(name, arn, principal) if revoke else access.grant(name, arn, principal)
     except AccessError as error:
         raise CliError(str(error)) from None

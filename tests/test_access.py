@@ -131,7 +131,7 @@ def test_a_public_policy_is_refused_by_validation_too(aws_calls: list[Any]) -> N
     assert add("--kms-key-id", cmk())[0] == 0
     access = ConnectionAccess(boto3.client("secretsmanager"))
     with pytest.raises(AccessError, match="refused the policy"):
-        access._put("prod", SECRET, ["*"])
+        access._put("prod", SECRET, None, ["*"])
     assert boto3.client("secretsmanager").get_resource_policy(SecretId=SECRET).get("ResourcePolicy") is None
 
 
@@ -163,18 +163,44 @@ def test_a_replica_is_read_from_its_region_and_only_the_primary_is_written(
 
 # ------------------------------------------------------------------------------------------------ the policies
 def allows(policy: dict[str, Any], action: str, resource: str, context: dict[str, str] | None = None) -> bool:
-    """IAM's evaluation for one Allow-only policy: action and resource by wildcard, StringEquals conditions."""
-    for statement in policy["Statement"]:
+    """IAM's evaluation for one identity policy: an explicit Deny wins, then an Allow whose action, resource
+    and every condition match; a condition operator this evaluator does not know never matches."""
+    operators = {
+        "StringEquals": lambda have, want: have == want,
+        "StringLike": lambda have, want: have is not None and fnmatch.fnmatchcase(have, want),
+    }
+
+    def matches(statement: dict[str, Any]) -> bool:
         actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
         resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-        if statement["Effect"] != "Allow" or not any(fnmatch.fnmatchcase(action, a) for a in actions):
-            continue
+        if not any(fnmatch.fnmatchcase(action, a) for a in actions):
+            return False
         if not any(fnmatch.fnmatchcase(resource, r) for r in resources):
-            continue
-        wanted = statement.get("Condition", {}).get("StringEquals", {})
-        if all((context or {}).get(key) == value for key, value in wanted.items()):
-            return True
-    return False
+            return False
+        for operator, pairs in statement.get("Condition", {}).items():
+            test = operators.get(operator)
+            for key, wanted in pairs.items():
+                options = wanted if isinstance(wanted, list) else [wanted]
+                if test is None or not any(test((context or {}).get(key), option) for option in options):
+                    return False
+        return True
+
+    statements = policy["Statement"]
+    if any(s["Effect"] == "Deny" and matches(s) for s in statements):
+        return False
+    return any(s["Effect"] == "Allow" and matches(s) for s in statements)
+
+
+def test_the_evaluator_denies_what_iam_denies() -> None:
+    """The check below is only as good as this evaluator: it must say no where IAM says no."""
+    allow = {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": "*"}
+    assert allows({"Statement": [allow]}, "secretsmanager:GetSecretValue", "arn:x")
+    deny = {"Effect": "Deny", "Action": "secretsmanager:*", "Resource": "*"}
+    assert not allows({"Statement": [allow, deny]}, "secretsmanager:GetSecretValue", "arn:x")
+    odd = {**allow, "Condition": {"ArnEquals": {"aws:SourceArn": "arn:y"}}}
+    assert not allows({"Statement": [odd]}, "secretsmanager:GetSecretValue", "arn:x")
+    via = {**allow, "Condition": {"StringEquals": {"kms:ViaService": "secretsmanager.us-east-1.amazonaws.com"}}}
+    assert not allows({"Statement": [via]}, "secretsmanager:GetSecretValue", "arn:x", {"kms:ViaService": "s3"})
 
 
 @pytest.mark.parametrize(
@@ -201,3 +227,66 @@ def test_each_consumer_policy_allows_exactly_what_the_helper_calls(
         via = {"kms:ViaService": "secretsmanager.us-east-1.amazonaws.com"}
         assert allows(policy, "kms:Decrypt", kms_key, via)
         assert not allows(policy, "kms:Decrypt", kms_key, {"kms:ViaService": "s3.us-east-1.amazonaws.com"})
+
+
+def test_grant_and_revoke_keep_statements_others_put_on_the_secret(aws_calls: list[Any]) -> None:
+    """Found by the review: our policy replaced the whole resource policy, dropping a guardrail or a backup
+    account's read; revoking the last reader deleted it."""
+    assert add("--kms-key-id", cmk())[0] == 0
+    sm = boto3.client("secretsmanager")
+    guard = {
+        "Sid": "NobodyDeletesIt",
+        "Effect": "Deny",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+        "Action": "secretsmanager:DeleteSecret",
+        "Resource": "*",
+    }
+    sm.put_resource_policy(SecretId=SECRET, ResourcePolicy=json.dumps({"Version": "2012-10-17", "Statement": [guard]}))
+    assert run("connections", "grant", "prod", ROLE)[0] == 0
+    sids = [s["Sid"] for s in json.loads(sm.get_resource_policy(SecretId=SECRET)["ResourcePolicy"])["Statement"]]
+    assert sids == ["NobodyDeletesIt", "ServiceNowOAuthConsumers"]
+    assert run("connections", "revoke-access", "prod", ROLE)[0] == 0
+    left = json.loads(sm.get_resource_policy(SecretId=SECRET)["ResourcePolicy"])["Statement"]
+    assert left == [guard]
+
+
+def test_a_refused_grant_leaves_no_half_made_connection(aws_calls: list[Any]) -> None:
+    """Found by the review: the secret was created, the grant failed, and the CLI said nothing was changed."""
+
+    def refuse(**_: Any) -> Any:
+        body = {"Error": {"Code": "MalformedPolicyDocumentException", "Message": "no such principal"}}
+        return AWSResponse("http://test", 400, {}, None), body
+
+    boto3.DEFAULT_SESSION.events.register("before-call.secrets-manager.PutResourcePolicy", refuse)  # type: ignore[union-attr]
+    code, out, err = add("--consumer", ROLE, "--kms-key-id", cmk(), "--replica-region", "eu-west-1")
+    assert code == 2 and "MalformedPolicyDocumentException" in err and "nothing was created" in err, (out, err)
+    assert secrets() == [] and "created connection" not in out
+    code, _, err = add("--consumer", ROLE, "--kms-key-id", "alias/aws/secretsmanager")
+    assert code == 2 and "customer-managed KMS key" in err and secrets() == []
+
+
+@pytest.mark.parametrize(
+    "principal",
+    [
+        "\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669\u0660\u0661\u0662",
+        "arn:aws:iam::444455556666:role/lecteur-\u00e9",
+    ],
+    ids=["arabic-indic digits", "non-ascii role name"],
+)
+def test_principals_iam_would_refuse_are_refused_here(aws_calls: list[Any], principal: str) -> None:
+    code, _, err = add("--consumer", principal)
+    assert code == 2 and "not an AWS account id" in err and secrets() == []
+
+
+def test_a_deleted_readers_unique_id_can_be_revoked(aws_calls: list[Any]) -> None:
+    """AWS shows a granted role that was deleted by its unique id (AROA...): still revocable."""
+    assert add("--kms-key-id", cmk())[0] == 0
+    sm = boto3.client("secretsmanager")
+    stale = "AROAEXAMPLEID1234567"
+    statement = {"Sid": "ServiceNowOAuthConsumers", "Effect": "Allow", "Principal": {"AWS": [stale]},
+                 "Action": ["secretsmanager:GetSecretValue"], "Resource": "*"}  # fmt: skip
+    sm.put_resource_policy(
+        SecretId=SECRET, ResourcePolicy=json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+    )
+    assert run("connections", "revoke-access", "prod", stale)[0] == 0
+    assert sm.get_resource_policy(SecretId=SECRET).get("ResourcePolicy") is None

@@ -227,3 +227,39 @@ def test_the_local_status_page_in_chromium(emulator: Any) -> None:
             screenshot(page, "status-page.png")
             browser.close()
     assert re.search(r"\d+ connections", answer.text)
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00Z"])
+def test_a_timestamp_at_the_edge_of_time_is_unknown_health_not_a_crash(widget: Any, value: str) -> None:
+    """Found by the review: such a value raised OverflowError, which took down the page, `make connections` and
+    every refresh of the sweep. One connection's tags must never break anything but its own row."""
+    from core.lifecycle import plan
+
+    tags = [
+        {"Key": "servicenow-oauth:next-attempt", "Value": value},
+        {"Key": "servicenow-oauth:version", "Value": "v1"},
+    ]
+    assert health_of(tags) is None
+    entry = {"Name": "servicenow-oauth/a", "Tags": tags, "SecretVersionsToStages": {"v1": ["AWSCURRENT"]}}
+    assert plan(entry, NOW, POLICY) in ("read", "not_due", "backing_off", "needs_person")
+    sm = boto3.client("secretsmanager")
+    sm.create_secret(Name="servicenow-oauth/edge", SecretString="{}", Tags=tags)
+    sm.create_secret(Name="servicenow-oauth/fine", SecretString="{}")
+    html = widget.lambda_handler(json.loads((EVENTS / "dashboard.json").read_text()), FakeContext())
+    states = {row["cells"][0]: row["state"] for row in parse(html).rows}
+    assert states == {"edge": "unknown", "fine": "new"}
+
+
+def test_expiring_rows_are_ordered_by_the_refresh_token_and_new_pending_ones_await_consent() -> None:
+    """Found by the review: "expiring" rows were ordered by the access token, and a connection the CLI had just
+    added (pending, not swept) showed "Not yet swept" instead of "Awaiting first consent"."""
+    base = crafted()["expiring"]
+    assert base is not None
+    day, minute = timedelta(days=1), timedelta(minutes=1)
+    rows = [
+        Row("dies-in-13-days", _with(base, refresh_expires=NOW + 13 * day, access_expires=NOW + 5 * minute)),
+        Row("dies-in-1-day", _with(base, refresh_expires=NOW + day, access_expires=NOW + 25 * minute)),
+        Row("just-added", Health(status="pending_authorization", grant="authorization_code", needs_person=True)),
+    ]
+    shown = [(row["state"], row["cells"][0]) for row in parse(render(rows, NOW, POLICY)).rows]
+    assert shown == [("pending", "just-added"), ("expiring", "dies-in-1-day"), ("expiring", "dies-in-13-days")]

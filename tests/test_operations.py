@@ -137,6 +137,10 @@ def run_cli(*argv: str, stdin: str = "") -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def _listed(value: Any) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
 def test_cli_list_shows_health_with_only_the_monitoring_policy(
     ops: Ops, monkeypatch: pytest.MonkeyPatch, leak_check: list
 ) -> None:
@@ -146,8 +150,9 @@ def test_cli_list_shows_health_with_only_the_monitoring_policy(
     ops.clock.advance(1700)
     ops.refresher().sweep()
     statements = translate()["Resources"]["MonitoringPolicy"]["Properties"]["PolicyDocument"]["Statement"]
-    allowed = {statement["Action"].split(":")[1] for statement in statements}
-    assert allowed == {"ListSecrets", "DescribeSecret"}  # no secret value, no write
+    actions = [a for statement in statements for a in _listed(statement["Action"])]
+    allowed = {action.split(":")[1] for action in actions}
+    assert allowed == {"ListSecrets", "DescribeSecret", "GetResourcePolicy"}  # no secret value, no write
 
     made: list[str] = []
     real_client = boto3.client

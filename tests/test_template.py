@@ -62,7 +62,7 @@ def test_every_environment_variable_read_by_config_is_declared() -> None:
 
 
 PREFIX_ARN = "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:${AWS::AccountId}:secret:${ConnectionSecretPrefix}*"
-APPFLOW_SECRETS = "arn:*:secretsmanager:*:*:secret:appflow!*-"
+APPFLOW_SECRETS = "arn:*:secretsmanager:*:*:secret:appflow!????????????-"
 WRITES = {"PutSecretValue", "UpdateSecretVersionStage", "TagResource", "UntagResource", "UpdateSecret"}
 WRITERS = {"CallbackFunctionRole", "RefreshFunctionRole", "WorkerFunctionRole", "RotationFunctionRole"}
 

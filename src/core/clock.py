@@ -19,8 +19,18 @@ def to_iso(moment: datetime) -> str:
 
 
 def from_iso(text: str) -> datetime:
-    """Parse a timestamp written by `to_iso` (or any ISO-8601 string with an offset)."""
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
-    if moment.tzinfo is None:
-        raise ValueError("timestamp has no UTC offset")
-    return moment.astimezone(UTC)
+    """Parse a timestamp written by `to_iso` (or any ISO-8601 string with an offset).
+
+    Raises ValueError for anything else, including moments outside 1970-9000: at the edges of `datetime`'s range a
+    conversion to UTC or a backoff's arithmetic overflows (OverflowError), and one hand-edited tag must not stop a
+    sweep."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+        if moment.tzinfo is None:
+            raise ValueError("timestamp has no UTC offset")
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
+    if not 1970 <= moment.year <= 9000:
+        raise ValueError("timestamp out of range")
+    return moment

@@ -69,6 +69,8 @@ def verdict(row: Row, now: datetime, policy: RefreshPolicy) -> str:
     health = row.health
     if health is None:
         return "unknown"
+    if health.version is None and health.needs_person and health.status == "pending_authorization":
+        return "pending"  # added by the CLI, not swept yet: it is waiting for its consent all the same
     state = state_of(health)
     if state is State.REJECTED:
         return "rejected"
@@ -86,8 +88,13 @@ def verdict(row: Row, now: datetime, policy: RefreshPolicy) -> str:
 
 
 def _sort_key(row: Row, now: datetime, policy: RefreshPolicy) -> tuple[int, float, str]:
-    left = row.health.access_expires if row.health and row.health.access_expires else None
-    return _ORDER[verdict(row, now, policy)], (left - now).total_seconds() if left else 0.0, row.name
+    """Worst state first; within a state, whatever runs out first (the refresh token for "expiring")."""
+    word = verdict(row, now, policy)
+    health = row.health
+    left = None
+    if health is not None:
+        left = health.refresh_expires if word == "expiring" else health.access_expires
+    return _ORDER[word], (left - now).total_seconds() if left else 0.0, row.name
 
 
 # ------------------------------------------------------------------------------------------------ rendering

@@ -155,7 +155,7 @@ def unreadable_tags(tags: Mapping[str, str]) -> list[str]:
             bad.append(_tag(name))
     for name in ("consecutive_failures", "appflow_failures"):
         raw = tags.get(_tag(name))
-        if raw is not None and not raw.isdigit():
+        if raw is not None and not (raw.isascii() and raw.isdigit()):
             bad.append(_tag(name))
     return bad
 
