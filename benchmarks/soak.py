@@ -60,6 +60,9 @@ def worker(steps: int, shrink: bool) -> dict[str, Any]:
                     )
             except AssertionError as violation:
                 violations.append({"invariant": str(violation).splitlines()[0], "steps": list(Stats.history)})
+            except Exception as error:  # the code under test raised where it must not: a violation too, not a crash
+                first = str(error).splitlines()[0] if str(error) else ""
+                violations.append({"invariant": f"{type(error).__name__}: {first}", "steps": list(Stats.history)})
     finally:
         moto.stop()
     return {

@@ -152,7 +152,7 @@ class LifecycleModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         Stats.history = []
-        requests.post(f"{self.moto_url}/moto-api/reset", timeout=10).raise_for_status()
+        requests.post(f"{self.moto_url}/moto-api/reset", timeout=60).raise_for_status()  # a loaded machine is slow
         self.now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
         self.emulator = ServiceNowEmulator(clock=lambda: self.now.timestamp()).__enter__()
         self.client_secret = "model-client-secret-A1"
