@@ -9,6 +9,7 @@ import itertools
 import json
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -429,3 +430,24 @@ def test_health_kept_in_memory_keeps_the_stacks_other_tags(deployed: Deployed) -
     assert monitor.unsaved(arn)
     recalled = monitor.recall(arn, deployed.client.describe_secret(SecretId=SECRET)["Tags"])
     assert recalled.get(SYNCED_TAG) == "v1" and Health.from_tags(recalled).consecutive_failures == 1
+
+
+def test_an_operator_change_during_an_outage_does_not_bypass_the_backoff(deployed: Deployed) -> None:
+    """Found by the soak (42 token requests in a day): each credential change while the instance was down
+    bought an immediate attempt. A new secret does not bring an instance back; only a refused credential that
+    changed is tried at once."""
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.inject("server_error", path="*", count=10**6)
+    deployed.sweep_every(5, 3)  # failing, backing off by the cap
+    waited = 0
+    for n in range(5):
+        before = deployed.emulator.token_requests()
+        deployed.world.store.update("prod", lambda c, n=n: replace(c, extra={**c.extra, "note": f"rotated {n}"}))
+        deployed.clock.advance(300)
+        due = deployed.health().next_attempt
+        deployed.sweep()
+        if due and due - timedelta(seconds=150) > deployed.clock.now():  # still backing off when it ran
+            waited += 1
+            assert deployed.emulator.token_requests() == before, "a changed secret skipped the backoff"
+    assert waited >= 3, "the test never met the backoff"

@@ -222,11 +222,13 @@ def decide(
     if (
         not force
         and health is not None
-        and health.version == version_id
         and health.next_attempt is not None
         and now < health.next_attempt - policy.slack
+        and not (retrying and health.version != version_id)
     ):
-        # Read for another reason (a candidate to adopt, an AppFlow push), but still backing off: no attempt.
+        # Read for another reason (a candidate to adopt, an AppFlow push, a credential changed while the instance
+        # was failing: a new secret does not bring an instance back), but still backing off: no attempt. Only a
+        # refused credential that changed since is tried at once.
         return "backing_off"
     return "refresh"
 
