@@ -120,10 +120,15 @@ class ConnectionAccess:
 
     def check(self, connection: str, principals: list[str]) -> None:
         """Ask Secrets Manager to validate the policy a new connection will get, before it exists."""
-        answer = self.client.validate_resource_policy(ResourcePolicy=json.dumps(policy_document(principals)))
+        self._validate(connection, json.dumps(policy_document(principals)))
+
+    def _validate(self, connection: str, policy: str, **secret: str) -> None:
+        answer = self.client.validate_resource_policy(ResourcePolicy=policy, **secret)
         if not answer.get("PolicyValidationPassed", False):
             problems = "; ".join(str(e.get("ErrorMessage", "")) for e in answer.get("ValidationErrors", []))
-            raise AccessError(f"connection {connection!r}: Secrets Manager refused the policy ({problems})")
+            raise AccessError(
+                f"connection {connection!r}: Secrets Manager refused the policy ({problems}); nothing was changed"
+            )
 
     def _policy(self, secret_id: str) -> str | None:
         policy: str | None = self.client.get_resource_policy(SecretId=secret_id).get("ResourcePolicy")
@@ -163,12 +168,7 @@ class ConnectionAccess:
             self.client.delete_resource_policy(SecretId=secret_id)
             return []
         text = json.dumps(document)
-        answer = self.client.validate_resource_policy(SecretId=secret_id, ResourcePolicy=text)
-        if not answer.get("PolicyValidationPassed", False):
-            problems = "; ".join(str(e.get("ErrorMessage", "")) for e in answer.get("ValidationErrors", []))
-            raise AccessError(
-                f"connection {connection!r}: Secrets Manager refused the policy ({problems}); nothing was changed"
-            )
+        self._validate(connection, text, SecretId=secret_id)
         try:
             self.client.put_resource_policy(SecretId=secret_id, ResourcePolicy=text, BlockPublicPolicy=True)
         except ClientError as error:

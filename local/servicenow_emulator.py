@@ -862,6 +862,10 @@ class ServiceNowEmulator(BackgroundServer):
         return _json_reply(200, {"result": rows})
 
     # ---------------------------------------------------------------- /_emulator/ admin
+    def _known(self, client_id: str) -> bool:
+        with self._lock:
+            return client_id in self._clients
+
     def handle_admin(self, method: str, path: str, body: bytes) -> _Reply:
         """JSON control plane for an emulator running in another process."""
         try:
@@ -886,18 +890,14 @@ class ServiceNowEmulator(BackgroundServer):
                 )
             elif path == "/_emulator/client_secret":
                 client_id = _req_str(data, "client_id")
-                with self._lock:
-                    known = client_id in self._clients
-                if not known:
+                if not self._known(client_id):
                     return _json_reply(404, {"error": "unknown client"})
                 self.set_client_secret(client_id, _req_str(data, "client_secret"))
             elif path == "/_emulator/users":
                 self.add_user(_req_str(data, "username"), _req_str(data, "password"), email=_opt_str(data, "email"))
             elif path == "/_emulator/jwt_verifiers":
                 client_id = _req_str(data, "client_id")
-                with self._lock:
-                    known = client_id in self._clients
-                if not known:
+                if not self._known(client_id):
                     return _json_reply(404, {"error": "unknown client"})
                 self.add_jwt_verifier(
                     client_id,

@@ -10,7 +10,8 @@ When Secrets Manager refuses the tag write (throttling beyond botocore's retries
 `TagResource` right), the health it should have recorded is kept in this container's memory and
 used in place of the stale tags until a write lands, so a failing connection still backs off and
 a change is still announced once. Such outcomes carry `health_unsaved` (metric HealthTagsNotWritten,
-alarmed): memory ends with the container, and a cold start during the refusal costs one extra attempt.
+alarmed). The memory is this container's own: a cold start or another warm container goes back to the
+backoff the tags last recorded and may announce a change again (README, "A connection's life").
 """
 
 from __future__ import annotations

@@ -40,9 +40,8 @@ def build_store(settings: Settings) -> ConnectionStore:
     return ConnectionStore(client, prefix=settings.secret_prefix, allowed_hosts=settings.allowed_hosts)
 
 
-def aws_client(service: str, *, max_pool_connections: int | None = None) -> Any:
+def aws_client(service: str, *, max_pool_connections: int | None = None, config: Config = AWS_CONFIG) -> Any:
     """A client from the container's one botocore session (region and endpoint from the environment)."""
-    config = AWS_CONFIG
     if max_pool_connections is not None:
         config = config.merge(Config(max_pool_connections=max_pool_connections))
     return _SESSION.create_client(service, config=config)
@@ -51,18 +50,14 @@ def aws_client(service: str, *, max_pool_connections: int | None = None) -> Any:
 class LazyClient:
     """A client created on first use: AppFlow's model costs cold-start time most sweeps never need."""
 
-    def __init__(self, service: str, *, config: Config | None = None) -> None:
+    def __init__(self, service: str, *, config: Config = AWS_CONFIG) -> None:
         self._service = service
         self._config = config
         self._client: Any = None
 
     def __getattr__(self, name: str) -> Any:
         if self._client is None:
-            self._client = (
-                _SESSION.create_client(self._service, config=self._config)
-                if self._config is not None
-                else aws_client(self._service)
-            )
+            self._client = aws_client(self._service, config=self._config)
         return getattr(self._client, name)
 
 
