@@ -74,6 +74,22 @@ def worker(steps: int, shrink: bool) -> dict[str, Any]:
     }
 
 
+def replay(history: str) -> int:
+    """`--replay FILE`: one recorded history, step by step, printing where it breaks (see lifecycle_model.replay)."""
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+    from benchmarks.world import MotoProcess
+    from tests.lifecycle_model import LifecycleModel, replay_history
+
+    moto = MotoProcess()
+    LifecycleModel.moto_url = moto.url
+    try:
+        violation = replay_history(history, echo=print)
+    finally:
+        moto.stop()
+    print(f"violated: {violation}" if violation else "no violation")
+    return 1 if violation else 0
+
+
 def render(results: list[dict[str, Any]], seconds: float, command: str) -> str:
     steps = sum(r["steps"] for r in results)
     checks = sum(r["checks"] for r in results)
@@ -113,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-shrink", action="store_true", help="report violations as found, unshrunk")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--replay", metavar="FILE", help="replay one recorded history (a violation's steps)")
     args = parser.parse_args(argv)
+    if args.replay:
+        return replay(Path(args.replay).read_text())
     started = time.perf_counter()
     share = -(-args.steps // args.processes)
     with ProcessPoolExecutor(args.processes) as pool:

@@ -9,6 +9,7 @@ itself from a `before-call` hook on real clients (moto cannot throttle; moto has
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import logging
@@ -193,7 +194,10 @@ class LifecycleModel(RuleBasedStateMachine):
         self.unseen_tokens: set[str] = set()
         # Transient failures (ServiceNow's or AWS's) since the stored access token was last renewed:
         self.faults_since_renewal = 0
-        self.waiting_since: datetime | None = None
+        self.waiting_since: datetime | None = None  # since when a usable credential waits for an attempt
+        # Positions in `events` where a container was recycled while it held health its tag writes could not
+        # store: the documented limit, one change may be announced again across each such boundary.
+        self.memory_lost_at: list[int] = []
         self.seen: tuple[str, Connection] | None = None  # AWSCURRENT as the invariants last read it
         self.ran_code = True
 
@@ -417,8 +421,9 @@ class LifecycleModel(RuleBasedStateMachine):
                 thread.join()
 
         first = len(self.events)
-        self.act(both, scheduled=True)
+        made = self.act(both, scheduled=True)
         assert not errors, errors
+        self._check_liveness(made)
         # Overlapping invocations each announce the change they observed (the README says so): one per sweep.
         announced = self.events[first:]
         self.events[first:] = [kind for n, kind in enumerate(announced) if kind not in announced[:n]]
@@ -545,6 +550,9 @@ class LifecycleModel(RuleBasedStateMachine):
     def container_recycled(self) -> None:
         """Lambda starts a new container: whatever the old one kept in memory (health whose tag write failed)
         is gone; the next run starts from the tags."""
+        arn = self.plain.describe_secret(SecretId=SECRET)["ARN"]
+        if self.monitor.unsaved(arn):
+            self.memory_lost_at.append(len(self.events))
         self.monitor = Monitor(self.sm, self.monitor.events, clock=lambda: self.now, policy=POLICY)
 
     @rule(down=st.booleans())
@@ -577,6 +585,7 @@ class LifecycleModel(RuleBasedStateMachine):
             self.down_requests.append((self.now, made))
             made_total += made
         self.emulator.clear_faults()
+        self.waiting_since = None  # the instance was down all along: the wait for an attempt starts at recovery
         Stats.checks += 1
         if parked and self.current()[0] == version:
             assert made_total == 0, "a refused credential was retried before its secret changed"
@@ -608,10 +617,12 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @invariant()
     def one_event_per_change(self) -> None:
-        """Exactly one event per state change: never the same alert twice without a change in between."""
+        """Exactly one event per state change: never the same alert twice without a change in between, except
+        across a container recycled while its tag writes were refused (the README's documented limit)."""
         Stats.checks += 1
-        for first, second in zip(self.events, self.events[1:], strict=False):
-            assert not (first == second and first in ("failing", "recovered")), f"{first} announced twice"
+        for n, (first, second) in enumerate(zip(self.events, self.events[1:], strict=False)):
+            forgotten = any(n < boundary <= n + 1 for boundary in self.memory_lost_at)
+            assert forgotten or not (first == second and first in ("failing", "recovered")), f"{first} announced twice"
 
     @invariant()
     def no_expiry_from_one_blip(self) -> None:
@@ -627,3 +638,28 @@ class LifecycleModel(RuleBasedStateMachine):
         Stats.checks += 1
         expires = connection.access_token_expires_at
         assert expires is None or expires > self.now, "the access token expired after a single blip"
+
+
+def replay_history(history: str, echo: Any = None) -> str | None:
+    """Run one recorded history (`rule(arg=value) → ...`, as the soak reports a violation) with every invariant
+    after each step; returns the first violation, or None. Makes a soak finding a plain, repeatable case."""
+    model = LifecycleModel()
+    cls = type(model)
+    marked = [name for name in dir(cls) if getattr(getattr(cls, name), "hypothesis_stateful_invariant", None)]
+    checks = [getattr(model, name) for name in marked]
+    try:
+        for step in (part.strip() for part in history.split("→")):
+            call = ast.parse(step, mode="eval").body
+            assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name), f"not a rule call: {step}"
+            arguments = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+            if echo:
+                echo(step)
+            try:
+                getattr(cls, call.func.id)(model, **arguments)  # by class: `appflow` is also an attribute
+                for check in checks:
+                    check()
+            except AssertionError as violation:
+                return f"{violation} (at {step})"
+        return None
+    finally:
+        model.teardown()
