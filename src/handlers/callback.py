@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Metrics
-from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.metrics import MetricUnit
 
 from core.clock import utc_now
@@ -27,11 +27,12 @@ from core.servicenow import ServiceNowClient, build_session
 from handlers.runtime import CachedSecret, build_logger, build_monitor, build_store
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from aws_lambda_powertools.utilities.typing import LambdaContext
 
 logger = build_logger()
 metrics = Metrics()
-app = APIGatewayHttpResolver()
 settings = load_settings()
 store = build_store(settings)
 monitor = build_monitor(settings, store.client, logger)
@@ -50,57 +51,60 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
+Event = dict[str, Any]
+Answer = dict[str, Any]  # payload 2.0: statusCode, body, isBase64Encoded, headers, cookies
+
+
 def _state_key() -> bytes:
     return state_key.get()
 
 
-def _callback_url() -> str:
-    if settings.callback_url:
-        return settings.callback_url
-    context = app.current_event.request_context
-    stage = "" if context.stage in ("$default", "", None) else f"/{context.stage}"
-    return f"https://{context.domain_name}{stage}/callback"
+def _answer(status: int, body: str, headers: dict[str, str]) -> Answer:
+    return {"statusCode": status, "body": body, "isBase64Encoded": False, "headers": headers, "cookies": []}
 
 
-def _html(status: int, body: str, extra_headers: dict[str, str] | None = None) -> Response[str]:
-    return Response(
-        status_code=status,
-        content_type="text/html; charset=utf-8",
-        body=body,
-        headers={**SECURITY_HEADERS, **(extra_headers or {})},
+def _html(status: int, body: str, extra_headers: dict[str, str] | None = None) -> Answer:
+    return _answer(
+        status, body, {**SECURITY_HEADERS, **(extra_headers or {}), "Content-Type": "text/html; charset=utf-8"}
     )
 
 
-def _query(name: str) -> str | None:
-    return (app.current_event.query_string_parameters or {}).get(name)
+def _query(event: Event, name: str) -> str | None:
+    return (event.get("queryStringParameters") or {}).get(name)
 
 
-@app.get("/connections/<name>/authorize")
-def authorize(name: str) -> Response[str]:
+def _callback_url(event: Event) -> str:
+    if settings.callback_url:
+        return settings.callback_url
+    context = event["requestContext"]
+    stage = "" if context.get("stage") in ("$default", "", None) else f"/{context['stage']}"
+    return f"https://{context['domainName']}{stage}/callback"
+
+
+def authorize(event: Event, name: str) -> Answer:
     location = start_consent(
         store,
         _state_key(),
         name,
-        expires=_query("expires"),
-        signature=_query("signature"),
-        callback_url=_callback_url(),
+        expires=_query(event, "expires"),
+        signature=_query(event, "signature"),
+        callback_url=_callback_url(event),
         now=utc_now(),
     )
     logger.info("consent started", extra={"connection": name})
     metrics.add_metric(name="ConsentStarted", unit=MetricUnit.Count, value=1)
-    return Response(status_code=302, body="", headers={**SECURITY_HEADERS, "Location": location})
+    return _answer(302, "", {**SECURITY_HEADERS, "Location": location})
 
 
-@app.get("/callback")
-def callback() -> Response[str]:
+def callback(event: Event) -> Answer:
     stored = complete_consent(
         store,
         servicenow,
         _state_key(),
-        state=_query("state"),
-        code=_query("code"),
-        error=_query("error"),
-        callback_url=_callback_url(),
+        state=_query(event, "state"),
+        code=_query(event, "code"),
+        error=_query(event, "error"),
+        callback_url=_callback_url(event),
         now=utc_now(),
     )
     monitor.after_consent(stored)
@@ -110,8 +114,7 @@ def callback() -> Response[str]:
     return _html(200, authorized_page(connection))
 
 
-@app.exception_handler(ServiceNowOAuthError)  # type: ignore[untyped-decorator]
-def refused(error: ServiceNowOAuthError) -> Response[str]:
+def refused(error: ServiceNowOAuthError) -> Answer:
     """Every refusal gets its own page and one structured log line; the secret was not written."""
     status, title = 500, "Request refused"
     if isinstance(error, ConsentError):
@@ -126,20 +129,51 @@ def refused(error: ServiceNowOAuthError) -> Response[str]:
     return _html(status, error_page(title, str(error), connection), headers)
 
 
-@app.exception_handler(Exception)  # type: ignore[untyped-decorator]
-def unexpected(error: Exception) -> Response[str]:
+def unexpected(error: Exception) -> Answer:
     """No traceback page: log the type (not the message, which a library may have filled with a URL)."""
     logger.error("consent failed unexpectedly", extra={"error_type": type(error).__name__})
     return _html(500, error_page("Internal error", "Something went wrong; nothing was changed. Try again later."))
 
 
-@app.not_found
-def not_found(_: Exception) -> Response[str]:
+def not_found() -> Answer:
     return _html(404, error_page("Not found", "There is nothing here."))
+
+
+# The API's two routes, matched on the path as Powertools' resolver did (a path segment: RFC 3986's unreserved and
+# sub-delims, plus what browsers send unencoded); its event_handler package costs more cold start than the rest of
+# this handler, to route two GETs. API Gateway only invokes the function for these routes anyway.
+_SEGMENT = r"[-._~()'!*:@,;=+&$%<> \[\]{}|^\w]+"
+_ROUTES: list[tuple[re.Pattern[str], Callable[..., Answer]]] = [
+    (re.compile(r"^/callback$"), callback),
+    (re.compile(rf"^/connections/(?P<name>{_SEGMENT})/authorize$"), authorize),
+]
+
+
+def _path(event: Event) -> str:
+    """The request path without the stage (payload 2.0's rawPath carries a named stage)."""
+    stage = event["requestContext"].get("stage", "$default")
+    raw: str = event.get("rawPath") or "/"
+    return raw[len(f"/{stage}") :] if stage != "$default" else raw
+
+
+def route(event: Event) -> Answer:
+    """One request to its page: a route's answer, its refusal page, or 404."""
+    method = event["requestContext"]["http"]["method"].upper()
+    path = _path(event)
+    try:
+        for pattern, handler in _ROUTES:
+            match = pattern.match(path) if method == "GET" else None
+            if match:
+                return handler(event, **match.groupdict())
+        return not_found()
+    except ServiceNowOAuthError as error:
+        return refused(error)
+    except Exception as error:
+        return unexpected(error)
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context(log_event=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """API Gateway HTTP API trigger."""
-    return app.resolve(event, context)
+    return route(event)
