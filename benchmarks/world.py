@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 import boto3
 import requests
@@ -208,3 +209,158 @@ def emulator(latency: float = 0.0) -> Any:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+class SecretsManagerDouble:
+    """Secrets Manager in this process with no cost of its own: the calls the sweep makes, with the version-stage
+    semantics its compare-and-swap relies on (idempotent PutSecretValue by ClientRequestToken; a stage move refused
+    with InvalidParameterException when RemoveFromVersionId no longer holds the stage). For the figure of our own
+    overhead: the moto server's serialised writes would otherwise be what is measured. Not a test double: the tests
+    run on moto."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[str, dict[str, Any]] = {}  # name -> {"ARN", "versions": {id: value}, "stages", "tags"}
+        self.by_arn: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.calls: Counter[str] = Counter()
+
+    def _secret(self, secret_id: str) -> dict[str, Any]:
+        secret = self.secrets.get(self.by_arn.get(secret_id, secret_id))
+        if secret is None:
+            raise _client_error("ResourceNotFoundException", "Secrets Manager can't find the specified secret.")
+        return secret
+
+    def _version(self, secret: dict[str, Any], stage: str = "AWSCURRENT") -> str:
+        return next(version for version, labels in secret["stages"].items() if stage in labels)
+
+    def create_secret(self, Name: str, SecretString: str, **_: Any) -> dict[str, Any]:
+        self.calls["CreateSecret"] += 1
+        version, arn = str(uuid4()), f"arn:aws:secretsmanager:{REGION}:123456789012:secret:{Name}-{uuid4().hex[:6]}"
+        with self.lock:
+            self.secrets[Name] = {
+                "ARN": arn,
+                "Name": Name,
+                "versions": {version: SecretString},
+                "stages": {version: ["AWSCURRENT"]},
+                "tags": {},
+            }
+            self.by_arn[arn] = Name
+        return {"ARN": arn, "Name": Name, "VersionId": version}
+
+    def get_paginator(self, operation: str) -> Any:
+        assert operation == "list_secrets", operation
+        return self
+
+    def paginate(self, Filters: list[dict[str, Any]], PaginationConfig: dict[str, int]) -> Iterator[dict[str, Any]]:
+        prefix, size = Filters[0]["Values"][0], PaginationConfig["PageSize"]
+        with self.lock:
+            entries = [
+                {
+                    "ARN": s["ARN"],
+                    "Name": s["Name"],
+                    "Tags": [{"Key": k, "Value": v} for k, v in s["tags"].items()],
+                    "SecretVersionsToStages": {v: list(labels) for v, labels in s["stages"].items()},
+                }
+                for name, s in sorted(self.secrets.items())
+                if name.startswith(prefix)
+            ]
+        for start in range(0, len(entries), size):
+            self.calls["ListSecrets"] += 1
+            yield {"SecretList": entries[start : start + size]}
+
+    def batch_get_secret_value(self, SecretIdList: list[str]) -> dict[str, Any]:
+        self.calls["BatchGetSecretValue"] += 1
+        values = []
+        with self.lock:
+            for secret_id in SecretIdList:
+                secret = self._secret(secret_id)
+                version = self._version(secret)
+                values.append(
+                    {
+                        "ARN": secret["ARN"],
+                        "Name": secret["Name"],
+                        "VersionId": version,
+                        "SecretString": secret["versions"][version],
+                        "VersionStages": ["AWSCURRENT"],
+                    }
+                )
+        return {"SecretValues": values, "Errors": []}
+
+    def get_secret_value(
+        self, SecretId: str, VersionStage: str | None = None, VersionId: str | None = None
+    ) -> dict[str, Any]:
+        self.calls["GetSecretValue"] += 1
+        with self.lock:
+            secret = self._secret(SecretId)
+            version = VersionId or self._version(secret, VersionStage or "AWSCURRENT")
+            return {
+                "ARN": secret["ARN"],
+                "Name": secret["Name"],
+                "VersionId": version,
+                "SecretString": secret["versions"][version],
+                "VersionStages": secret["stages"][version],
+            }
+
+    def describe_secret(self, SecretId: str) -> dict[str, Any]:
+        self.calls["DescribeSecret"] += 1
+        with self.lock:
+            secret = self._secret(SecretId)
+            return {
+                "ARN": secret["ARN"],
+                "Name": secret["Name"],
+                "Tags": [{"Key": k, "Value": v} for k, v in secret["tags"].items()],
+                "VersionIdsToStages": {v: list(labels) for v, labels in secret["stages"].items()},
+            }
+
+    def put_secret_value(
+        self, SecretId: str, ClientRequestToken: str, SecretString: str, VersionStages: list[str]
+    ) -> dict[str, Any]:
+        self.calls["PutSecretValue"] += 1
+        with self.lock:
+            secret = self._secret(SecretId)
+            if ClientRequestToken in secret["versions"]:  # idempotent retry, as AWS does for the same value
+                return {"ARN": secret["ARN"], "VersionId": ClientRequestToken}
+            for labels in secret["stages"].values():  # a stage names one version at a time
+                for stage in VersionStages:
+                    if stage in labels:
+                        labels.remove(stage)
+            secret["versions"][ClientRequestToken] = SecretString
+            secret["stages"][ClientRequestToken] = list(VersionStages)
+        return {"ARN": secret["ARN"], "VersionId": ClientRequestToken}
+
+    def update_secret_version_stage(
+        self,
+        SecretId: str,
+        VersionStage: str,
+        MoveToVersionId: str | None = None,
+        RemoveFromVersionId: str | None = None,
+    ) -> dict[str, Any]:
+        self.calls["UpdateSecretVersionStage"] += 1
+        with self.lock:
+            secret = self._secret(SecretId)
+            holder = next((v for v, labels in secret["stages"].items() if VersionStage in labels), None)
+            if holder is not None and holder != RemoveFromVersionId and holder != MoveToVersionId:
+                raise _client_error("InvalidParameterException", f"{VersionStage} is attached to another version")
+            if holder is not None:
+                secret["stages"][holder].remove(VersionStage)
+            if MoveToVersionId is not None:
+                secret["stages"][MoveToVersionId].append(VersionStage)
+        return {"ARN": secret["ARN"], "Name": secret["Name"]}
+
+    def tag_resource(self, SecretId: str, Tags: list[dict[str, str]]) -> None:
+        self.calls["TagResource"] += 1
+        with self.lock:
+            self._secret(SecretId)["tags"].update({tag["Key"]: tag["Value"] for tag in Tags})
+
+    def untag_resource(self, SecretId: str, TagKeys: list[str]) -> None:
+        self.calls["UntagResource"] += 1
+        with self.lock:
+            tags = self._secret(SecretId)["tags"]
+            for key in TagKeys:
+                tags.pop(key, None)
+
+
+def _client_error(code: str, message: str) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message}}, "SecretsManagerDouble")
