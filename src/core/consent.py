@@ -25,9 +25,10 @@ from core.errors import (
     WrongUser,
 )
 from core.secret import Connection
-from core.servicenow import ServiceNowClient, Token, authorization_url, code_challenge
+from core.servicenow import ServiceNowClient, authorization_url, code_challenge
 from core.signing import ConsentState, code_verifier_for, issue_state, verify_authorize_link, verify_state
 from core.store import ConnectionStore, StoredConnection
+from core.tokens import Token
 
 AUTHORIZED_AT = "authorizedAt"
 CONSENT_STATE = "consentState"

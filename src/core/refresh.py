@@ -32,8 +32,9 @@ from core.health import Health
 from core.jwt_bearer import JwtKey, KmsSigner
 from core.lifecycle import Outcome, RefreshPolicy, Result, decide, is_due, needs_person, plan, retry_allowed
 from core.secret import Connection
-from core.servicenow import ServiceNowClient, Token
+from core.servicenow import ServiceNowClient
 from core.store import AWSCURRENT, ConnectionStore, SecretWriteFailed, StoredConnection, adoptable_token
+from core.tokens import Token
 
 if TYPE_CHECKING:
     from core.monitor import Monitor

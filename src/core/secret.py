@@ -16,7 +16,7 @@ from core.allowlist import normalize_instance_url
 from core.clock import from_iso, to_iso
 from core.errors import InstanceNotAllowed, SecretFormatError
 from core.jwt_bearer import KMS_KEY_ID, JwtKey
-from core.servicenow import OAuthApp, Token
+from core.tokens import OAuthApp, Token
 
 ConnectionGrant = Literal["authorization_code", "password", "client_credentials", "jwt_bearer"]
 Status = Literal["pending_authorization", "active", "reauthorization_required"]

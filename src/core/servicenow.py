@@ -11,10 +11,9 @@ import hashlib
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -29,6 +28,7 @@ from core.errors import (
     RateLimited,
     TransientProviderError,
 )
+from core.tokens import OAuthApp, Token
 
 GrantType = Literal[
     "authorization_code",
@@ -47,30 +47,6 @@ REVOKE_PATH = "/oauth_revoke_token.do"
 DEFAULT_TIMEOUT = (3.05, 10.0)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _SAFE_ERROR_CODE = re.compile(r"^[a-z_]{1,40}$")
-
-
-@dataclass(frozen=True)
-class OAuthApp:
-    """A ServiceNow Application Registry entry as seen by its client: where, who, and the shared secret."""
-
-    instance_url: str
-    client_id: str
-    client_secret: str = field(repr=False)
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.instance_url).netloc
-
-
-@dataclass(frozen=True)
-class Token:
-    """One token response; the absolute expiry is fixed at receipt so it never depends on when it is read."""
-
-    access_token: str = field(repr=False)
-    token_type: str
-    access_token_expires_at: datetime
-    scope: str | None = None
-    refresh_token: str | None = field(default=None, repr=False)
 
 
 class _BoundedRetry(Retry):

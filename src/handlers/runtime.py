@@ -9,18 +9,14 @@ import botocore.session
 from aws_lambda_powertools import Logger
 from botocore.config import Config
 
-from core.appflow import AppFlowSync
 from core.clock import utc_now
-from core.config import Settings
-from core.jwt_bearer import KmsSigner
-from core.lifecycle import RefreshPolicy
-from core.monitor import Monitor
 from core.redaction import RedactingFormatter
-from core.servicenow import ServiceNowClient, build_session
+from core.store import ConnectionStore
 
 if TYPE_CHECKING:
+    from core.config import Settings
+    from core.monitor import Monitor
     from core.refresh import Refresher
-from core.store import ConnectionStore
 
 # botocore directly, not boto3: boto3's import drags in s3transfer (~200 ms of cold start here) for nothing.
 _SESSION = botocore.session.get_session()
@@ -62,6 +58,9 @@ class LazyClient:
 
 
 def build_monitor(settings: Settings, secretsmanager: Any, logger: Any = None) -> Monitor:
+    from core.lifecycle import RefreshPolicy
+    from core.monitor import Monitor
+
     return Monitor(
         secretsmanager,
         LazyClient("events"),
@@ -73,7 +72,12 @@ def build_monitor(settings: Settings, secretsmanager: Any, logger: Any = None) -
 
 
 def build_refresher(settings: Settings, logger: Any = None) -> Refresher:
-    from core.refresh import Refresher  # only the refreshing handlers pay for it, not the callback
+    # Imported here: only the refreshing handlers pay for them (the dashboard never imports requests).
+    from core.appflow import AppFlowSync
+    from core.jwt_bearer import KmsSigner
+    from core.lifecycle import RefreshPolicy
+    from core.refresh import Refresher
+    from core.servicenow import ServiceNowClient, build_session
 
     store = build_store(settings)
     return Refresher(
