@@ -195,6 +195,7 @@ class LifecycleModel(RuleBasedStateMachine):
         # Transient failures (ServiceNow's or AWS's) since the stored access token was last renewed:
         self.faults_since_renewal = 0
         self.waiting_since: datetime | None = None  # since when a usable credential waits for an attempt
+        self.aws_refused = False  # Secrets Manager refused a read or write during the last action
         # Positions in `events` where a container was recycled while it held health its tag writes could not
         # store: the documented limit, one change may be announced again across each such boundary.
         self.memory_lost_at: list[int] = []
@@ -256,6 +257,7 @@ class LifecycleModel(RuleBasedStateMachine):
         log_before = len(self.emulator.requests_log)
         before = self.emulator.token_requests()
         puts_refused = self.faults.refused["PutSecretValue"]
+        refused_before = self._aws_refusals()
         connection_before = self.current()[1]
         try:
             action()
@@ -264,6 +266,7 @@ class LifecycleModel(RuleBasedStateMachine):
         finally:
             self.emulator.clear_faults()
         made = self.emulator.token_requests() - before
+        self.aws_refused = self._aws_refusals() > refused_before
         answers = [entry for entry in self.emulator.requests_log[log_before:] if entry["path"] == "/oauth_token.do"]
         if self.blip == "lost" and self.rotating and any(a["grant_type"] == "refresh_token" for a in answers[:1]):
             # The documented limit: ServiceNow rotated the token in an answer that never arrived.
@@ -286,6 +289,14 @@ class LifecycleModel(RuleBasedStateMachine):
         self._note_renewal(connection_before, connection)
         self.seen = None  # the rule may go on changing things
         return made
+
+    def _aws_refusals(self) -> int:
+        """Reads and writes Secrets Manager refused so far (tag refusals do not stop an attempt)."""
+        return sum(self.faults.refused[name] for name in SM_GROUPS["read"] + SM_GROUPS["write"])
+
+    def _renewed_by_a_person(self) -> None:
+        """A consent or an operator's new token ended any failing stretch: the daily bound starts over."""
+        self.down_requests.clear()
 
     def _note_renewal(self, before: Connection, after: Connection) -> None:
         renewed = after.access_token_expires_at and (
@@ -343,6 +354,7 @@ class LifecycleModel(RuleBasedStateMachine):
                     now=self.now,
                 )
                 self.monitor.after_consent(stored)
+                self._renewed_by_a_person()
                 self.unseen = False
                 self.parked_version = None
                 # A consent renews the tokens, but an outage still under way is still more than one blip.
@@ -374,8 +386,11 @@ class LifecycleModel(RuleBasedStateMachine):
 
     def _check_liveness(self, made: int) -> None:
         """Never parked by a blip: a connection with a credential that was not refused gets an attempt within
-        the backoff cap (plus two sweeps) once the instance is healthy."""
+        the backoff cap (plus two sweeps) once the instance is healthy and Secrets Manager answers."""
         version, connection = self.current()
+        if self.aws_refused or self.faults.pending["read"] or self.faults.pending["write"]:
+            self.waiting_since = None  # Secrets Manager is refusing: the wait starts when it answers again
+            return
         stuck = (
             self.down is None
             and not self.unseen
@@ -515,6 +530,7 @@ class LifecycleModel(RuleBasedStateMachine):
         if old:
             with suppress(ServiceNowOAuthError):
                 self.client.revoke(app, old)
+        self._renewed_by_a_person()
         self.unseen = False
 
     @rule(fault=st.sampled_from(DOWN_FAULTS))
@@ -610,7 +626,8 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @invariant()
     def bounded_cost(self) -> None:
-        """A failing connection makes at most 40 token requests in any 24 hours."""
+        """A failing connection makes at most 40 token requests in any 24 hours of failing (a consent or an
+        operator's new token renews it: the count starts over)."""
         Stats.checks += 1
         window = [made for when, made in self.down_requests if self.now - when < timedelta(days=1)]
         assert sum(window) <= MAX_DAILY_REQUESTS, f"{sum(window)} token requests in 24 h while the instance was down"

@@ -451,3 +451,21 @@ def test_an_operator_change_during_an_outage_does_not_bypass_the_backoff(deploye
             waited += 1
             assert deployed.emulator.token_requests() == before, "a changed secret skipped the backoff"
     assert waited >= 3, "the test never met the backoff"
+
+
+def test_a_rotation_that_never_created_its_version_does_not_stop_the_sweep(
+    deployed: Deployed, rotation_lambda: str, leak_check: list
+) -> None:
+    """Found by the soak (an access token expired after one blip): a rotation whose createSecret never ran left
+    moto's default version on a version that does not exist, so BatchGetSecretValue failed as a whole on every
+    sweep. A batch that fails on a missing version is now read one by one at AWSCURRENT."""
+    deployed.world.add()
+    deployed.sweep()
+    start_rotation(deployed.world.sm, rotation_lambda, str(uuid.uuid4()))  # the steps never run (the stand-in)
+    arn = deployed.world.sm.describe_secret(SecretId=SECRET)["ARN"]
+    with pytest.raises(ClientError, match="ResourceNotFoundException"):
+        deployed.world.sm.batch_get_secret_value(SecretIdList=[arn])  # the condition this test is about
+    before = deployed.document()["accessTokenExpiresAt"]
+    deployed.sweep_every(5, 0.5)
+    assert deployed.document()["accessTokenExpiresAt"] > before, "the connection was never refreshed"
+    assert deployed.document()["status"] == "active"

@@ -421,8 +421,14 @@ class Refresher:
         try:
             answer = self.store.client.batch_get_secret_value(SecretIdList=[entry["ARN"] for entry in entries])
         except ClientError as error:
-            # Throttled beyond botocore's retries: these connections wait for the next sweep; the rest go on.
             code = error.response.get("Error", {}).get("Code", "ClientError")
+            if code == "ResourceNotFoundException":
+                # The batch reads each secret's default version and failed as a whole on one of them (moto does
+                # when a rotation left its default on a version that was never created; AWS reports such a
+                # secret in Errors): read these one by one at AWSCURRENT, so one secret holds up no other.
+                yield from self._read_one_by_one(entries)
+                return
+            # Throttled beyond botocore's retries: these connections wait for the next sweep; the rest go on.
             for entry in entries:
                 name = self.store.name_of(entry["Name"]) or entry["Name"]
                 yield Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
@@ -447,6 +453,21 @@ class Refresher:
         for failure in answer.get("Errors", []):
             name = self.store.name_of(failure.get("SecretId", "")) or str(failure.get("SecretId"))
             yield Outcome(name, "invalid", detail=f"could not read the secret ({failure.get('ErrorCode')})")
+
+    def _read_one_by_one(self, entries: list[dict[str, Any]]) -> Iterator[StoredConnection | Outcome]:
+        for entry in entries:
+            name = self.store.name_of(entry["Name"]) or entry["Name"]
+            tags = {t["Key"]: t["Value"] for t in entry.get("Tags", [])}
+            try:
+                read = replace(self.store.get(name), tags=tags)
+            except (SecretFormatError, ConnectionNotFound) as error:
+                yield Outcome(name, "invalid", detail=str(error))
+                continue
+            except ClientError as error:
+                code = error.response.get("Error", {}).get("Code", "ClientError")
+                yield Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
+                continue
+            yield self._adopt(read, entry.get("SecretVersionsToStages", {}))
 
     def _adopt(self, read: StoredConnection, stages: dict[str, Any]) -> StoredConnection:
         """Take up tokens an earlier write left in a candidate version; on an AWS error go on with `read`
