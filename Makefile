@@ -102,8 +102,9 @@ lint: deps $(CHECKOV_VENV)/.installed ## ruff, mypy (strict on src/core), cfn-li
 	$(RUN) -m local.template_check
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -f template.yaml
 
-build: $(SAM_VENV)/.installed
+build: $(SAM_VENV)/.installed ## sam build, then bytecode compiled in (Lambda cannot write it: a cold start would compile)
 	PATH="$(dir $(PYTHON)):$$PATH" $(SAM_CLI) build --template template.yaml
+	$(PYTHON) -m compileall -q -j 0 --invalidation-mode unchecked-hash .aws-sam/build
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) .aws-sam test-artifacts

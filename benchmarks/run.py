@@ -48,37 +48,107 @@ def median_wall(code: str, runs: int, env: dict[str, str]) -> float:
     return statistics.median(times)
 
 
+FUNCTIONS = {
+    "callback": "CallbackFunction",
+    "refresh": "RefreshFunction",
+    "worker": "WorkerFunction",
+    "rotation": "RotationFunction",
+    "dashboard": "DashboardFunction",
+}
+
+
 def cold_start(runs: int) -> list[Row]:
-    """Fresh interpreters: each handler's import + initialisation against `import boto3` + one client."""
+    """Fresh interpreters: each handler's import + initialisation, from its own `sam build` artifact (requests,
+    Powertools, urllib3 and our code; boto3 is Lambda's), against `import boto3` + one client.
+
+    Lambda cannot write bytecode into /var/task and `sam build` ships none, so every cold start compiles the whole
+    artifact; `make build` compiles it in (`compileall --invalidation-mode unchecked-hash`). Both are measured,
+    interleaved run by run so that the machine's drift is shared; the target is on what `make build` ships.
+    """
     env = {
         **os.environ,
-        "PYTHONPATH": f"{ROOT / 'src'}",
         "AWS_DEFAULT_REGION": "us-east-1",
         "POWERTOOLS_SERVICE_NAME": "servicenow-oauth",
         "POWERTOOLS_METRICS_NAMESPACE": "ServiceNowOAuth",
+        "PYTHONDONTWRITEBYTECODE": "1",  # as in Lambda: nothing compiled at import is kept
     }
-    interpreter = median_wall("pass", runs, env)
-    floor = median_wall("import boto3; boto3.client('secretsmanager')", runs, env)
+    built = sam_build()
+    if built is None:
+        return [
+            Row("Cold start", "handlers as built", "skipped: .venv-sam missing (run make test first)", "-", "-", None)
+        ]
+    shipped = Path(tempfile.mkdtemp(prefix="shipped-")) / "build"
+    shutil.copytree(built, shipped)
+    compile_bytecode(shipped)
+    cases = {"interpreter": ("pass", ROOT), "floor": ("import boto3; boto3.client('secretsmanager')", ROOT)}
+    for handler, function in FUNCTIONS.items():
+        cases[f"{handler} sam"] = (f"import handlers.{handler}", built / function)
+        cases[f"{handler} make"] = (f"import handlers.{handler}", shipped / function)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    try:
+        for _ in range(runs):
+            for name, (code, path) in cases.items():
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(path)}, check=True, cwd=ROOT)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(shipped.parent, ignore_errors=True)
+    wall = {name: statistics.median(values) for name, values in times.items()}
+    floor = wall["floor"]
     rows = [
-        Row("Cold start", "interpreter alone (`python -c pass`)", f"{interpreter * 1000:.0f} ms", "-", "-", None),
+        Row(
+            "Cold start", "interpreter alone (`python -c pass`)", f"{wall['interpreter'] * 1000:.0f} ms", "-", "-", None
+        ),
         Row(
             "Cold start", "floor: `import boto3` + one Secrets Manager client", f"{floor * 1000:.0f} ms", "-", "-", None
         ),
     ]
-    for handler in HANDLERS:
-        wall = median_wall(f"import handlers.{handler}", runs, env)
-        ratio = wall / floor
+    for handler in FUNCTIONS:
+        ratio = wall[f"{handler} make"] / floor
         rows.append(
             Row(
                 "Cold start",
-                f"`handlers.{handler}` import + init (median of {runs})",
-                f"{wall * 1000:.0f} ms ({ratio:.2f}x floor)",
-                f"{floor * 1000:.0f} ms",
-                "<= 1.25x floor",
-                ratio <= 1.25,
+                f"`handlers.{handler}` import + init as `make build` ships it (median of {runs})",
+                f"{wall[f'{handler} make'] * 1000:.0f} ms ({ratio:.2f}x floor)",
+                f"{floor * 1000:.0f} ms; as `sam build` alone ships it (no bytecode) "
+                f"{wall[f'{handler} sam'] * 1000:.0f} ms ({wall[f'{handler} sam'] / floor:.2f}x)",
+                "<= 1.10x floor",
+                ratio <= 1.10,
             )
         )
     return rows
+
+
+_BUILD: list[Path] = []
+
+
+def sam_build() -> Path | None:
+    """One `sam build` per bench run (cold start and package size share it), or None without the SAM CLI."""
+    if _BUILD:
+        return _BUILD[0]
+    sam = Path(os.environ.get("SAM_CLI") or ROOT / ".venv-sam" / "bin" / "sam")
+    if not sam.exists():
+        return None
+    build = Path(tempfile.mkdtemp(prefix="sam-build-"))
+    env = {**os.environ, "SAM_CLI_TELEMETRY": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("AWS_ENDPOINT_URL", None)
+    subprocess.run(
+        [str(sam), "build", "--template", str(ROOT / "template.yaml"), "--build-dir", str(build), "--parallel"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    _BUILD.append(build)
+    return build
+
+
+def compile_bytecode(directory: Path) -> None:
+    """What `make build` does to each function's artifact (the Makefile runs the same command)."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash", str(directory)],
+        check=True,
+    )
 
 
 class Clock:
@@ -406,20 +476,14 @@ def failure_cost(hours: int = 24) -> list[Row]:
 
 
 def package_size() -> list[Row]:
-    """`sam build` artifact per function (Lambda's own boto3 excluded) beside requests + Powertools alone."""
-    sam = Path(os.environ.get("SAM_CLI") or ROOT / ".venv-sam" / "bin" / "sam")
-    if not sam.exists():
+    """`sam build` artifact per function (Lambda's own boto3 excluded) beside requests + Powertools alone, and
+    what `make build` adds: the bytecode."""
+    built = sam_build()
+    if built is None:
         return [Row("Package", "sam build", "skipped: .venv-sam missing (run make test first)", "-", "-", None)]
-    build = Path(tempfile.mkdtemp(prefix="sam-build-"))
-    env = {**os.environ, "SAM_CLI_TELEMETRY": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("AWS_ENDPOINT_URL", None)
-    subprocess.run(
-        [str(sam), "build", "--template", str(ROOT / "template.yaml"), "--build-dir", str(build), "--parallel"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    build = Path(tempfile.mkdtemp(prefix="shipped-")) / "build"
+    shutil.copytree(built, build)
+    compile_bytecode(build)
     reference_dir = Path(tempfile.mkdtemp(prefix="deps-"))
     subprocess.run(
         [
@@ -437,32 +501,38 @@ def package_size() -> list[Row]:
         capture_output=True,
     )
 
-    def size(path: Path, skip: tuple[str, ...] = ("boto3", "botocore", "s3transfer", "bin")) -> int:
-        """Bytes that ship: no bytecode caches (pip writes them, sam build does not), no Lambda-provided SDK."""
+    def size(
+        path: Path, bytecode: bool = False, skip: tuple[str, ...] = ("boto3", "botocore", "s3transfer", "bin")
+    ) -> int:
+        """Bytes that ship, without the Lambda-provided SDK; bytecode only where `make build` compiled it (pip
+        writes it for the reference, sam build does not)."""
         total = 0
         for item in path.rglob("*"):
             parts = item.relative_to(path).parts
-            if item.is_file() and not parts[0].startswith(skip) and "__pycache__" not in parts:
+            if item.is_file() and not parts[0].startswith(skip) and (bytecode or "__pycache__" not in parts):
                 total += item.stat().st_size
         return total
 
     reference = size(reference_dir)
     rows = []
     for function in sorted(p for p in build.iterdir() if p.is_dir()):
-        own = size(function)
+        own, shipped = size(function), size(function, bytecode=True)
         ours = sum(f.stat().st_size for d in ("core", "handlers") for f in (function / d).rglob("*.py"))
         rows.append(
             Row(
                 "Package",
-                f"`sam build` {function.name} (unzipped, boto3 excluded)",
-                f"{own / 1e6:.1f} MB (our code {ours / 1e3:.0f} kB)",
+                f"`make build` {function.name} (unzipped, boto3 excluded)",
+                f"{shipped / 1e6:.1f} MB with bytecode; {own / 1e6:.1f} MB as `sam build` leaves it "
+                f"(our code {ours / 1e3:.0f} kB)",
                 f"requests + Powertools alone {reference / 1e6:.1f} MB",
                 "-",
                 None,
             )
         )
-    shutil.rmtree(build, ignore_errors=True)
+    shutil.rmtree(build.parent, ignore_errors=True)
     shutil.rmtree(reference_dir, ignore_errors=True)
+    shutil.rmtree(built, ignore_errors=True)
+    _BUILD.clear()
     return rows
 
 
