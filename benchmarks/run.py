@@ -621,7 +621,10 @@ def monthly_cost(simulated: int, latency: float) -> list[Row]:
     """
     day_in = _simulated_day(simulated, latency, fan_out=False)
     day_fan = _simulated_day(simulated, latency, fan_out=True)
-    metrics = len(set(re.findall(r'add_metric\(\s*name="(\w+)"', _source_text())))
+    from core import report
+
+    named = set(re.findall(r'add_metric\(\s*name="(\w+)"', _source_text()))
+    metrics = len(named | set(report._METRIC_BY_RESULT.values()) | set(report._METRIC_BY_FAILURE.values()))
     template = (ROOT / "template.yaml").read_text()
     alarms = template.count("Type: AWS::CloudWatch::Alarm")
     found = re.search(r"FanOutAbove:\s+Type: Number\s+Default: (\d+)", template)
