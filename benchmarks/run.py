@@ -287,7 +287,10 @@ def throughput(count: int, latency: float, concurrency: int, world: Any) -> list
         ("moto server", on_moto, 1.5),
         ("in-process Secrets Manager of no cost", on_double, 1.2),
     ):
-        reference = f"floor {floor:.2f} s (connections x latency / concurrency)"
+        reference = (
+            f"floor {floor:.2f} s (connections x latency / concurrency); on AWS the region's 50 writes/s "
+            f"(PutSecretValue and UpdateSecretVersionStage together) make it at least {count / 25:.0f} s"
+        )
         if backend == "moto server":
             reference += f"; the moto server alone takes {ceiling:.2f} s for the same {count} compare-and-swap writes"
         rows.append(
@@ -306,9 +309,10 @@ def throughput(count: int, latency: float, concurrency: int, world: Any) -> list
     rows.append(
         Row(
             "Throughput",
-            "our CPU per refreshed connection (this process: our code, botocore, requests; servers excluded)",
-            f"{cpu * 1000 / max(refreshed, 1):.1f} ms (in-process Secrets Manager); "
-            f"{moto_cpu * 1000 / max(on_moto[2], 1):.1f} ms (moto server: botocore's HTTP round trips)",
+            "our CPU per refreshed connection (this process; the servers excluded)",
+            f"{moto_cpu * 1000 / max(on_moto[2], 1):.1f} ms with botocore's requests to Secrets Manager (moto server; "
+            f"AWS adds TLS); {cpu * 1000 / max(refreshed, 1):.1f} ms of it is our code and the token request "
+            "(in-process Secrets Manager, called without botocore)",
             f"Lambda bills wall time: {latency * 1000:.0f} ms token latency per connection / {concurrency} threads "
             f"= {latency * 1000 / concurrency:.1f} ms of wall per connection",
             "-",
@@ -605,6 +609,7 @@ MONTH_DAYS = 365.25 / 12
 SWEEPS_PER_MONTH = MONTH_DAYS * 24 * 12  # the default 5-minute schedule
 REFRESH_MEMORY_GB, WORKER_MEMORY_GB = 0.5, 0.25  # template.yaml: RefreshFunction 512 MB, Globals 256 MB
 WORKER_BATCH = 3  # template.yaml: the worker's SQS BatchSize
+LOG_BYTES_PER_REFRESH = 510  # one INFO line per refreshed connection (a review measured 510 bytes)
 SQS_IDLE_POLLS_PER_MONTH = 5 * 3 * 60 * 24 * MONTH_DAYS  # Lambda's 5 long-polling pollers, one 20 s poll each
 
 
@@ -659,17 +664,28 @@ def monthly_cost(simulated: int, latency: float) -> list[Row]:
             None,
         ),
     ]
-    sizes = [(count, day_fan if count / 4 > fan_out_above else day_in) for count in (1, 100, 1000, 10_000)]
-    sizes.append((10_000, day_fan))  # the same fleet if everything were fanned out (a burst, a lower FanOutAbove)
-    for n, (count, day) in enumerate(sizes):
-        variable, naive, parts = _month(count, day, simulated)
+    # A quarter of a fleet is due in each sweep (each connection every 4th); the sweep refreshes up to FanOutAbove
+    # of them itself and queues the rest. The last row: the same fleet if everything went through the queue.
+    sizes = [(count, max(0.0, 1 - fan_out_above / (count / 4))) for count in (1, 100, 1000, 10_000)] + [(10_000, 1.0)]
+    for n, (count, queued) in enumerate(sizes):
+        in_sweep, fanned = _month(count, day_in, simulated), _month(count, day_fan, simulated)
+        variable, naive = ((1 - queued) * a + queued * b for a, b in zip(in_sweep[:2], fanned[:2], strict=True))
+        parts = ", ".join(
+            f"{name} ${(1 - queued) * in_sweep[2][name] + queued * fanned[2][name]:,.2f}" for name in in_sweep[2]
+        )
         per_conn = variable / count
         target = count >= 1000 and n < 4  # the bar holds at the defaults; the last row is for comparison
         rows.append(
             Row(
                 "Cost",
                 f"{count:,} connection{'s' if count > 1 else ''}, per month"
-                + (" (all fanned out)" if day["fanned"] else ""),
+                + (
+                    " (all through the queue)"
+                    if queued == 1.0
+                    else f" ({queued:.0%} through the queue)"
+                    if queued
+                    else ""
+                ),
                 f"${variable + fixed_total:,.2f} in all; per connection ${per_conn:.3f} = "
                 f"{per_conn / PRICES['secret_month']:.3f}x storage ({parts})",
                 f"naive per connection ${naive / count:.3f} ({naive / count / PRICES['secret_month']:.3f}x)",
@@ -680,7 +696,7 @@ def monthly_cost(simulated: int, latency: float) -> list[Row]:
     return rows
 
 
-def _month(count: int, day: dict[str, Any], simulated: int) -> tuple[float, float, str]:
+def _month(count: int, day: dict[str, Any], simulated: int) -> tuple[float, float, dict[str, float]]:
     """(our variable monthly cost, the naive design's, the breakdown) for `count` connections from a simulated day."""
     import math
 
@@ -698,9 +714,10 @@ def _month(count: int, day: dict[str, Any], simulated: int) -> tuple[float, floa
         gb_seconds = (sweep_seconds + refreshes * day["seconds_per_refresh"]) * REFRESH_MEMORY_GB
         invocations, sqs = SWEEPS_PER_MONTH, 0.0
     lam = gb_seconds * PRICES["lambda_gb_second_arm64"] + invocations * PRICES["lambda_request"]
+    lam += refreshes * LOG_BYTES_PER_REFRESH / 1024**3 * PRICES["log_gb_ingested"]  # counted with Lambda: its logs
     naive_calls = SWEEPS_PER_MONTH * (count + math.ceil(count / 100)) + refreshes
     naive = storage + naive_calls * PRICES["secrets_api_call"] + lam
-    parts = f"storage ${storage:,.2f}, API ${api:,.2f}, Lambda ${lam:,.2f}, SQS ${sqs:,.2f}"
+    parts = {"storage": storage, "API": api, "Lambda and its logs": lam, "SQS": sqs}
     return storage + api + lam + sqs, naive, parts
 
 

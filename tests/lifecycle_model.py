@@ -388,8 +388,8 @@ class LifecycleModel(RuleBasedStateMachine):
         """Never parked by a blip: a connection with a credential that was not refused gets an attempt within
         the backoff cap (plus two sweeps) once the instance is healthy and Secrets Manager answers."""
         version, connection = self.current()
-        if self.aws_refused or self.faults.pending["read"] or self.faults.pending["write"]:
-            self.waiting_since = None  # Secrets Manager is refusing: the wait starts when it answers again
+        if self.aws_refused:
+            self.waiting_since = None  # Secrets Manager refused a read or write: the wait starts when it answers
             return
         stuck = (
             self.down is None

@@ -25,7 +25,7 @@ class Settings:
     refresh_token_warning_days: int = 14
     refresh_concurrency: int = 8
     refresh_queue_url: str | None = None
-    fan_out_above: int = 3000
+    fan_out_above: int = 2000
     refresh_interval_minutes: int = 5
     failure_backoff_max_seconds: int = 3600
     failure_alert_after_seconds: int = 3600
@@ -58,7 +58,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         refresh_token_warning_days=_int(env, "REFRESH_TOKEN_WARNING_DAYS", 14),
         refresh_concurrency=max(1, _int(env, "REFRESH_CONCURRENCY", 8)),
         refresh_queue_url=env.get("REFRESH_QUEUE_URL") or None,
-        fan_out_above=_int(env, "FAN_OUT_ABOVE", 3000),
+        fan_out_above=_int(env, "FAN_OUT_ABOVE", 2000),
         refresh_interval_minutes=max(1, _int(env, "REFRESH_INTERVAL_MINUTES", 5)),
         failure_backoff_max_seconds=_int(env, "FAILURE_BACKOFF_MAX_SECONDS", 3600),
         failure_alert_after_seconds=_int(env, "FAILURE_ALERT_AFTER_SECONDS", 3600),

@@ -521,16 +521,17 @@ class Refresher:
         fan_out_above: int | None = None,
         time_left: Callable[[], float] | None = None,
     ) -> list[Outcome]:
-        """Refresh every due connection: here with a bounded pool, or, when more are due than one
-        invocation should handle, by handing their names to `fan_out` (the SQS queue's workers).
+        """Refresh every due connection here with a bounded pool, up to `fan_out_above` of them; the ones beyond
+        go to `fan_out` (the SQS queue's workers, which re-read each: two Secrets Manager calls more a refresh).
 
         With `time_left` (the Lambda's remaining seconds), no refresh starts that might not finish: the
         ones left are handed to `fan_out` too, or wait for the next sweep ("deferred") without one.
         """
         outcomes, due = self.scan()
         if fan_out is not None and fan_out_above is not None and len(due) > fan_out_above:
-            fan_out([read.connection.name for read in due])
-            return outcomes + [Outcome(read.connection.name, "queued") for read in due]
+            due, overflow = due[:fan_out_above], due[fan_out_above:]
+            fan_out([read.connection.name for read in overflow])
+            outcomes += [Outcome(read.connection.name, "queued") for read in overflow]
 
         def refresh_in_time(read: StoredConnection) -> Outcome:
             if time_left is not None and time_left() < ATTEMPT_WORST_SECONDS + START_MARGIN_SECONDS:
