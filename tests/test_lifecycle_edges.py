@@ -469,3 +469,20 @@ def test_a_rotation_that_never_created_its_version_does_not_stop_the_sweep(
     deployed.sweep_every(5, 0.5)
     assert deployed.document()["accessTokenExpiresAt"] > before, "the connection was never refreshed"
     assert deployed.document()["status"] == "active"
+
+
+def test_health_held_in_memory_is_written_by_the_next_sweep_even_when_not_due(deployed: Deployed) -> None:
+    """Found by the soak (recovered announced twice): the health a refused tag write left in memory was written
+    only at the connection's next refresh, 20 minutes on; an overlapping or later container read the stale tags
+    meanwhile. The next sweep now writes it, even for a connection that is not due."""
+    deployed.world.add()
+    deployed.sweep()
+    deployed.clock.advance(1500)
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    deployed.sweep()  # refreshed; its health tags refused
+    version = deployed.world.value()[0]
+    assert deployed.health().version != version
+    undo()
+    deployed.clock.advance(300)
+    deployed.sweep()  # not due: only the tag write is owed
+    assert deployed.health().version == version

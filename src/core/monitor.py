@@ -65,19 +65,25 @@ class Monitor:
         # arn -> (the health its tags hold, the health they should hold): tag writes that failed.
         self._unsaved: dict[str, tuple[Health, Health]] = {}
         self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
 
     def observe(self, read: StoredConnection, outcome: Outcome) -> Outcome:
         """Fold one outcome into the connection's health (lifecycle.advance); returns it with the events sent."""
         if outcome.arn is None or outcome.result in ("invalid", "queued", "deferred"):
             return outcome
-        tags = read.tags if read.tags is not None else self._tags(outcome.arn)
-        old = Health.from_tags(self.recall(outcome.arn, tags))
-        new, kinds = advance(old, outcome, self.clock(), self.policy)
-        saved = self.save(outcome.arn, old, new)
+        with self._connection_lock(outcome.arn):  # recall, advance and save as one step per connection
+            tags = read.tags if read.tags is not None else self._tags(outcome.arn)
+            old = Health.from_tags(self.recall(outcome.arn, tags))
+            new, kinds = advance(old, outcome, self.clock(), self.policy)
+            saved = self.save(outcome.arn, old, new)
         # Announced now even when the tags could not be written: the health remembered in place of them keeps
         # a later run in this container from deriving (and announcing) the same change again.
         failed = self.publish(outcome.connection, list(kinds), old, new)
         return replace(outcome, events=kinds, events_failed=failed, health_unsaved=not saved)
+
+    def _connection_lock(self, arn: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(arn, threading.Lock())
 
     def recall(self, arn: str, tags: Mapping[str, str] | list[dict[str, str]] | None) -> dict[str, str]:
         """The connection's tags as they should be: read tags, or the health a failed tag write left in memory
@@ -94,6 +100,13 @@ class Monitor:
                 del self._unsaved[arn]  # the tags moved on without us: theirs stand
                 return plain
         return {key: value for key, value in plain.items() if key not in HEALTH_TAGS} | intended.to_tags()
+
+    def flush(self, arn: str) -> bool:
+        """Write the health memory holds for this connection in place of its tags; True once nothing is held."""
+        with self._connection_lock(arn):
+            with self._lock:
+                held = self._unsaved.get(arn)
+            return held is None or self.save(arn, held[1], held[1])
 
     def unsaved(self, arn: str) -> bool:
         """Whether this connection's health lives only in this container's memory (its tag write failed)."""
@@ -130,7 +143,10 @@ class Monitor:
         """Write only what changed; on failure remember `new` in place of the tags (see the module's note)."""
         with self._lock:
             held = self._unsaved.get(arn)
-        actual = held[0] if held is not None and old == held[1] else old  # what the tags really hold
+        # What the tags really hold: while memory stands in for them, the tags it recorded (another thread's newer
+        # memory may already have replaced the health this outcome started from; diffing against that instead
+        # would find nothing to write and drop the memory with the tags never written).
+        actual = held[0] if held is not None else old
         before, after = actual.to_tags(), new.to_tags()
         changed = [{"Key": key, "Value": value} for key, value in after.items() if before.get(key) != value]
         removed = [key for key in before if key not in after]

@@ -503,6 +503,10 @@ class Refresher:
             # The listing's health tags settle most connections without reading a value.
             decision = plan(entry, now, self.policy)
             if decision != "read":
+                if unsaved and self.monitor is not None:
+                    # Nothing to do here but the tag write that failed: try it again (one TagResource, while
+                    # memory stands in), so the health does not stay in this container until the next refresh.
+                    unsaved = not self.monitor.flush(entry["ARN"])
                 name = self.store.name_of(entry["Name"]) or entry["Name"]
                 outcomes.append(replace(from_listing(entry, decision, name), health_unsaved=unsaved))
                 continue
