@@ -430,8 +430,7 @@ class Refresher:
                 return
             # Throttled beyond botocore's retries: these connections wait for the next sweep; the rest go on.
             for entry in entries:
-                name = self.store.name_of(entry["Name"]) or entry["Name"]
-                yield Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
+                yield self._unread(entry, error)
             return
         tags = {entry["ARN"]: {t["Key"]: t["Value"] for t in entry.get("Tags", [])} for entry in entries}
         stages = {entry["ARN"]: entry.get("SecretVersionsToStages", {}) for entry in entries}
@@ -464,10 +463,15 @@ class Refresher:
                 yield Outcome(name, "invalid", detail=str(error))
                 continue
             except ClientError as error:
-                code = error.response.get("Error", {}).get("Code", "ClientError")
-                yield Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
+                yield self._unread(entry, error)
                 continue
             yield self._adopt(read, entry.get("SecretVersionsToStages", {}))
+
+    def _unread(self, entry: dict[str, Any], error: ClientError) -> Outcome:
+        """A connection whose secret could not be read this sweep: a transient failure, retried by the next."""
+        code = error.response.get("Error", {}).get("Code", "ClientError")
+        name = self.store.name_of(entry["Name"]) or entry["Name"]
+        return Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
 
     def _adopt(self, read: StoredConnection, stages: dict[str, Any]) -> StoredConnection:
         """Take up tokens an earlier write left in a candidate version; on an AWS error go on with `read`
