@@ -486,3 +486,52 @@ def test_health_held_in_memory_is_written_by_the_next_sweep_even_when_not_due(de
     deployed.clock.advance(300)
     deployed.sweep()  # not due: only the tag write is owed
     assert deployed.health().version == version
+
+
+def refused_fix(deployed: Deployed) -> None:
+    """A connection ServiceNow refused (its client secret changed there), then an operator's fix that is wrong too:
+    a new secret version, still `reauthorization_required`, that the next sweep tries once."""
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.set_client_secret(CLIENT_ID, "changed-in-servicenow")
+    deployed.clock.advance(1500)
+    deployed.sweep()
+    assert deployed.document()["status"] == "reauthorization_required"
+    deployed.world.store.update("prod", lambda c: replace(c, client_secret="a-wrong-fix"))
+
+
+def test_a_refusal_whose_tag_write_failed_stays_refused_after_a_cold_start(deployed: Deployed) -> None:
+    """Found by the soak (a refused credential retried before its secret changed): the version the stack wrote
+    to mark a refusal differed from the one the tags named, so when the tag write failed and the container was
+    recycled, the next sweep took the stack's own mark for an operator's change and asked ServiceNow again.
+    The mark now names itself in the document (`markedVersion`), whatever the tags say."""
+    refused_fix(deployed)
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    deployed.clock.advance(300)
+    before = deployed.emulator.token_requests()
+    deployed.sweep()  # tries the fix once: refused, marked; its health tags refused
+    assert deployed.emulator.token_requests() == before + 1
+    undo()
+    deployed.handler.refresher.monitor._unsaved.clear()  # a new container: the memory of that health is gone
+    version = deployed.world.value()[0]
+    assert deployed.health().version != version  # the tags name an older version
+    deployed.sweep_every(5, 2)
+    assert deployed.emulator.token_requests() == before + 1, "the refused fix was tried again without a change"
+    assert deployed.health().rejected_version == version and deployed.document()["markedVersion"] == version
+
+
+def test_a_refused_fix_whose_mark_cannot_be_written_is_not_retried(deployed: Deployed) -> None:
+    """Found by the soak: when ServiceNow refused an operator's fix and Secrets Manager refused the write that
+    marks it, the refusal counted as a blip and was retried with backoff. The document already says
+    `reauthorization_required`, so the health tags alone now record that this version was refused."""
+    refused_fix(deployed)
+    undo = deployed.refuse({"PutSecretValue"})
+    deployed.clock.advance(300)
+    before = deployed.emulator.token_requests()
+    fix = deployed.world.value()[0]
+    deployed.sweep()
+    undo()
+    assert deployed.world.value()[0] == fix  # nothing was written
+    deployed.sweep_every(5, 2)
+    assert deployed.emulator.token_requests() == before + 1, "the refused fix was retried as if it were a blip"
+    assert deployed.health().rejected_version == fix and deployed.health().needs_person

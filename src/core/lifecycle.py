@@ -209,11 +209,13 @@ def decide(
 
     A refused credential is tried again once its secret is a newer version than the one ServiceNow refused
     (a fixed password or client secret, a new refresh token); unknown health counts as unchanged, so nothing
-    is retried blindly. `force` (the operator's `make refresh FORCE=1`) tries now. Without any credential
-    only a consent helps.
+    is retried blindly. The version the stack marked names itself in the document (`markedVersion`), so it
+    stays refused even where the health tags could not record it. `force` (the operator's
+    `make refresh FORCE=1`) tries now. Without any credential only a consent helps.
     """
     refused = rejected_version(health) if health is not None else None
-    changed = refused is not None and refused != version_id
+    marked = connection.marked_version
+    changed = version_id not in (refused, marked) and (refused is not None or marked is not None)
     retrying = connection.status == "reauthorization_required" and (force or changed)
     if without_credential(connection) or (connection.status == "reauthorization_required" and not retrying):
         return "needs_person"
@@ -279,7 +281,7 @@ def advance(old: Health, outcome: Outcome, now: datetime, policy: RefreshPolicy)
         )
         new = replace(new, needs_person=False, rotation_unseen=old.rotation_unseen or outcome.rotation_unseen)
     elif target is State.REJECTED:
-        refused = outcome.version_id if outcome.result != "needs_person" else (rejected_version(old) or new.version)
+        refused = outcome.version_id  # a needs_person outcome is read at the version decide found unchanged
         new = replace(
             new,
             needs_person=True,
@@ -288,8 +290,8 @@ def advance(old: Health, outcome: Outcome, now: datetime, policy: RefreshPolicy)
             failure_class="rejected",
             next_attempt=None,
         )
-        if before is not State.REJECTED or rejected_version(old) != refused:
-            kinds.append("reauthorization_required")
+        if before is not State.REJECTED or (outcome.result != "needs_person" and rejected_version(old) != refused):
+            kinds.append("reauthorization_required")  # announced by the run ServiceNow refused, not by a reader
     elif target is State.PENDING:
         new = replace(new, needs_person=True)
     if outcome.appflow_failed:

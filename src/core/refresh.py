@@ -8,6 +8,7 @@ that a later run can fix.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -399,15 +400,26 @@ class Refresher:
             if not _same_credential(fresh.connection, read.connection):
                 changed = "credential changed while refreshing"
                 return self._done(fresh.connection, "not_due", now, at=fresh, detail=changed)
-            marked = replace(fresh.connection, status="reauthorization_required", updated_at=now)
+            # The write names itself (its VersionId is chosen here), so the document alone says this version
+            # was refused even if the health tags are never written (lifecycle.decide).
+            version = str(uuid.uuid4())
+            marked = replace(
+                fresh.connection, status="reauthorization_required", marked_version=version, updated_at=now
+            )
             try:
-                written = self.store.compare_and_swap(fresh, marked)
+                written = self.store.compare_and_swap(fresh, marked, request_token=version)
                 return self._done(
                     marked, "reauthorization_required", now, at=written, failure="rejected", detail=detail
                 )
             except ConcurrentUpdate:
                 continue
             except ClientError:
+                if fresh.connection.status == "reauthorization_required":
+                    # Already marked (an operator's fix that ServiceNow refused too): the tags record the
+                    # refusal of this version, so it waits for the next change instead of backing off.
+                    return self._done(
+                        fresh.connection, "reauthorization_required", now, at=fresh, failure="rejected", detail=detail
+                    )
                 break
         return self._done(read.connection, "failed", now, at=read, failure="rejected", detail=detail)
 

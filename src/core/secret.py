@@ -47,10 +47,20 @@ _KEYS = {
     "jwtKeyIdNext": "jwt_key_id_next",
     "kmsKeyIdNext": "kms_key_id_next",
     "status": "status",
+    "markedVersion": "marked_version",
     "updatedAt": "updated_at",
 }
 _TIMESTAMPS = {"accessTokenExpiresAt", "refreshTokenExpiresAt", "updatedAt"}
-_OPTIONAL_STRINGS = {"redirectUri", "username", "password", "scope", "accessToken", "refreshToken", "tokenType"}
+_OPTIONAL_STRINGS = {
+    "redirectUri",
+    "username",
+    "password",
+    "scope",
+    "accessToken",
+    "refreshToken",
+    "tokenType",
+    "markedVersion",
+}
 _JWT_STRINGS = ("jwtSubject", "jwtKeyId", "kmsKeyId", "jwtKeyIdNext", "kmsKeyIdNext")
 
 
@@ -83,6 +93,10 @@ class Connection:
     jwt_key_id_next: str | None = None
     kms_key_id_next: str | None = None
     status: Status = "pending_authorization"
+    # Set when the stack marks the connection reauthorization_required: the VersionId it gives that very
+    # write. Equal to the version's own id, it says "ServiceNow refused this credential" even when the health
+    # tags could not be written; any later version (an operator's fix) has another id and is tried once.
+    marked_version: str | None = None
     updated_at: datetime | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
@@ -131,6 +145,7 @@ class Connection:
             refresh_token_expires_at=refresh_expires,
             rotates_refresh_token=rotates,
             status="active",
+            marked_version=None,
             updated_at=now,
         )
 
