@@ -535,3 +535,50 @@ def test_a_refused_fix_whose_mark_cannot_be_written_is_not_retried(deployed: Dep
     deployed.sweep_every(5, 2)
     assert deployed.emulator.token_requests() == before + 1, "the refused fix was retried as if it were a blip"
     assert deployed.health().rejected_version == fix and deployed.health().needs_person
+
+
+def test_the_slowest_refresh_ends_within_its_budget_and_loses_no_rotated_token(deployed: Deployed) -> None:
+    """The time guard starts a refresh only when ATTEMPT_WORST_SECONDS are left, so that budget must hold: here the
+    token grant takes its worst (59.15 s) and every Secrets Manager call its worst (14 s, SM_CONFIG). The write that
+    stages the rotated refresh token still starts in time, the stage move (which could outlast the budget) does
+    not, and the next sweep adopts the candidate: nothing is cut off mid-write, nothing is lost."""
+    from core.refresh import ATTEMPT_WORST_SECONDS, TOKEN_GRANT_WORST_SECONDS
+
+    deployed.emulator.rotate_refresh_tokens = True
+    deployed.world.add()
+    deployed.sweep()
+    refresher = deployed.handler.refresher
+    per_call = refresher.store.call_worst_seconds
+    clock = {"now": 1000.0}
+    calls: list[tuple[str, float]] = []
+    answered: list[float] = []
+
+    def sm_call(model: Any, **_: Any) -> None:
+        calls.append((model.name, clock["now"]))
+        clock["now"] += per_call
+
+    def token_answer(response: Any, *args: Any, **kwargs: Any) -> None:
+        clock["now"] += TOKEN_GRANT_WORST_SECONDS
+        answered.append(clock["now"])
+
+    refresher.store.monotonic = lambda: clock["now"]
+    deployed.client.meta.events.register("before-call.secrets-manager.*", sm_call)
+    for session in (refresher.client._session, refresher.client._single_shot):
+        session.hooks["response"].append(token_answer)
+    try:
+        deployed.clock.advance(1500)
+        deployed.sweep()
+    finally:
+        deployed.client.meta.events.unregister("before-call.secrets-manager.*", sm_call)
+        for session in (refresher.client._session, refresher.client._single_shot):
+            session.hooks["response"].remove(token_answer)
+    assert len(answered) == 1
+    deadline = answered[0] - TOKEN_GRANT_WORST_SECONDS + ATTEMPT_WORST_SECONDS
+    attempt = [(name, at) for name, at in calls if at >= answered[0] and name not in ("TagResource", "UntagResource")]
+    assert [name for name, _ in attempt] == ["PutSecretValue"], attempt
+    assert all(at + per_call <= deadline for _, at in attempt)
+    assert deployed.outcomes[-1].result == "write_failed"
+    assert not deployed.token_is_live()  # AWSCURRENT holds the spent token; the live one waits in the candidate
+    deployed.clock.advance(300)
+    deployed.sweep()
+    assert deployed.token_is_live(), "the rotated refresh token was lost"
