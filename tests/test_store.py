@@ -9,7 +9,7 @@ import pytest
 
 from core.errors import ConcurrentUpdate, ConnectionNotFound, InvalidName, SecretFormatError
 from core.secret import Connection
-from core.store import AWSCURRENT, AWSPREVIOUS, ConnectionStore, SecretWriteFailed, adoptable_token
+from core.store import AWSCURRENT, AWSPREVIOUS, ConnectionStore
 
 HOSTS = ("*.service-now.com",)
 
@@ -101,45 +101,3 @@ def test_update_builds_on_the_newest_value(store: ConnectionStore, secretsmanage
     value = current_value(secretsmanager, created.arn)
     assert calls == [None, "theirs"]
     assert value["accessToken"] == "theirs" and value["refreshToken"] == "ours"
-
-
-class SlowClock:
-    """A monotonic clock on which every Secrets Manager call takes `per_call` seconds (registered on the client)."""
-
-    def __init__(self, secretsmanager, per_call: float) -> None:  # type: ignore[no-untyped-def]
-        self.now = 1000.0
-        self.calls: list[tuple[str, float]] = []
-
-        def hook(model, **_):  # type: ignore[no-untyped-def]
-            self.calls.append((model.name, self.now))
-            self.now += per_call
-
-        secretsmanager.meta.events.register("before-call.secrets-manager.*", hook)
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_a_write_starts_no_call_that_could_outlast_its_deadline(secretsmanager) -> None:  # type: ignore[no-untyped-def]
-    """With a deadline, the stage move is not started if it could still be running at the deadline: the staged
-    value stays a candidate (get_latest adopts it), and nothing is ever cut in half by a Lambda timeout."""
-    clock = SlowClock(secretsmanager, per_call=14.0)
-    store = ConnectionStore(
-        secretsmanager, prefix="servicenow-oauth/", allowed_hosts=HOSTS, call_worst_seconds=14.0, monotonic=clock
-    )
-    read = store.create(new_connection())
-    deadline = clock.now + 20.0  # room for one call, not two
-    with pytest.raises(SecretWriteFailed) as raised:
-        later = replace(read.connection, scope="later")
-        store.compare_and_swap(read, later, request_token=adoptable_token(read.version_id), deadline=deadline)
-    assert raised.value.staged and raised.value.response["Error"]["Code"] == "OutOfTime"
-    assert [name for name, _ in clock.calls][-1] == "PutSecretValue"
-    assert all(started + 14.0 <= deadline for _, started in clock.calls[1:])
-    assert current_value(secretsmanager, "servicenow-oauth/prod").get("scope") is None  # not promoted
-    assert store.get_latest("prod").connection.scope == "later"  # the candidate is adopted by the next run
-
-    read = store.get("prod")
-    clock.calls.clear()
-    with pytest.raises(SecretWriteFailed) as raised:  # no time even for the first call: nothing is written
-        store.compare_and_swap(read, new_connection(), deadline=clock.now + 10.0)
-    assert not raised.value.staged and clock.calls == []

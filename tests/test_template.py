@@ -222,21 +222,6 @@ def test_a_failed_first_create_leaves_no_secret_behind_to_block_the_retry() -> N
             assert resource.get("DeletionPolicy") == "RetainExceptOnCreate", name
 
 
-def test_the_refresh_budget_holds_the_main_path_at_its_worst() -> None:
-    """ATTEMPT_WORST_SECONDS is what the time guard and these timeouts rely on: the slowest token grant the session
-    allows plus the slowest Secrets Manager call the deployed client allows (the write that stages new tokens)
-    must fit in it; everything after that checks the budget before it starts (test_lifecycle_edges)."""
-    from core.refresh import ATTEMPT_WORST_SECONDS, TOKEN_GRANT_WORST_SECONDS
-    from core.servicenow import DEFAULT_TIMEOUT, build_session
-    from handlers.runtime import SM_CONFIG, call_worst_seconds
-
-    retry = build_session().get_adapter("https://x").max_retries
-    requests_made = retry.total + 1
-    waits = retry.total * max(retry.retry_after_budget, retry.backoff_max + retry.backoff_jitter)
-    assert sum(DEFAULT_TIMEOUT) * requests_made + waits <= TOKEN_GRANT_WORST_SECONDS
-    assert TOKEN_GRANT_WORST_SECONDS + call_worst_seconds(SM_CONFIG) <= ATTEMPT_WORST_SECONDS
-
-
 def test_timeouts_fit_the_worst_case_refresh(translated: dict[str, Any]) -> None:
     """Sized from refresh.ATTEMPT_WORST_SECONDS, as the template's comments state."""
     from core.refresh import ATTEMPT_WORST_SECONDS, START_MARGIN_SECONDS

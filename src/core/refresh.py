@@ -43,16 +43,9 @@ if TYPE_CHECKING:
 __all__ = ["Outcome", "RefreshPolicy", "Refresher", "request_token"]
 NEXT_CLIENT_SECRET = "clientSecretNext"
 BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
-# The time budget of one refresh, enforced: every step checks it before it starts (template.yaml sizes the timeouts
-# on it). The main path fits: one token grant at worst takes 3 requests x (3.05 s connect + 10 s read) + 2 waits of
-# at most 10 s (Retry-After, or a 4.5 s backoff) = 59.15 s, and one Secrets Manager call at most 14 s
-# (handlers.runtime.SM_CONFIG), so the write that stages the new tokens always starts in time; later steps (the
-# stage move, a lost race's re-read, a staged credential's extra request, a mark) start only if they fit, or leave
-# what they had (a candidate version the next run adopts, or a transient failure the next run retries).
+# The longest one refresh can take (template.yaml states the arithmetic): 3 token requests x (3.05 s connect +
+# 10 s read) + 2 Retry-After waits of up to 10 s, plus the compare-and-swap write's own retries.
 ATTEMPT_WORST_SECONDS = 75.0
-TOKEN_GRANT_WORST_SECONDS = 3 * (3.05 + 10.0) + 2 * 10.0
-# One request that is not replayed (a staged credential's try): 3 connects of 3.05 s, one 10 s read, 2 backoffs.
-SINGLE_REQUEST_WORST_SECONDS = 3 * 3.05 + 10.0 + 2 * 4.5
 START_MARGIN_SECONDS = 20.0  # after the last refresh: queue the rest, report
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 
@@ -213,7 +206,6 @@ class Refresher:
 
     def _refresh(self, read: StoredConnection, force: bool) -> Outcome:
         now = self.clock()
-        deadline = self.store.monotonic() + ATTEMPT_WORST_SECONDS
         connection = read.connection
         health = self._health(read)
         action = decide(connection, read.version_id, health, now, self.policy, force=force)
@@ -230,16 +222,10 @@ class Refresher:
                 self.client, connection, replay=retry_allowed(health), signer=self.signer, now=now
             )
         except CredentialRejected as error:
-            return self._try_staged(read, deadline) or self.mark_rejected(read, error, deadline)
+            return self._try_staged(read, error) or self.mark_rejected(read, error)
         except ProviderError as error:
             return self._failed(read, error, now)
-        return self._store_token(read, token, grant, now, deadline)
-
-    def _fits(self, deadline: float, *, calls: int, requests: float = 0.0) -> bool:
-        """Whether `calls` Secrets Manager calls (and `requests` seconds of token requests) at their worst still end
-        before the attempt's deadline."""
-        worst = calls * self.store.call_worst_seconds + requests
-        return self.store.monotonic() + worst <= deadline
+        return self._store_token(read, token, grant, now)
 
     def _failed(self, read: StoredConnection, error: ProviderError, now: datetime) -> Outcome:
         """Unavailable, rate limited or transient: the stored token stays; a later run retries."""
@@ -265,7 +251,7 @@ class Refresher:
             rotation_unseen=unseen,
         )
 
-    def _try_staged(self, read: StoredConnection, deadline: float) -> Outcome | None:
+    def _try_staged(self, read: StoredConnection, error: CredentialRejected) -> Outcome | None:
         """Rollover without downtime: on a refusal, try what the operator staged once - the next client secret
         (`clientSecretNext`), the next JWT signing key (`jwtKeyIdNext` + `kmsKeyIdNext`), then both together;
         if ServiceNow takes it, promote it in the same write that stores the new tokens."""
@@ -280,13 +266,13 @@ class Refresher:
         if len(rollovers) == 2:
             rollovers.append(("client_secret", "jwt_key"))
         for parts in rollovers:
-            outcome = self._try_promoted(read, parts, staged, staged_key, deadline)
+            outcome = self._try_promoted(read, parts, staged, staged_key)
             if outcome is not None:
                 return outcome
         return None
 
     def _try_promoted(
-        self, read: StoredConnection, parts: tuple[str, ...], staged: Any, staged_key: JwtKey | None, deadline: float
+        self, read: StoredConnection, parts: tuple[str, ...], staged: Any, staged_key: JwtKey | None
     ) -> Outcome | None:
         promoted: dict[str, bool] = {}
 
@@ -311,9 +297,6 @@ class Refresher:
             return current
 
         now = self.clock()
-        if not self._fits(deadline, calls=1, requests=SINGLE_REQUEST_WORST_SECONDS):
-            detail = "out of time to try the staged credential in this run; the next run tries it first"
-            return self._done(read.connection, "failed", now, at=read, failure="transient", detail=detail)
         try:
             token, grant = request_token(
                 self.client, promote(read.connection), replay=False, signer=self.signer, now=now
@@ -322,7 +305,7 @@ class Refresher:
             return None  # the staged credential is not live either: the refusal stands
         except ProviderError as failure:
             return self._failed(read, failure, now)
-        outcome = self._store_token(read, token, grant, now, deadline, adjust=promote)
+        outcome = self._store_token(read, token, grant, now, adjust=promote)
         if outcome.result != "refreshed":
             return outcome
         # Announced only what the stored value really took up (not what was staged again meanwhile).
@@ -338,7 +321,6 @@ class Refresher:
         token: Token,
         grant: str,
         now: datetime,
-        deadline: float,
         *,
         adjust: Callable[[Connection], Connection] = lambda connection: connection,
         **flags: Any,
@@ -356,11 +338,8 @@ class Refresher:
             new = adjust(read.connection).with_token(token, grant=grant, now=now)
             try:
                 token_id = adoptable_token(read.version_id, spent)
-                written = self.store.compare_and_swap(read, new, request_token=token_id, deadline=deadline)
+                written = self.store.compare_and_swap(read, new, request_token=token_id)
             except ConcurrentUpdate:
-                if not self._fits(deadline, calls=4):  # the re-read (up to 3 calls) and one more write
-                    detail = "out of time after a lost write race; the new tokens wait in a candidate"
-                    return self._done(read.connection, "write_failed", now, at=read, failure="transient", detail=detail)
                 read = self.store.get_latest(read.connection.name)
                 stored = read.connection.refresh_token
                 if new_refresh and stored == token.refresh_token:
@@ -406,9 +385,8 @@ class Refresher:
         with suppress(ProviderError):
             self.client.revoke(connection.app, secret)
 
-    def mark_rejected(self, read: StoredConnection, error: CredentialRejected, deadline: float) -> Outcome:
-        """Mark `reauthorization_required` only if the refused credential is still the current one (in time: a
-        mark not written is a transient failure, tried again by the next run)."""
+    def mark_rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
+        """Mark `reauthorization_required` only if the refused credential is still the current one."""
         now = self.clock()
         health = self._health(read) or Health()
         detail = str(error)
@@ -418,8 +396,6 @@ class Refresher:
                 "rotated the refresh token, so the stored one is dead; re-authorize (make authorize-url)"
             )
         for _ in range(3):
-            if not self._fits(deadline, calls=5):  # the re-read (up to 3 calls) and the write
-                break
             fresh = self.store.get_latest(read.connection.name)
             if not _same_credential(fresh.connection, read.connection):
                 changed = "credential changed while refreshing"
@@ -431,7 +407,7 @@ class Refresher:
                 fresh.connection, status="reauthorization_required", marked_version=version, updated_at=now
             )
             try:
-                written = self.store.compare_and_swap(fresh, marked, request_token=version, deadline=deadline)
+                written = self.store.compare_and_swap(fresh, marked, request_token=version)
                 return self._done(
                     marked, "reauthorization_required", now, at=written, failure="rejected", detail=detail
                 )

@@ -48,14 +48,6 @@ class SecretWriteFailed(ClientError):  # type: ignore[misc]
         self.staged = staged
 
 
-class OutOfTime(ClientError):  # type: ignore[misc]
-    """A write call not started: it might still be running when the refresh's time budget ends."""
-
-    def __init__(self, operation: str) -> None:
-        error = {"Code": "OutOfTime", "Message": "not started: it could outlast the refresh's time budget"}
-        super().__init__({"Error": error}, operation)
-
-
 def adoptable_token(base_version: str, spent_refresh_token: str | None = None) -> str:
     """A version id (58 characters; Secrets Manager allows 64) naming the version the candidate was built on
     and the refresh token its refresh spent (truncated SHA-256 marks, never the token), so a later run can
@@ -114,20 +106,14 @@ class ConnectionStore:
         allowed_hosts: Iterable[str],
         write_attempts: int = 4,
         write_backoff_seconds: float = 0.5,
-        call_worst_seconds: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
-        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.allowed_hosts = tuple(allowed_hosts)
         self.write_attempts = write_attempts
         self.write_backoff_seconds = write_backoff_seconds
-        # The longest one call can take with the client's timeouts and retries (handlers.runtime.call_worst_seconds):
-        # a write with a deadline starts no call that could still be running when the deadline passes.
-        self.call_worst_seconds = call_worst_seconds
         self._sleep = sleep
-        self.monotonic = monotonic
 
     def secret_id(self, name: str) -> str:
         return f"{self.prefix}{validate_name(name)}"
@@ -205,29 +191,21 @@ class ConnectionStore:
         return StoredConnection(connection, answer["VersionId"], answer["ARN"])
 
     def compare_and_swap(
-        self,
-        read: StoredConnection,
-        new: Connection,
-        *,
-        request_token: str | None = None,
-        deadline: float | None = None,
+        self, read: StoredConnection, new: Connection, *, request_token: str | None = None
     ) -> StoredConnection:
         """Make `new` the current value only if AWSCURRENT is still the version `read` came from.
 
         An AWS-side failure (throttling beyond boto3's own retries, a 5xx) is retried with backoff; every
         attempt uses the same `request_token`, which becomes the VersionId, so retries are idempotent.
-        With a `deadline` (a `time.monotonic()` value: the refresh's budget), no call starts that could outlast
-        it, so a Lambda timeout never cuts a write in half: what was staged stays a candidate the next run adopts.
 
         Raises:
             ConcurrentUpdate: someone else wrote first; their value stays current.
-            SecretWriteFailed: the write kept failing (or ran out of time); nothing was promoted.
+            SecretWriteFailed: the write kept failing; nothing was promoted.
         """
         token = request_token or str(uuid.uuid4())
         staged = False
         for attempt in range(self.write_attempts):
             try:
-                self._in_time(deadline, "PutSecretValue" if not staged else "UpdateSecretVersionStage")
                 if not staged:
                     self.client.put_secret_value(
                         SecretId=read.arn,
@@ -236,19 +214,12 @@ class ConnectionStore:
                         VersionStages=[CANDIDATE],
                     )
                     staged = True
-                    self._in_time(deadline, "UpdateSecretVersionStage")
                 return self._promote(read, new, token)
-            except OutOfTime as late:
-                raise SecretWriteFailed(late, staged=staged) from None
             except ClientError as failure:
                 if attempt == self.write_attempts - 1:
                     raise SecretWriteFailed(failure, staged=staged) from None
             self._sleep(self.write_backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
-
-    def _in_time(self, deadline: float | None, operation: str) -> None:
-        if deadline is not None and self.monotonic() + self.call_worst_seconds > deadline:
-            raise OutOfTime(operation)
 
     def _promote(self, read: StoredConnection, new: Connection, token: str) -> StoredConnection:
         """Move AWSCURRENT from the version read to the candidate: refused if AWSCURRENT moved meanwhile."""

@@ -23,18 +23,6 @@ _SESSION = botocore.session.get_session()
 # The standard retry mode backs off on throttling (PutSecretValue shares 50 writes/s per region).
 AWS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=3, read_timeout=10)
 KMS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=1, read_timeout=3)
-# Secrets Manager answers in well under a second; short timeouts bound one call (14 s, call_worst_seconds), so a
-# refresh can tell before each call whether it still ends within its budget (refresh.ATTEMPT_WORST_SECONDS).
-# Throttling beyond botocore's retry is retried by the compare-and-swap itself, inside that budget.
-SM_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=1, read_timeout=3)
-
-
-def call_worst_seconds(config: Config) -> float:
-    """The longest one botocore call can take under `config` (standard retry mode): every attempt timing out, and
-    each backoff at its cap (2**i s, plus the 5 s an `x-amz-retry-after` header may add)."""
-    attempts = int(config.retries["total_max_attempts"])  # botocore's "max_attempts" counts retries only
-    backoffs = sum(min(2**i, 20) + 5 for i in range(attempts - 1))
-    return float(attempts * (config.connect_timeout + config.read_timeout) + backoffs)
 
 
 def build_logger() -> Logger:
@@ -44,15 +32,8 @@ def build_logger() -> Logger:
 
 def build_store(settings: Settings) -> ConnectionStore:
     # One pooled connection per refresh thread (botocore's default pool holds 10), plus the sweep's own reads.
-    client = aws_client(
-        "secretsmanager", max_pool_connections=max(10, settings.refresh_concurrency + 2), config=SM_CONFIG
-    )
-    return ConnectionStore(
-        client,
-        prefix=settings.secret_prefix,
-        allowed_hosts=settings.allowed_hosts,
-        call_worst_seconds=call_worst_seconds(SM_CONFIG),
-    )
+    client = aws_client("secretsmanager", max_pool_connections=max(10, settings.refresh_concurrency + 2))
+    return ConnectionStore(client, prefix=settings.secret_prefix, allowed_hosts=settings.allowed_hosts)
 
 
 def aws_client(service: str, *, max_pool_connections: int | None = None, config: Config = AWS_CONFIG) -> Any:
