@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 
 from core.errors import RotationError
 from core.health import Health
@@ -535,3 +535,66 @@ def test_a_refused_fix_whose_mark_cannot_be_written_is_not_retried(deployed: Dep
     deployed.sweep_every(5, 2)
     assert deployed.emulator.token_requests() == before + 1, "the refused fix was retried as if it were a blip"
     assert deployed.health().rejected_version == fix and deployed.health().needs_person
+
+
+SM_ENDPOINT = "https://secretsmanager.us-east-1.amazonaws.com/"
+
+
+def test_a_write_that_times_out_once_is_retried_and_keeps_the_rotated_token(deployed: Deployed) -> None:
+    """Found by review: a timeout (botocore's ReadTimeoutError is not a ClientError) escaped the compare-and-swap,
+    so a rotated refresh token whose write timed out once was dropped without a retry, a write_failed or an alarm.
+    Timeouts are now retried like refusals, with the same request token (the same version if the first landed)."""
+    deployed.emulator.rotate_refresh_tokens = True
+    deployed.world.add()
+    timed_out: list[str] = []
+
+    def once(model: Any, **_: Any) -> None:
+        if not timed_out:
+            timed_out.append(model.name)
+            raise ReadTimeoutError(endpoint_url=SM_ENDPOINT)
+
+    deployed.client.meta.events.register("before-call.secrets-manager.PutSecretValue", once)
+    deployed.clock.advance(1500)
+    assert deployed.sweep() == {"refreshed": 1} and timed_out
+    assert deployed.token_is_live()
+
+
+def test_a_batch_read_that_times_out_costs_only_its_connections_a_sweep(deployed: Deployed) -> None:
+    """Found by review: a timed-out BatchGetSecretValue raised out of the whole sweep (a throttled one only cost
+    its connections this sweep). It is now a transient failure of the connections in that batch."""
+    for name in ("a", "b"):
+        deployed.world.add(name)
+    timed_out: list[str] = []
+
+    def once(model: Any, **_: Any) -> None:
+        if not timed_out:
+            timed_out.append(model.name)
+            raise ReadTimeoutError(endpoint_url=SM_ENDPOINT)
+
+    deployed.client.meta.events.register("before-call.secrets-manager.BatchGetSecretValue", once)
+    deployed.clock.advance(1500)
+    assert deployed.sweep() == {"failed": 2}
+    assert all("ReadTimeoutError" in (outcome.detail or "") for outcome in deployed.outcomes[-2:])
+    deployed.clock.advance(300)
+    assert deployed.sweep() == {"refreshed": 2}
+
+
+def test_a_consent_whose_stage_move_answer_times_out_is_kept_not_revoked(callback_stack: Stack) -> None:  # noqa: F811
+    """Found by review: the stage move of a consent landed but its answer timed out (a BotoCoreError); the callback
+    took that for a write that never happened and revoked the tokens AWSCURRENT now held. It now asks
+    Secrets Manager what landed, as for any AWS-side failure."""
+    callback_stack.create_connection()
+    redirect = press_consent(callback_stack.start())
+    lost: list[str] = []
+
+    def answer_lost(model: Any, **_: Any) -> None:
+        if not lost:
+            lost.append(model.name)
+            raise ReadTimeoutError(endpoint_url=SM_ENDPOINT)
+
+    client = callback_stack.handler.store.client
+    client.meta.events.register("after-call.secrets-manager.UpdateSecretVersionStage", answer_lost)
+    callback_stack.get("/callback", redirect)
+    stored = callback_stack.document().get("refreshToken")
+    info = callback_stack.emulator.token_info(stored) if stored else None
+    assert lost and info and info["active"], "the stored consent was revoked"

@@ -12,7 +12,7 @@ from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from core.clock import from_iso, to_iso
 from core.errors import (
@@ -149,7 +149,7 @@ def complete_consent(
     _check_user_or_discard(client, read.connection, token.access_token, issued)
     try:
         stored = store.update(name, store_tokens)
-    except (ClientError, ConcurrentUpdate):
+    except (ClientError, BotoCoreError, ConcurrentUpdate):
         # An AWS-side failure can hide a write that landed (a stage move whose answer was lost): revoke only
         # what is certainly not stored; if that cannot be told, keep the tokens alive (never a dead secret).
         landed = _stored(store, name, token)

@@ -16,7 +16,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from core.appflow import AppFlowSync
 from core.clock import utc_now
@@ -34,7 +34,14 @@ from core.jwt_bearer import JwtKey, KmsSigner
 from core.lifecycle import Outcome, RefreshPolicy, Result, decide, is_due, needs_person, plan, retry_allowed
 from core.secret import Connection
 from core.servicenow import ServiceNowClient
-from core.store import AWSCURRENT, ConnectionStore, SecretWriteFailed, StoredConnection, adoptable_token
+from core.store import (
+    AWSCURRENT,
+    ConnectionStore,
+    SecretWriteFailed,
+    StoredConnection,
+    adoptable_token,
+    error_code,
+)
 from core.tokens import Token
 
 if TYPE_CHECKING:
@@ -413,7 +420,7 @@ class Refresher:
                 )
             except ConcurrentUpdate:
                 continue
-            except ClientError:
+            except (ClientError, BotoCoreError):
                 if fresh.connection.status == "reauthorization_required":
                     # Already marked (an operator's fix that ServiceNow refused too): the tags record the
                     # refusal of this version, so it waits for the next change instead of backing off.
@@ -432,15 +439,15 @@ class Refresher:
         """One BatchGetSecretValue for up to 20 secrets; unreadable ones come back as `invalid` outcomes."""
         try:
             answer = self.store.client.batch_get_secret_value(SecretIdList=[entry["ARN"] for entry in entries])
-        except ClientError as error:
-            code = error.response.get("Error", {}).get("Code", "ClientError")
+        except (ClientError, BotoCoreError) as error:
+            code = error_code(error)
             if code == "ResourceNotFoundException":
                 # The batch reads each secret's default version and failed as a whole on one of them (moto does
                 # when a rotation left its default on a version that was never created; AWS reports such a
                 # secret in Errors): read these one by one at AWSCURRENT, so one secret holds up no other.
                 yield from self._read_one_by_one(entries)
                 return
-            # Throttled beyond botocore's retries: these connections wait for the next sweep; the rest go on.
+            # Throttled beyond botocore's retries, or timed out: these wait for the next sweep; the rest go on.
             for entry in entries:
                 yield self._unread(entry, error)
             return
@@ -474,14 +481,14 @@ class Refresher:
             except (SecretFormatError, ConnectionNotFound) as error:
                 yield Outcome(name, "invalid", detail=str(error))
                 continue
-            except ClientError as error:
+            except (ClientError, BotoCoreError) as error:
                 yield self._unread(entry, error)
                 continue
             yield self._adopt(read, entry.get("SecretVersionsToStages", {}))
 
-    def _unread(self, entry: dict[str, Any], error: ClientError) -> Outcome:
+    def _unread(self, entry: dict[str, Any], error: ClientError | BotoCoreError) -> Outcome:
         """A connection whose secret could not be read this sweep: a transient failure, retried by the next."""
-        code = error.response.get("Error", {}).get("Code", "ClientError")
+        code = error_code(error)
         name = self.store.name_of(entry["Name"]) or entry["Name"]
         return Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
 
@@ -490,7 +497,7 @@ class Refresher:
         (a refusal of its refresh token is re-checked with `get_latest`, which adopts again)."""
         try:
             return self.store.adopt(read, stages)
-        except ClientError:
+        except (ClientError, BotoCoreError):
             return read
 
     def scan(self) -> tuple[list[Outcome], list[StoredConnection]]:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from core.errors import ConcurrentUpdate, ConnectionNotFound, InvalidName, SecretFormatError
 from core.health import CANDIDATE
@@ -46,6 +46,18 @@ class SecretWriteFailed(ClientError):  # type: ignore[misc]
     def __init__(self, error: ClientError, *, staged: bool) -> None:
         super().__init__(error.response, error.operation_name)
         self.staged = staged
+
+
+def as_client_error(error: ClientError | BotoCoreError) -> ClientError:
+    """A timeout, reset or endpoint failure (botocore raises them outside ClientError) as a ClientError whose code
+    is the error's class name, so callers handle every AWS-side failure in one place."""
+    if isinstance(error, ClientError):
+        return error
+    return ClientError({"Error": {"Code": type(error).__name__, "Message": str(error)}}, "SecretsManager")
+
+
+def error_code(error: ClientError | BotoCoreError) -> str:
+    return str(as_client_error(error).response.get("Error", {}).get("Code", "ClientError"))
 
 
 def adoptable_token(base_version: str, spent_refresh_token: str | None = None) -> str:
@@ -215,9 +227,12 @@ class ConnectionStore:
                     )
                     staged = True
                 return self._promote(read, new, token)
-            except ClientError as failure:
+            except (ClientError, BotoCoreError) as failure:
+                # A timeout or a reset (BotoCoreError) may hide a call that landed: the retry sends the same
+                # request token, which Secrets Manager takes as the same version, and a promote that landed is
+                # recognised by _promote; so both are retried like a refusal.
                 if attempt == self.write_attempts - 1:
-                    raise SecretWriteFailed(failure, staged=staged) from None
+                    raise SecretWriteFailed(as_client_error(failure), staged=staged) from None
             self._sleep(self.write_backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
 
