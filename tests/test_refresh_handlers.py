@@ -128,3 +128,23 @@ def test_a_sweep_short_of_time_starts_no_refresh_it_might_not_finish_and_queues_
     bodies = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)["Messages"]
     assert sorted(json.loads(m["Body"])["connection"] for m in bodies) == ["a", "b"]
     assert handler.lambda_handler({}, FakeContext(remaining_ms=200_000)) == {"refreshed": 2}
+
+
+def test_a_worker_short_of_time_starts_no_refresh_and_hands_the_record_back(
+    env: None, aws: str, secretsmanager: Any, emulator: ServiceNowEmulator
+) -> None:
+    """Found by review: the worker refreshed its records one after another with no time guard, so the third of a
+    slow batch could be cut off by the timeout between ServiceNow's answer and the write. Like the sweep, it now
+    starts no refresh it might not finish; the record is reported failed, so SQS delivers it again."""
+    add_due_connection(secretsmanager, emulator, "a")
+    record = json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0]
+    record.update(messageId="m-1", body=json.dumps({"connection": "a"}))
+    import handlers.worker
+
+    worker = importlib.reload(handlers.worker)
+    before = emulator.token_requests()
+    response = worker.lambda_handler({"Records": [record]}, FakeContext(remaining_ms=60_000))
+    assert response == {"batchItemFailures": [{"itemIdentifier": "m-1"}]}
+    assert emulator.token_requests() == before
+    assert worker.lambda_handler({"Records": [record]}, FakeContext(remaining_ms=280_000)) == {"batchItemFailures": []}
+    assert emulator.token_requests() == before + 1
