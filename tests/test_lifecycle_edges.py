@@ -598,3 +598,20 @@ def test_a_consent_whose_stage_move_answer_times_out_is_kept_not_revoked(callbac
     stored = callback_stack.document().get("refreshToken")
     info = callback_stack.emulator.token_info(stored) if stored else None
     assert lost and info and info["active"], "the stored consent was revoked"
+
+
+def test_a_forced_retry_of_a_marked_credential_writes_no_new_version(deployed: Deployed) -> None:
+    """The mark names itself, so a run refused again on a version already marked (FORCE=1, or a second container
+    retrying the same fix) has nothing to write: no new version, no second announcement."""
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.set_client_secret(CLIENT_ID, "changed-in-servicenow")
+    deployed.clock.advance(1500)
+    deployed.sweep()
+    marked = deployed.world.value()[0]
+    before = deployed.emulator.token_requests()
+    refresher = deployed.handler.refresher
+    outcome = refresher.refresh(deployed.world.store.get_latest("prod"), force=True)
+    assert outcome.result == "reauthorization_required" and not outcome.events
+    assert deployed.emulator.token_requests() == before + 1
+    assert deployed.world.value()[0] == marked

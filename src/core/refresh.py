@@ -407,6 +407,13 @@ class Refresher:
             if not _same_credential(fresh.connection, read.connection):
                 changed = "credential changed while refreshing"
                 return self._done(fresh.connection, "not_due", now, at=fresh, detail=changed)
+            if fresh.connection.status == "reauthorization_required" and fresh.connection.marked_version == (
+                fresh.version_id
+            ):
+                # Another run (an overlapping sweep, another container) marked this very credential already.
+                return self._done(
+                    fresh.connection, "reauthorization_required", now, at=fresh, failure="rejected", detail=detail
+                )
             # The write names itself (its VersionId is chosen here), so the document alone says this version
             # was refused even if the health tags are never written (lifecycle.decide).
             version = str(uuid.uuid4())

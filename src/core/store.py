@@ -93,6 +93,7 @@ def with_tokens_of(base: Connection, source: Connection) -> Connection:
         refresh_token_expires_at=source.refresh_token_expires_at,
         rotates_refresh_token=source.rotates_refresh_token or base.rotates_refresh_token,
         status=source.status,
+        marked_version=source.marked_version,
         updated_at=source.updated_at,
     )
 
