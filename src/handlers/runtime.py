@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 # botocore directly, not boto3: boto3's import drags in s3transfer (~200 ms of cold start here) for nothing.
 _SESSION = botocore.session.get_session()
 # The standard retry mode backs off on throttling (PutSecretValue shares 50 writes/s per region).
+# botocore's "max_attempts" counts retries: 5 is 6 attempts in all ("total_max_attempts" counts them all).
 AWS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=3, read_timeout=10)
-KMS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=1, read_timeout=3)
+KMS_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=1, read_timeout=3)
 
 
 def build_logger() -> Logger:
