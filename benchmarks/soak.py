@@ -43,6 +43,8 @@ def worker(steps: int, shrink: bool) -> dict[str, Any]:
     try:
         while Stats.steps < steps:
             batches += 1
+            # Progress on stderr (the summary comes at the end): a long soak is otherwise silent for half an hour.
+            print(f"soak worker {os.getpid()}: {Stats.steps:,} steps, {len(violations)} violations", file=sys.stderr)
             output = io.StringIO()
             try:
                 with redirect_stdout(output):
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     share = -(-args.steps // args.processes)
     with ProcessPoolExecutor(args.processes) as pool:
         results = list(pool.map(worker, [share] * args.processes, [not args.no_shrink] * args.processes))
-    command = f"python -m benchmarks.soak --steps {args.steps}"
+    command = f"python -m benchmarks.soak --steps {args.steps}" + (" --no-shrink" if args.no_shrink else "")
     section = render(results, time.perf_counter() - started, command)
     write_section(Path(args.output), section)
     print(section)
