@@ -537,7 +537,18 @@ def test_a_refused_fix_whose_mark_cannot_be_written_is_not_retried(deployed: Dep
     assert deployed.health().rejected_version == fix and deployed.health().needs_person
 
 
-SM_ENDPOINT = "https://secretsmanager.us-east-1.amazonaws.com/"
+def time_out_once(client: Any, event: str) -> list[str]:
+    """Make the first Secrets Manager call matching `event` time out (before-call: it never landed; after-call:
+    it landed and its answer was lost); returns the calls that did."""
+    timed_out: list[str] = []
+
+    def once(model: Any, **_: Any) -> None:
+        if not timed_out:
+            timed_out.append(model.name)
+            raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
+
+    client.meta.events.register(event, once)
+    return timed_out
 
 
 def test_a_write_that_times_out_once_is_retried_and_keeps_the_rotated_token(deployed: Deployed) -> None:
@@ -546,14 +557,7 @@ def test_a_write_that_times_out_once_is_retried_and_keeps_the_rotated_token(depl
     Timeouts are now retried like refusals, with the same request token (the same version if the first landed)."""
     deployed.emulator.rotate_refresh_tokens = True
     deployed.world.add()
-    timed_out: list[str] = []
-
-    def once(model: Any, **_: Any) -> None:
-        if not timed_out:
-            timed_out.append(model.name)
-            raise ReadTimeoutError(endpoint_url=SM_ENDPOINT)
-
-    deployed.client.meta.events.register("before-call.secrets-manager.PutSecretValue", once)
+    timed_out = time_out_once(deployed.client, "before-call.secrets-manager.PutSecretValue")
     deployed.clock.advance(1500)
     assert deployed.sweep() == {"refreshed": 1} and timed_out
     assert deployed.token_is_live()
@@ -564,14 +568,7 @@ def test_a_batch_read_that_times_out_costs_only_its_connections_a_sweep(deployed
     its connections this sweep). It is now a transient failure of the connections in that batch."""
     for name in ("a", "b"):
         deployed.world.add(name)
-    timed_out: list[str] = []
-
-    def once(model: Any, **_: Any) -> None:
-        if not timed_out:
-            timed_out.append(model.name)
-            raise ReadTimeoutError(endpoint_url=SM_ENDPOINT)
-
-    deployed.client.meta.events.register("before-call.secrets-manager.BatchGetSecretValue", once)
+    time_out_once(deployed.client, "before-call.secrets-manager.BatchGetSecretValue")
     deployed.clock.advance(1500)
     assert deployed.sweep() == {"failed": 2}
     assert all("ReadTimeoutError" in (outcome.detail or "") for outcome in deployed.outcomes[-2:])
@@ -585,15 +582,8 @@ def test_a_consent_whose_stage_move_answer_times_out_is_kept_not_revoked(callbac
     Secrets Manager what landed, as for any AWS-side failure."""
     callback_stack.create_connection()
     redirect = press_consent(callback_stack.start())
-    lost: list[str] = []
-
-    def answer_lost(model: Any, **_: Any) -> None:
-        if not lost:
-            lost.append(model.name)
-            raise ReadTimeoutError(endpoint_url=SM_ENDPOINT)
-
     client = callback_stack.handler.store.client
-    client.meta.events.register("after-call.secrets-manager.UpdateSecretVersionStage", answer_lost)
+    lost = time_out_once(client, "after-call.secrets-manager.UpdateSecretVersionStage")
     callback_stack.get("/callback", redirect)
     stored = callback_stack.document().get("refreshToken")
     info = callback_stack.emulator.token_info(stored) if stored else None
