@@ -551,16 +551,25 @@ def time_out_once(client: Any, event: str) -> list[str]:
     return timed_out
 
 
-def test_a_write_that_times_out_once_is_retried_and_keeps_the_rotated_token(deployed: Deployed) -> None:
+@pytest.mark.parametrize("landed", [False, True])
+def test_a_write_that_times_out_is_reported_and_a_landed_one_adopted(deployed: Deployed, landed: bool) -> None:
     """Found by review: a timeout (botocore's ReadTimeoutError is not a ClientError) escaped the compare-and-swap,
-    so a rotated refresh token whose write timed out once was dropped without a retry, a write_failed or an alarm.
-    Timeouts are now retried like refusals, with the same request token (the same version if the first landed)."""
+    so a rotated refresh token whose write timed out was dropped as a plain failure, with no write_failed and no
+    alarm. botocore has already retried it (6 attempts), so it is now a failed write at once, saying the rotated
+    token may be lost; if the put landed unseen, the next sweep adopts its candidate and nothing is lost."""
     deployed.emulator.rotate_refresh_tokens = True
     deployed.world.add()
-    timed_out = time_out_once(deployed.client, "before-call.secrets-manager.PutSecretValue")
+    deployed.sweep()  # learns that this instance rotates refresh tokens
+    when = "after-call" if landed else "before-call"
+    timed_out = time_out_once(deployed.client, f"{when}.secrets-manager.PutSecretValue")
     deployed.clock.advance(1500)
-    assert deployed.sweep() == {"refreshed": 1} and timed_out
-    assert deployed.token_is_live()
+    assert deployed.sweep() == {"write_failed": 1} and timed_out
+    outcome = deployed.outcomes[-1]
+    assert "ReadTimeoutError" in (outcome.detail or "") and outcome.rotation_unseen
+    deployed.clock.advance(300)
+    deployed.sweep()
+    assert deployed.token_is_live() == landed
+    assert deployed.document()["status"] == ("active" if landed else "reauthorization_required")
 
 
 def test_a_batch_read_that_times_out_costs_only_its_connections_a_sweep(deployed: Deployed) -> None:

@@ -136,15 +136,24 @@ def test_a_worker_short_of_time_starts_no_refresh_and_hands_the_record_back(
     """Found by review: the worker refreshed its records one after another with no time guard, so the third of a
     slow batch could be cut off by the timeout between ServiceNow's answer and the write. Like the sweep, it now
     starts no refresh it might not finish; the record is reported failed, so SQS delivers it again."""
-    add_due_connection(secretsmanager, emulator, "a")
-    record = json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0]
-    record.update(messageId="m-1", body=json.dumps({"connection": "a"}))
+    template = json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0]
+    records = []
+    for name in ("a", "b"):
+        add_due_connection(secretsmanager, emulator, name)
+        records.append({**template, "messageId": f"m-{name}", "body": json.dumps({"connection": name})})
+
+    class SlowBatch(FakeContext):
+        """The first record leaves 60 s of the invocation: too little to start the second."""
+
+        def get_remaining_time_in_millis(self) -> int:
+            self.remaining_ms, left = 60_000, self.remaining_ms
+            return left
+
     import handlers.worker
 
     worker = importlib.reload(handlers.worker)
     before = emulator.token_requests()
-    response = worker.lambda_handler({"Records": [record]}, FakeContext(remaining_ms=60_000))
-    assert response == {"batchItemFailures": [{"itemIdentifier": "m-1"}]}
-    assert emulator.token_requests() == before
-    assert worker.lambda_handler({"Records": [record]}, FakeContext(remaining_ms=280_000)) == {"batchItemFailures": []}
+    response = worker.lambda_handler({"Records": records}, SlowBatch(remaining_ms=280_000))
+    assert response == {"batchItemFailures": [{"itemIdentifier": "m-b"}]}
     assert emulator.token_requests() == before + 1
+    assert expiry(secretsmanager, "a") > datetime.now(UTC) + timedelta(minutes=20)

@@ -228,12 +228,14 @@ class ConnectionStore:
                     )
                     staged = True
                 return self._promote(read, new, token)
-            except (ClientError, BotoCoreError) as failure:
-                # A timeout or a reset (BotoCoreError) may hide a call that landed: the retry sends the same
-                # request token, which Secrets Manager takes as the same version, and a promote that landed is
-                # recognised by _promote; so both are retried like a refusal.
+            except BotoCoreError as failure:
+                # A timeout or a reset that botocore already retried (standard mode does, 6 attempts): another
+                # round here would multiply the wait (4 x 6 calls). Reported as a failed write (alarmed); if the put
+                # landed unseen, its version is a candidate the next run adopts (its id names its base).
+                raise SecretWriteFailed(as_client_error(failure), staged=staged) from None
+            except ClientError as failure:
                 if attempt == self.write_attempts - 1:
-                    raise SecretWriteFailed(as_client_error(failure), staged=staged) from None
+                    raise SecretWriteFailed(failure, staged=staged) from None
             self._sleep(self.write_backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
 

@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 
 logger = build_logger()
 metrics = Metrics()
-# Every record failed (all out of time, say) is a response listing them, not an error: SQS redelivers the same.
-processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+processor = BatchProcessor(event_type=EventType.SQS)
 refresher = build_refresher(load_settings(), logger)
 _context: LambdaContext | None = None  # this invocation's, for the time guard (one invocation at a time)
 
