@@ -486,6 +486,9 @@ class LambdaContextStandIn:
     invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:worker"
     aws_request_id = "bench"
 
+    def get_remaining_time_in_millis(self) -> int:
+        return 300_000  # the worker's timeout (template.yaml): a fresh invocation
+
 
 def failure_cost(hours: int = 24) -> list[Row]:
     """Token requests for a connection whose instance hibernates for a day: with backoff vs one per sweep."""
