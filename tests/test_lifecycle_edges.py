@@ -24,7 +24,7 @@ from core.revoke import revoke_connection
 from core.servicenow import OAuthApp, ServiceNowClient, build_session
 from local.servicenow_emulator import press_consent
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
-from tests.test_callback import Stack
+from tests.test_callback import FakeContext, Stack
 from tests.test_callback import stack as callback_stack  # noqa: F401 (the fixture)
 from tests.test_lifecycle import SECRET, Deployed, rotation_step
 from tests.test_lifecycle import deployed as deployed
@@ -157,7 +157,7 @@ def test_a_fanned_out_failing_connection_keeps_its_backoff(
         for name in names:
             record = copy.deepcopy(template)
             record["body"] = json.dumps({"connection": name})
-            worker.refresh_record(SQSRecord(record))
+            worker.refresh_record(SQSRecord(record), FakeContext(remaining_ms=300_000))  # a fresh invocation
 
     monkeypatch.setattr(deployed.handler, "fan_out", queue)
     monkeypatch.setattr(deployed.handler, "settings", replace(deployed.handler.settings, fan_out_above=0))

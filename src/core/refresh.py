@@ -54,6 +54,14 @@ BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
 # 10 s read) + 2 Retry-After waits of up to 10 s, plus the compare-and-swap write's own retries.
 ATTEMPT_WORST_SECONDS = 75.0
 START_MARGIN_SECONDS = 20.0  # after the last refresh: queue the rest, report
+
+
+def time_for_a_refresh(seconds_left: float) -> bool:
+    """Whether an invocation with `seconds_left` may start one more refresh (the sweep's and the worker's guard:
+    a refresh cut off by the timeout between ServiceNow's answer and the write can lose a rotated token)."""
+    return seconds_left >= ATTEMPT_WORST_SECONDS + START_MARGIN_SECONDS
+
+
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 
 
@@ -568,7 +576,7 @@ class Refresher:
             outcomes += [Outcome(read.connection.name, "queued") for read in overflow]
 
         def refresh_in_time(read: StoredConnection) -> Outcome:
-            if time_left is not None and time_left() < ATTEMPT_WORST_SECONDS + START_MARGIN_SECONDS:
+            if time_left is not None and not time_for_a_refresh(time_left()):
                 return Outcome(read.connection.name, "deferred")
             return self._safe_refresh(read)
 

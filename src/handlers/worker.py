@@ -13,7 +13,7 @@ from core.config import load_settings
 from core.errors import ConnectionNotFound
 from core.fanout import connection_from_message
 from core.lifecycle import Outcome
-from core.refresh import ATTEMPT_WORST_SECONDS, START_MARGIN_SECONDS
+from core.refresh import time_for_a_refresh
 from core.report import report_outcomes
 from handlers.runtime import build_logger, build_refresher
 
@@ -24,24 +24,20 @@ logger = build_logger()
 metrics = Metrics()
 processor = BatchProcessor(event_type=EventType.SQS)
 refresher = build_refresher(load_settings(), logger)
-_context: LambdaContext | None = None  # this invocation's, for the time guard (one invocation at a time)
 
 
 class NotStarted(Exception):
     """Too little of the invocation is left for one more refresh: SQS delivers the record again later."""
 
 
-def refresh_record(record: SQSRecord) -> Outcome | None:
+def refresh_record(record: SQSRecord, lambda_context: LambdaContext) -> Outcome | None:
     """Re-read the connection (the queue holds only its name) and refresh it if still due.
 
     Provider failures are outcomes, not exceptions: the next sweep retries them, so SQS need not. As in the
     sweep, no refresh starts that might not finish before the timeout (it would be cut off mid-write).
     """
     name = connection_from_message(record.body)
-    if (
-        _context is not None
-        and _context.get_remaining_time_in_millis() / 1000 < ATTEMPT_WORST_SECONDS + START_MARGIN_SECONDS
-    ):
+    if not time_for_a_refresh(lambda_context.get_remaining_time_in_millis() / 1000):  # injected by the processor
         raise NotStarted(f"connection {name!r}: too little time left in this invocation; delivered again later")
     try:
         read = refresher.store.get_latest(name)  # with its health tags (backoff) and any candidate adopted
@@ -55,8 +51,6 @@ def refresh_record(record: SQSRecord) -> Outcome | None:
 @logger.inject_lambda_context(log_event=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """SQS event with ReportBatchItemFailures: only records that raised are retried."""
-    global _context
-    _context = context
     with processor(records=event.get("Records", []), handler=refresh_record, lambda_context=context):
         processed = processor.process()
     outcomes = [result[1] for result in processed if result[0] == "success" and result[1] is not None]
