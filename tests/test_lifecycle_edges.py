@@ -614,3 +614,35 @@ def test_a_forced_retry_of_a_marked_credential_writes_no_new_version(deployed: D
     assert outcome.result == "reauthorization_required" and not outcome.events
     assert deployed.emulator.token_requests() == before + 1
     assert deployed.world.value()[0] == marked
+
+
+def test_health_held_in_memory_survives_an_outcome_between_listing_and_refresh(deployed: Deployed) -> None:
+    """Found by the soak (recovered announced twice): the sweep handed its batch the tags as memory remembered
+    them, not as read. When another outcome in this container changed that memory between the listing and the
+    refresh (a forced refresh that recovered the connection), the remembered tags no longer matched it, looked
+    as if the tags had moved on and dropped the memory; the stale tags said `reauthorization_required`, so the
+    recovery was announced a second time."""
+    changes = record_events(deployed)
+    refused_fix(deployed)
+    undo = deployed.refuse({"TagResource", "UntagResource"})
+    deployed.clock.advance(300)
+    deployed.sweep()  # tries the wrong fix once: refused, marked; its health tags refused (kept in memory)
+    refresher = deployed.handler.refresher
+    assert refresher.monitor.unsaved(deployed.client.describe_secret(SecretId=SECRET)["ARN"])
+    deployed.world.store.update("prod", lambda c: replace(c, client_secret="changed-in-servicenow"))  # the right fix
+    read_batch = refresher.read_batch
+
+    def forced_refresh_meanwhile(entries: list[dict[str, Any]]) -> Any:
+        refresher.refresh(refresher.store.get_latest("prod"), force=True)  # an operator's forced refresh, recovered
+        return read_batch(entries)
+
+    refresher.read_batch = forced_refresh_meanwhile
+    try:
+        deployed.clock.advance(300)
+        deployed.sweep()
+    finally:
+        refresher.read_batch = read_batch
+    undo()
+    deployed.sweep_every(5, 1)
+    assert deployed.document()["status"] == "active"
+    assert changes.count("recovered") == 1, changes

@@ -534,19 +534,23 @@ class Refresher:
 
         for entry in self.list_connection_secrets():
             unsaved = False
+            planned = entry
             if self.monitor is not None and self.monitor.unsaved(entry["ARN"]):
+                # Planned on the health memory holds, but the batch keeps the tags as read: `refresh` recalls
+                # against them again, and remembered tags taken for read ones would look as if the tags had
+                # moved on (and drop the memory) once another thread's outcome changed it.
                 tags = self.monitor.recall(entry["ARN"], entry.get("Tags"))
-                entry = {**entry, "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}
+                planned = {**entry, "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}
                 unsaved = self.monitor.unsaved(entry["ARN"])
             # The listing's health tags settle most connections without reading a value.
-            decision = plan(entry, now, self.policy)
+            decision = plan(planned, now, self.policy)
             if decision != "read":
                 if unsaved and self.monitor is not None:
                     # Nothing to do here but the tag write that failed: try it again (one TagResource, while
                     # memory stands in), so the health does not stay in this container until the next refresh.
                     unsaved = not self.monitor.flush(entry["ARN"])
                 name = self.store.name_of(entry["Name"]) or entry["Name"]
-                outcomes.append(replace(from_listing(entry, decision, name), health_unsaved=unsaved))
+                outcomes.append(replace(from_listing(planned, decision, name), health_unsaved=unsaved))
                 continue
             batch.append(entry)
             if len(batch) == BATCH_READ_SIZE:
