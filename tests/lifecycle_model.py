@@ -26,7 +26,7 @@ import boto3
 import requests
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -86,6 +86,7 @@ CONDITIONS = frozenset(
         "instance_recovers",
         "blip_on_next_attempt",
         "secrets_manager_throttles",
+        "secrets_manager_times_out",
         "secrets_manager_recovers",
         "eventbridge",
         "appflow",
@@ -121,6 +122,10 @@ class AwsFaults:
     def __init__(self) -> None:
         self.pending: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()  # operations refused so far, by name
+        # group -> whether it lands: the group's next call times out (a reset or a hung socket once botocore's
+        # retries are spent), before it reached Secrets Manager or after it landed with its answer lost.
+        self.time_out: dict[str, bool] = {}
+        self.timed_out: Counter[tuple[str, bool]] = Counter()  # (operation, landed) so far
         self.events_down = False
         self.appflow_down = False
         self.write_regions: set[str] = set()  # where the code under test wrote (only ever the primary)
@@ -138,11 +143,25 @@ class AwsFaults:
                     return _error("AccessDeniedException", name)
                 return AWSResponse("http://model", 200, {}, None), {"connectorProfileArn": "arn:model"}
             for group, operations in SM_GROUPS.items():
+                if name in operations and self.time_out.get(group) is False:
+                    del self.time_out[group]
+                    self.timed_out[(name, False)] += 1
+                    raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
                 if name in operations and self.pending[group] > 0:
                     self.pending[group] -= 1
                     self.refused[name] += 1
                     return _error("ThrottlingException", name)
         return None
+
+    def landed(self, model: Any, **_: Any) -> None:
+        """after-call: a call that landed, whose answer is lost on the way back."""
+        name = model.name
+        with self.lock:
+            for group, operations in SM_GROUPS.items():
+                if name in operations and self.time_out.get(group) is True:
+                    del self.time_out[group]
+                    self.timed_out[(name, True)] += 1
+                    raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
 
 
 class LifecycleModel(RuleBasedStateMachine):
@@ -167,6 +186,8 @@ class LifecycleModel(RuleBasedStateMachine):
             client.meta.events.register(
                 f"before-call.{client.meta.service_model.service_id.hyphenize()}.*", self.faults.hook
             )
+            if service == "secretsmanager":
+                client.meta.events.register("after-call.secrets-manager.*", self.faults.landed)
             clients[service] = client
         self.sm = clients["secretsmanager"]  # what the code under test uses: faults apply
         self.plain = boto3.client("secretsmanager", endpoint_url=self.moto_url, region_name=REGION)  # the model's eyes
@@ -257,11 +278,12 @@ class LifecycleModel(RuleBasedStateMachine):
         log_before = len(self.emulator.requests_log)
         before = self.emulator.token_requests()
         puts_refused = self.faults.refused["PutSecretValue"]
+        writes_timed_out = self._writes_timed_out()
         refused_before = self._aws_refusals()
         connection_before = self.current()[1]
         try:
             action()
-        except (ServiceNowOAuthError, ClientError):
+        except (ServiceNowOAuthError, ClientError, BotoCoreError):
             pass  # a failed invocation (Lambda reports it; the next run starts over)
         finally:
             self.emulator.clear_faults()
@@ -272,9 +294,11 @@ class LifecycleModel(RuleBasedStateMachine):
             # The documented limit: ServiceNow rotated the token in an answer that never arrived.
             self.unseen = True
             self.unseen_tokens |= self.emulator.live_refresh_tokens(CLIENT_ID) - self.stored_refresh_tokens()
-        if self.rotating and self.faults.refused["PutSecretValue"] - puts_refused >= self.store.write_attempts:
-            # The other documented limit: Secrets Manager refused every write of the refresh, so the rotated
-            # refresh token could be stored nowhere (the write_failed alarm fires; the README says so).
+        exhausted = self.faults.refused["PutSecretValue"] - puts_refused >= self.store.write_attempts
+        if self.rotating and (exhausted or self._writes_timed_out() > writes_timed_out):
+            # The other documented limit: Secrets Manager refused every write of the refresh, or a write timed out
+            # before it landed, so the rotated refresh token could be stored nowhere (the write_failed alarm
+            # fires; the README says so). A write that landed unseen is adopted: it loses nothing.
             lost = self.emulator.live_refresh_tokens(CLIENT_ID) - self.operator_tokens - self.stored_refresh_tokens()
             if lost:
                 self.unseen = True
@@ -291,8 +315,15 @@ class LifecycleModel(RuleBasedStateMachine):
         return made
 
     def _aws_refusals(self) -> int:
-        """Reads and writes Secrets Manager refused so far (tag refusals do not stop an attempt)."""
-        return sum(self.faults.refused[name] for name in SM_GROUPS["read"] + SM_GROUPS["write"])
+        """Reads and writes Secrets Manager refused or timed out so far (tag refusals do not stop an attempt)."""
+        names = SM_GROUPS["read"] + SM_GROUPS["write"]
+        timed_out = sum(count for (name, _), count in self.faults.timed_out.items() if name in names)
+        return sum(self.faults.refused[name] for name in names) + timed_out
+
+    def _writes_timed_out(self) -> int:
+        """Writes that timed out before they landed (the rotated refresh token they carried is stored nowhere)."""
+        timed_out = self.faults.timed_out.items()
+        return sum(count for (name, landed), count in timed_out if name in SM_GROUPS["write"] and not landed)
 
     def _renewed_by_a_person(self) -> None:
         """A consent or an operator's new token ended any failing stretch: the daily bound starts over."""
@@ -338,11 +369,11 @@ class LifecycleModel(RuleBasedStateMachine):
                 callback_url=REDIRECT,
                 now=self.now,
             )
-        except (ServiceNowOAuthError, ClientError):
+        except (ServiceNowOAuthError, ClientError, BotoCoreError):
             return  # the authorize page said so; nothing was issued
         redirects = [press_consent(location) for _ in range(2 if twice else 1)]
         for redirect in redirects:
-            with suppress(ServiceNowOAuthError, ClientError):
+            with suppress(ServiceNowOAuthError, ClientError, BotoCoreError):
                 stored = complete_consent(
                     self.store,
                     self.client,
@@ -501,7 +532,7 @@ class LifecycleModel(RuleBasedStateMachine):
     @rule()
     @recorded
     def operator_fixes_client_secret(self) -> None:
-        with suppress(ServiceNowOAuthError, ClientError):  # a failed CLI call: nothing changed
+        with suppress(ServiceNowOAuthError, ClientError, BotoCoreError):  # a failed CLI call: nothing changed
             self.store.update(NAME, lambda c: replace(c, client_secret=self.client_secret))
 
     @rule()
@@ -509,7 +540,7 @@ class LifecycleModel(RuleBasedStateMachine):
     def operator_stages_client_secret(self) -> None:
         """The documented rollover: stage the new secret, then change it in ServiceNow."""
         new = f"model-client-secret-staged-{self.now.timestamp():.0f}"
-        with suppress(ServiceNowOAuthError, ClientError):
+        with suppress(ServiceNowOAuthError, ClientError, BotoCoreError):
             self.store.update(NAME, lambda c: replace(c, extra={**c.extra, "clientSecretNext": new}))
             self.client_secret = new
             self.emulator.set_client_secret(CLIENT_ID, new)
@@ -527,7 +558,7 @@ class LifecycleModel(RuleBasedStateMachine):
         old = self.current()[1].refresh_token
         try:
             self.store.update(NAME, lambda c: replace(c.with_token(token, grant="password", now=self.now)))
-        except (ServiceNowOAuthError, ClientError):  # a failed paste: the operator revokes what they minted
+        except (ServiceNowOAuthError, ClientError, BotoCoreError):  # a failed paste: the operator revokes it
             with suppress(ServiceNowOAuthError):
                 self.client.revoke(app, token.refresh_token or "")
             return
@@ -560,10 +591,17 @@ class LifecycleModel(RuleBasedStateMachine):
         self.faults.pending[group] += count
         self.faults_since_renewal += count  # each refused call is one failure, as AWS's retries are spent
 
+    @rule(group=st.sampled_from(tuple(SM_GROUPS)), landed=st.booleans())
+    @recorded
+    def secrets_manager_times_out(self, group: str, landed: bool) -> None:
+        self.faults.time_out[group] = landed
+        self.faults_since_renewal += 1
+
     @rule()
     @recorded
     def secrets_manager_recovers(self) -> None:
         self.faults.pending.clear()
+        self.faults.time_out.clear()
 
     @rule()
     @recorded
@@ -599,7 +637,7 @@ class LifecycleModel(RuleBasedStateMachine):
             self.emulator.clear_faults()
             self.emulator.inject(self.down or "hibernate", count=10_000, retry_after=0)
             before = self.emulator.token_requests()
-            with suppress(ServiceNowOAuthError, ClientError):
+            with suppress(ServiceNowOAuthError, ClientError, BotoCoreError):
                 self.refresher().sweep()
             made = self.emulator.token_requests() - before
             self.down_requests.append((self.now, made))
@@ -654,7 +692,7 @@ class LifecycleModel(RuleBasedStateMachine):
         version, connection = self.look()
         if connection.status != "active" or self.parked_version == version or not connection.access_token:
             return
-        if sum(self.faults.pending.values()):
+        if sum(self.faults.pending.values()) or self.faults.time_out:
             return  # Secrets Manager refusing writes is its own failure, counted by write_failed
         Stats.checks += 1
         expires = connection.access_token_expires_at
