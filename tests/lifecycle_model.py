@@ -153,9 +153,12 @@ class AwsFaults:
                     return _error("ThrottlingException", name)
         return None
 
-    def landed(self, model: Any, **_: Any) -> None:
-        """after-call: a call that landed, whose answer is lost on the way back."""
+    def landed(self, model: Any, http_response: Any = None, **_: Any) -> None:
+        """after-call: a call that landed, whose answer is lost on the way back (botocore emits after-call for a
+        call `hook` answered itself too: that one never reached Secrets Manager, so it did not land)."""
         name = model.name
+        if http_response is None or http_response.url == "http://model" or http_response.status_code >= 300:
+            return
         with self.lock:
             for group, operations in SM_GROUPS.items():
                 if name in operations and self.time_out.get(group) is True:
@@ -321,9 +324,9 @@ class LifecycleModel(RuleBasedStateMachine):
         return sum(self.faults.refused[name] for name in names) + timed_out
 
     def _writes_timed_out(self) -> int:
-        """Writes that timed out before they landed (the rotated refresh token they carried is stored nowhere)."""
-        timed_out = self.faults.timed_out.items()
-        return sum(count for (name, landed), count in timed_out if name in SM_GROUPS["write"] and not landed)
+        """New versions whose write timed out before it landed: the rotated refresh token it carried is stored
+        nowhere (a stage move that never landed leaves its candidate, which loses nothing)."""
+        return self.faults.timed_out[("PutSecretValue", False)]
 
     def _renewed_by_a_person(self) -> None:
         """A consent or an operator's new token ended any failing stretch: the daily bound starts over."""
