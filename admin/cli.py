@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import boto3
+import requests
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -442,7 +443,7 @@ def cmd_smoke(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         lambda_client=boto3.client("lambda", config=Config(read_timeout=300, retries={"total_max_attempts": 1})),
         cloudwatch=boto3.client("cloudwatch"),
         sns=boto3.client("sns"),
-        http=build_session(retries=0),
+        http=requests.Session(),  # one attempt per check (smoke's own timeouts)
         out=out,
     )
 

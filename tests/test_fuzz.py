@@ -305,6 +305,7 @@ def watch_egress(ports: frozenset[int]) -> Iterator[Egress]:
     """Record (and refuse, if not allowed) requests' sends, urllib3 requests (boto3's too), DNS and TCP connects."""
     egress = Egress(ports)
     real_send = requests.Session.send
+    real_pool_manager = urllib3.PoolManager.urlopen
     real_urlopen = urllib3.connectionpool.HTTPConnectionPool.urlopen
     real_connect = socket.socket.connect
     real_getaddrinfo = socket.getaddrinfo
@@ -315,6 +316,12 @@ def watch_egress(ports: frozenset[int]) -> Iterator[Egress]:
         if not egress.allow("requests", parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)):
             raise requests.ConnectionError(f"blocked by test_fuzz: {parts.hostname}")
         return real_send(session, request, **kwargs)
+
+    def pool_manager(manager: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        """The ServiceNow client's own requests (botocore and requests go to the pools underneath directly)."""
+        parts = urlsplit(url)
+        egress.sent.append(f"{parts.scheme}://{parts.netloc}{parts.path}")
+        return real_pool_manager(manager, method, url, *args, **kwargs)
 
     def urlopen(pool: Any, *args: Any, **kwargs: Any) -> Any:
         if not egress.allow("urllib3", pool.host, pool.port):
@@ -334,6 +341,7 @@ def watch_egress(ports: frozenset[int]) -> Iterator[Egress]:
 
     with (
         mock.patch.object(requests.Session, "send", send),
+        mock.patch.object(urllib3.PoolManager, "urlopen", pool_manager),
         mock.patch.object(urllib3.connectionpool.HTTPConnectionPool, "urlopen", urlopen),
         mock.patch.object(socket.socket, "connect", connect),
         mock.patch.object(socket, "getaddrinfo", getaddrinfo),

@@ -232,7 +232,7 @@ def test_connection_is_reused_across_grants(app: OAuthApp, emulator: ServiceNowE
     client = ServiceNowClient(session, clock=clock.now)
     for _ in range(3):
         client.password_grant(app, username="svc.integration", password="Pa55w0rd-emulator")
-    pools = list(session.get_adapter(app.instance_url).poolmanager.pools._container.values())
+    pools = list(session.pools._container.values())
     assert [(pool.num_connections, pool.num_requests) for pool in pools] == [(1, 3)]
 
 

@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 
 import requests
 from aws_lambda_powertools.utilities import parameters
+from requests.adapters import HTTPAdapter
 
-from core.servicenow import build_session
+from core.servicenow import HEADERS, retry_policy
 
 DEFAULT_MAX_AGE = 60  # seconds; tokens are refreshed 10 minutes before they expire
 
@@ -92,6 +93,10 @@ def servicenow_session(
     (a consumer in another account must name the secret by ARN)."""
     auth = ServiceNowBearerAuth(secret_id, max_age=max_age, provider=provider, region=region)
     # Retries for reads only: a Table API POST (create an incident) must not be sent twice.
-    session = build_session(retry_methods=("GET",))
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry_policy(retry_methods=("GET",)), pool_maxsize=16)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.headers.update(HEADERS)
     session.auth = auth
     return session, str(auth.document()["instanceUrl"])

@@ -2,6 +2,11 @@
 
 Building requests and parsing answers are pure functions; `ServiceNowClient` only adds the HTTP
 session. Every failure is raised as one of `core.errors`' classes, decided here and nowhere else.
+
+HTTP goes through urllib3 directly, the pool and `Retry` that botocore already loads: `requests` would add its
+own import (with charset_normalizer, idna and http.cookiejar) to every cold start for a form POST and a JSON
+answer (benchmarks/RESULTS.md, cold start). `core.consumer`, for the services that call ServiceNow, stays on
+`requests`.
 """
 
 from __future__ import annotations
@@ -15,9 +20,8 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlencode
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ReadTimeoutError, ResponseError
+from urllib3 import BaseHTTPResponse, PoolManager, Timeout
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, MaxRetryError, ReadTimeoutError, ResponseError
 from urllib3.util.retry import Retry
 
 from core.clock import Clock, utc_now
@@ -71,18 +75,19 @@ class _BoundedRetry(Retry):
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
-def build_session(
+HEADERS = {"Accept": "application/json", "User-Agent": "servicenow-oauth-aws"}
+
+
+def retry_policy(
     *,
     retries: int = 2,
     backoff_factor: float = 0.5,
     backoff_max: float = 4.0,
     retry_after_max: float = 10.0,
-    pool_connections: int = 64,
-    pool_maxsize: int = 16,
     retry_methods: tuple[str, ...] = ("GET", "POST"),
     replay: bool = True,
-) -> requests.Session:
-    """One pooled session with bounded retries (backoff with jitter, honouring `Retry-After`).
+) -> Retry:
+    """Bounded retries: backoff with jitter, honouring `Retry-After` up to a budget.
 
     POST is retried on purpose: refresh, password and client_credentials grants are safe to repeat
     (ServiceNow hands back the still-valid token). With `replay=False` only connection failures are
@@ -106,12 +111,12 @@ def build_session(
         retry_after_max=86_400,  # read the real value; the budget below decides
     )
     retry.retry_after_budget = retry_after_max
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry, pool_connections=pool_connections, pool_maxsize=pool_maxsize)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    session.headers.update({"Accept": "application/json", "User-Agent": "servicenow-oauth-aws"})
-    return session
+    return retry
+
+
+def build_session(*, pool_connections: int = 64, pool_maxsize: int = 16, **retry: Any) -> PoolManager:
+    """One pooled session (a urllib3 pool manager) with `retry_policy(**retry)`."""
+    return PoolManager(num_pools=pool_connections, maxsize=pool_maxsize, retries=retry_policy(**retry), headers=HEADERS)
 
 
 def new_code_verifier() -> str:
@@ -147,7 +152,7 @@ def grant_form(app: OAuthApp, grant: GrantType, **values: str | None) -> dict[st
     return form
 
 
-def _json_body(response: requests.Response) -> Any:
+def _json_body(response: BaseHTTPResponse) -> Any:
     content_type = response.headers.get("Content-Type", "")
     if "json" not in content_type.lower():
         return None
@@ -157,7 +162,7 @@ def _json_body(response: requests.Response) -> Any:
         return None
 
 
-def _retry_after(response: requests.Response) -> float | None:
+def _retry_after(response: BaseHTTPResponse) -> float | None:
     """Seconds from a numeric Retry-After, within 0..1 day (anything else is ignored, not trusted)."""
     try:
         seconds = float(response.headers.get("Retry-After", ""))
@@ -166,9 +171,9 @@ def _retry_after(response: requests.Response) -> float | None:
     return seconds if 0 <= seconds <= 86_400 else None
 
 
-def classify_failure(app: OAuthApp, grant: str, response: requests.Response) -> ProviderError:
+def classify_failure(app: OAuthApp, grant: str, response: BaseHTTPResponse) -> ProviderError:
     """Map a non-success answer to its error class; the body's text is never copied into the message."""
-    status = response.status_code
+    status = response.status
     body = _json_body(response)
     if status == 429:
         return RateLimited(app.host, grant, "rate limited (HTTP 429); retry later", _retry_after(response))
@@ -194,10 +199,10 @@ def classify_failure(app: OAuthApp, grant: str, response: requests.Response) -> 
     return InstanceUnavailable(app.host, grant, f"unexpected HTTP {status} from the token endpoint; check instanceUrl")
 
 
-def parse_token(app: OAuthApp, grant: str, response: requests.Response, received_at: datetime) -> Token:
+def parse_token(app: OAuthApp, grant: str, response: BaseHTTPResponse, received_at: datetime) -> Token:
     """Turn a 200 JSON answer into a `Token`, or raise the classified error."""
     body = _json_body(response)
-    if response.status_code != 200 or not isinstance(body, Mapping):
+    if response.status != 200 or not isinstance(body, Mapping):
         raise classify_failure(app, grant, response)
     access_token = body.get("access_token")
     try:
@@ -216,10 +221,9 @@ def parse_token(app: OAuthApp, grant: str, response: requests.Response, received
     )
 
 
-def _reason(exc: requests.RequestException) -> object:
-    """What urllib3 raised underneath (requests wraps it, sometimes in a MaxRetryError)."""
-    reason = exc.args[0] if exc.args else None
-    return reason.reason if isinstance(reason, MaxRetryError) else reason
+def _reason(exc: HTTPError) -> HTTPError | Exception | None:
+    """The failure itself: urllib3 wraps it in a MaxRetryError once its retries are spent."""
+    return exc.reason if isinstance(exc, MaxRetryError) else exc
 
 
 class ServiceNowClient:
@@ -227,9 +231,9 @@ class ServiceNowClient:
 
     def __init__(
         self,
-        session: requests.Session,
+        session: PoolManager,
         *,
-        single_shot: requests.Session | None = None,
+        single_shot: PoolManager | None = None,
         clock: Clock = utc_now,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
     ) -> None:
@@ -239,18 +243,39 @@ class ServiceNowClient:
         self._clock = clock
         self._timeout = timeout
 
-    def _post(self, session: requests.Session, app: OAuthApp, path: str, grant: str, form: dict[str, str]):  # type: ignore[no-untyped-def]
+    def _post(
+        self, session: PoolManager, app: OAuthApp, path: str, grant: str, form: dict[str, str]
+    ) -> BaseHTTPResponse:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        return self._send(session, app, grant, "POST", f"{app.instance_url}{path}", urlencode(form).encode(), headers)
+
+    def _send(
+        self,
+        session: PoolManager,
+        app: OAuthApp,
+        grant: str,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> BaseHTTPResponse:
         try:
-            return session.post(f"{app.instance_url}{path}", data=form, timeout=self._timeout, allow_redirects=False)
-        except requests.RequestException as exc:
+            return session.urlopen(
+                method,
+                url,
+                body=body,
+                headers={**session.headers, **(headers or {})},
+                timeout=Timeout(connect=self._timeout[0], read=self._timeout[1]),
+                redirect=False,
+            )
+        except HTTPError as exc:  # urllib3's base class: every transport failure, after its retries
             reason = _reason(exc)
-            if isinstance(exc, requests.ConnectTimeout) or isinstance(reason, ConnectTimeoutError):
+            if isinstance(reason, ConnectTimeoutError):
                 # No connection was made (NewConnectionError is a ConnectTimeoutError too): nothing was sent.
                 raise TransientProviderError(
-                    app.host, grant, f"could not connect ({type(exc).__name__}); retry later"
+                    app.host, grant, f"could not connect ({type(reason).__name__}); retry later"
                 ) from None
-            timed_out = isinstance(exc, requests.Timeout) or isinstance(reason, ReadTimeoutError)
-            what = "timed out" if timed_out else f"connection lost ({type(exc).__name__})"
+            what = "timed out" if isinstance(reason, ReadTimeoutError) else f"connection lost ({type(reason).__name__})"
             raise TransientProviderError(
                 app.host, grant, f"{what} after the request was sent; retry later", maybe_processed=True
             ) from None
@@ -295,24 +320,19 @@ class ServiceNowClient:
         form = {"token": token, "client_id": app.client_id, "client_secret": app.client_secret}
         response = self._post(self._session, app, REVOKE_PATH, "revoke", form)
         # A 200 HTML page is the hibernation or login page, not a revocation.
-        if response.status_code >= 300 or "html" in response.headers.get("Content-Type", "").lower():
+        if response.status >= 300 or "html" in response.headers.get("Content-Type", "").lower():
             raise classify_failure(app, "revoke", response)
 
     def current_user(self, instance_url: str, access_token: str) -> str:
         """The user name a token acts as (for `expectedUser` checks), via the Table API."""
         app = OAuthApp(instance_url, "", "")
-        try:
-            response = self._session.get(
-                f"{instance_url}/api/now/table/sys_user",
-                params={"sysparm_query": "user_name=javascript:gs.getUserName()", "sysparm_fields": "user_name"},
-                headers={"Authorization": f"Bearer {access_token}"},
-                timeout=self._timeout,
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            raise TransientProviderError(app.host, "whoami", f"connection failed ({type(exc).__name__})") from None
+        query = urlencode({"sysparm_query": "user_name=javascript:gs.getUserName()", "sysparm_fields": "user_name"})
+        url = f"{instance_url}/api/now/table/sys_user?{query}"
+        response = self._send(
+            self._session, app, "whoami", "GET", url, headers={"Authorization": f"Bearer {access_token}"}
+        )
         body = _json_body(response)
-        if response.status_code != 200 or not isinstance(body, Mapping):
+        if response.status != 200 or not isinstance(body, Mapping):
             raise classify_failure(app, "whoami", response)
         result = body.get("result") or []
         if not result or not isinstance(result[0], Mapping) or not result[0].get("user_name"):
