@@ -9,7 +9,7 @@ import itertools
 import json
 import uuid
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -646,3 +646,42 @@ def test_health_held_in_memory_survives_an_outcome_between_listing_and_refresh(d
     deployed.sweep_every(5, 1)
     assert deployed.document()["status"] == "active"
     assert changes.count("recovered") == 1, changes
+
+
+def test_a_consent_whose_health_read_times_out_does_not_leave_the_connection_parked(
+    deployed: Deployed,
+    callback_stack: Stack,  # noqa: F811
+) -> None:
+    """Found by the review: after a consent the callback reads the health tags to update them; when that read timed
+    out the tags counted as empty, so only the new health's keys were written and the stale `needs-person` and
+    `rejected-version` stayed beside `status=active`: every sweep answered needs_person from the listing and the
+    fresh tokens were never refreshed. With the tags unknown, every health tag is now written or removed."""
+    deployed.world.add()
+    deployed.sweep()
+    deployed.emulator.set_client_secret(CLIENT_ID, "changed-in-servicenow")
+    deployed.clock.advance(1500)
+    deployed.sweep()
+    assert deployed.health().needs_person
+    deployed.emulator.set_client_secret(CLIENT_ID, CLIENT_SECRET)  # fixed in ServiceNow; the person consents again
+    redirect = press_consent(callback_stack.start())
+    client = callback_stack.handler.store.client
+    describes: list[str] = []
+
+    def the_monitors_read_times_out(model: Any, **_: Any) -> None:
+        describes.append(model.name)
+        if len(describes) == 2:  # the first is the consent's own read; the second the monitor's
+            raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
+
+    client.meta.events.register("before-call.secrets-manager.DescribeSecret", the_monitors_read_times_out)
+    try:
+        assert callback_stack.get("/callback", redirect)["statusCode"] == 200
+    finally:
+        client.meta.events.unregister("before-call.secrets-manager.DescribeSecret", the_monitors_read_times_out)
+    assert len(describes) >= 2
+    assert not deployed.health().needs_person and deployed.health().rejected_version is None
+    before = deployed.emulator.token_requests()
+    expires = datetime.fromisoformat(deployed.document()["accessTokenExpiresAt"].replace("Z", "+00:00"))
+    deployed.clock.advance((expires - deployed.clock.now()).total_seconds() - 1200)  # the callback's clock is real
+    assert deployed.sweep() == {"not_due": 1}
+    deployed.sweep_every(5, 1)
+    assert deployed.emulator.token_requests() > before, "the fresh consent was never refreshed"

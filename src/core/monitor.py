@@ -62,8 +62,9 @@ class Monitor:
         self.policy = policy
         self.bus = bus
         self.logger = logger
-        # arn -> (the health its tags hold, the health they should hold): tag writes that failed.
-        self._unsaved: dict[str, tuple[Health, Health]] = {}
+        # arn -> (the health its tags hold, None where they could not be read; the health they should hold):
+        # tag writes that failed.
+        self._unsaved: dict[str, tuple[Health | None, Health]] = {}
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
 
@@ -75,7 +76,7 @@ class Monitor:
             tags = read.tags if read.tags is not None else self._tags(outcome.arn)
             old = Health.from_tags(self.recall(outcome.arn, tags))
             new, kinds = advance(old, outcome, self.clock(), self.policy)
-            saved = self.save(outcome.arn, old, new)
+            saved = self.save(outcome.arn, old, new, known=tags is not None)
         # Announced now even when the tags could not be written: the health remembered in place of them keeps
         # a later run in this container from deriving (and announcing) the same change again.
         failed = self.publish(outcome.connection, list(kinds), old, new)
@@ -96,7 +97,11 @@ class Monitor:
                 return plain
             actual, intended = held
             read = Health.from_tags(plain)
-            if read not in (actual, intended):
+            if tags is None:
+                pass  # not read (Secrets Manager did not answer): memory stands
+            elif actual is None:  # written over tags it could not read: these are the ones it failed to replace
+                self._unsaved[arn] = (read, intended)
+            elif read not in (actual, intended):
                 del self._unsaved[arn]  # the tags moved on without us: theirs stand
                 return plain
         return {key: value for key, value in plain.items() if key not in HEALTH_TAGS} | intended.to_tags()
@@ -132,24 +137,30 @@ class Monitor:
         self.observe(read, outcome)
 
     # ----------------------------------------------------------------------------------- plumbing
-    def _tags(self, arn: str) -> list[dict[str, str]]:
+    def _tags(self, arn: str) -> list[dict[str, str]] | None:
+        """The connection's tags, or None when Secrets Manager did not answer."""
         try:
             tags: list[dict[str, str]] = self.secretsmanager.describe_secret(SecretId=arn).get("Tags", [])
             return tags
         except (ClientError, BotoCoreError):
-            return []
+            return None
 
-    def save(self, arn: str, old: Health, new: Health) -> bool:
-        """Write only what changed; on failure remember `new` in place of the tags (see the module's note)."""
+    def save(self, arn: str, old: Health, new: Health, *, known: bool = True) -> bool:
+        """Write only what changed; on failure remember `new` in place of the tags (see the module's note).
+        With tags that could not be read (`known=False`), every health tag is written or removed: what they
+        hold is unknown, and a stale one left beside the new health (needs-person after a consent) would park
+        the connection."""
         with self._lock:
             held = self._unsaved.get(arn)
         # What the tags really hold: while memory stands in for them, the tags it recorded (another thread's newer
         # memory may already have replaced the health this outcome started from; diffing against that instead
         # would find nothing to write and drop the memory with the tags never written).
-        actual = held[0] if held is not None else old
-        before, after = actual.to_tags(), new.to_tags()
+        actual = held[0] if held is not None else old if known else None
+        before, after = actual.to_tags() if actual is not None else {}, new.to_tags()
         changed = [{"Key": key, "Value": value} for key, value in after.items() if before.get(key) != value]
-        removed = [key for key in before if key not in after]
+        removed = (
+            [key for key in before if key not in after] if actual is not None else sorted(HEALTH_TAGS - after.keys())
+        )
         landed = dict(before)  # what the tags hold as each call succeeds (a refused untag leaves them mixed)
         try:
             if changed:
@@ -161,7 +172,7 @@ class Monitor:
             self._warn("health tags not written; kept in memory until a write lands", error)
             with self._lock:
                 # As the tags read back now (times to the second), so `recall` recognises them.
-                self._unsaved[arn] = (Health.from_tags(landed), Health.from_tags(after))
+                self._unsaved[arn] = (Health.from_tags(landed) if actual is not None else None, Health.from_tags(after))
             return False
         with self._lock:
             self._unsaved.pop(arn, None)
