@@ -810,7 +810,9 @@ def _simulated_day(count: int, latency: float, *, fan_out: bool) -> dict[str, An
             clock.offset += timedelta(seconds=300)
             began, worked = time.perf_counter(), 0.0
             if fan_out:
-                outcomes = refresher.sweep(max_workers=16, fan_out=queued.extend, fan_out_above=0)
+                outcomes = refresher.sweep(
+                    max_workers=16, fan_out=lambda names: queued.extend(names) or [], fan_out_above=0
+                )
                 swept = time.perf_counter() - began
                 # The workers: up to 10 containers (MaximumConcurrency), each one record after another; Lambda
                 # bills each record's own wall time.

@@ -4,6 +4,7 @@ landed, each as it was reproduced (through the deployed handlers, on moto and th
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import itertools
 import json
@@ -153,11 +154,12 @@ def test_a_fanned_out_failing_connection_keeps_its_backoff(
     monkeypatch.setattr(worker, "refresher", deployed.handler.refresher)
     template = json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0]
 
-    def queue(names: list[str]) -> None:
+    def queue(names: list[str]) -> list[str]:
         for name in names:
             record = copy.deepcopy(template)
             record["body"] = json.dumps({"connection": name})
             worker.refresh_record(SQSRecord(record), FakeContext(remaining_ms=300_000))  # a fresh invocation
+        return []
 
     monkeypatch.setattr(deployed.handler, "fan_out", queue)
     monkeypatch.setattr(deployed.handler, "settings", replace(deployed.handler.settings, fan_out_above=0))
@@ -685,3 +687,102 @@ def test_a_consent_whose_health_read_times_out_does_not_leave_the_connection_par
     assert deployed.sweep() == {"not_due": 1}
     deployed.sweep_every(5, 1)
     assert deployed.emulator.token_requests() > before, "the fresh consent was never refreshed"
+
+
+def sqs_fan_out(deployed: Deployed, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> Any:
+    """The sweep's fan-out to a real (moto) queue whose first SendMessageBatch times out."""
+    import boto3
+
+    from core.fanout import send_connections
+
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    url = sqs.create_queue(QueueName="refresh")["QueueUrl"]
+    time_out_once(sqs, "before-call.sqs.SendMessageBatch")
+    monkeypatch.setattr(deployed.handler, "fan_out", functools.partial(send_connections, sqs, url))
+    monkeypatch.setattr(deployed.handler, "settings", replace(deployed.handler.settings, **settings))
+    return sqs, url
+
+
+def test_an_sqs_timeout_while_fanning_out_still_refreshes_the_kept_connections(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the review: the fan-out ran before the sweep's own refreshes, and one timed-out SendMessageBatch
+    raised out of the sweep: none of the connections it kept was refreshed and nothing was reported."""
+    sqs_fan_out(deployed, monkeypatch, fan_out_above=1)
+    for name in ("a", "b", "c"):
+        deployed.world.add(name)
+    deployed.clock.advance(1500)
+    before = deployed.emulator.token_requests()
+    assert deployed.sweep() == {"refreshed": 1, "failed": 2}
+    assert deployed.emulator.token_requests() - before == 1
+    unqueued = [o for o in deployed.outcomes if o.result == "failed"]
+    assert all("could not be queued" in (o.detail or "") for o in unqueued)
+    deployed.clock.advance(300)
+    assert deployed.sweep() == {"refreshed": 1, "queued": 1, "not_due": 1}  # the next sweep queues again
+
+
+def test_an_sqs_timeout_for_deferred_connections_keeps_the_sweeps_report(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the review: the deferred connections' fan-out raised at the end of the sweep, so no outcome
+    was reported: a write_failed (a rotated token at risk) in that sweep never reached its alarm."""
+    sqs_fan_out(deployed, monkeypatch, refresh_concurrency=1)
+    deployed.emulator.rotate_refresh_tokens = True
+    for name in ("a", "b"):
+        deployed.world.add(name)
+    deployed.clock.advance(1500)
+    undo = deployed.refuse({"PutSecretValue"})
+
+    class RunningOut(FakeContext):
+        """Time for the first refresh only."""
+
+        asked = 0
+
+        def get_remaining_time_in_millis(self) -> int:
+            RunningOut.asked += 1
+            return 240_000 if RunningOut.asked == 1 else 10_000
+
+    counts = deployed.handler.lambda_handler(json.loads((EVENTS / "schedule.json").read_text()), RunningOut())
+    undo()
+    assert counts == {"write_failed": 1, "deferred": 1}
+
+
+def test_a_listing_page_that_times_out_costs_only_the_connections_not_listed(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the review: a ListSecrets page that timed out (or was throttled past botocore's retries) raised
+    out of the sweep, so the due connections of the pages already listed were not refreshed either."""
+    import core.refresh
+
+    monkeypatch.setattr(core.refresh, "LIST_PAGE_SIZE", 1)  # one connection per page
+    for name in ("a", "b"):
+        deployed.world.add(name)
+    deployed.clock.advance(1500)
+    pages: list[str] = []
+
+    def second_page_times_out(model: Any, **_: Any) -> None:
+        pages.append(model.name)
+        if len(pages) == 2:
+            raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
+
+    deployed.client.meta.events.register("before-call.secrets-manager.ListSecrets", second_page_times_out)
+    assert deployed.sweep() == {"refreshed": 1, "failed": 1}
+    [listing] = [o for o in deployed.outcomes if o.result == "failed"]
+    assert "could not list" in (listing.detail or "")
+    deployed.client.meta.events.unregister("before-call.secrets-manager.ListSecrets", second_page_times_out)
+    deployed.clock.advance(300)
+    assert deployed.sweep() == {"refreshed": 1, "not_due": 1}
+
+
+def test_a_read_at_awscurrent_that_times_out_costs_only_its_connection_a_sweep(deployed: Deployed) -> None:
+    """Found by the review: when a batch read answers with a version that is not AWSCURRENT (moto does after a
+    stage move) the sweep reads AWSCURRENT itself, and a timeout there raised out of the whole sweep."""
+    for name in ("a", "b"):
+        deployed.world.add(name)
+    deployed.clock.advance(1500)
+    assert deployed.sweep() == {"refreshed": 2}
+    deployed.clock.advance(1500)
+    timed_out = time_out_once(deployed.client, "before-call.secrets-manager.GetSecretValue")
+    counts = deployed.sweep()
+    assert timed_out == ["GetSecretValue"], "the batch read answered AWSCURRENT: the fallback was not taken"
+    assert counts == {"refreshed": 1, "failed": 1}

@@ -5,28 +5,30 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 SQS_BATCH = 10  # SendMessageBatch's maximum
 
 
-def send_connections(sqs: Any, queue_url: str, names: list[str]) -> None:
-    """Queue one message per connection name (no secret material), retrying partial failures once.
-
-    Raises:
-        RuntimeError: some names could not be queued even after a retry (the next sweep picks them up).
-    """
+def send_connections(sqs: Any, queue_url: str, names: list[str]) -> list[str]:
+    """Queue one message per connection name (no secret material), retrying partial failures once; returns the
+    names that could not be queued (the sweep reports them, the next sweep tries again). SQS refusing or timing
+    out a call (after botocore's retries) stops the queueing: the rest would only spend the sweep's time."""
     for start in range(0, len(names), SQS_BATCH):
-        entries = [
-            {"Id": str(i), "MessageBody": json.dumps({"connection": name})}
-            for i, name in enumerate(names[start : start + SQS_BATCH])
-        ]
-        for _ in range(2):
-            answer = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
-            failed = {failure["Id"] for failure in answer.get("Failed", [])}
-            entries = [entry for entry in entries if entry["Id"] in failed]
-            if not entries:
-                break
+        batch = names[start : start + SQS_BATCH]
+        entries = [{"Id": str(i), "MessageBody": json.dumps({"connection": name})} for i, name in enumerate(batch)]
+        try:
+            for _ in range(2):
+                answer = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+                failed = {failure["Id"] for failure in answer.get("Failed", [])}
+                entries = [entry for entry in entries if entry["Id"] in failed]
+                if not entries:
+                    break
+        except (ClientError, BotoCoreError):
+            return [batch[int(entry["Id"])] for entry in entries] + names[start + SQS_BATCH :]
         if entries:
-            raise RuntimeError(f"{len(entries)} connections could not be queued for refresh; the next sweep retries")
+            return [batch[int(entry["Id"])] for entry in entries] + names[start + SQS_BATCH :]
+    return []
 
 
 def connection_from_message(body: str) -> str:

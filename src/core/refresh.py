@@ -483,6 +483,8 @@ class Refresher:
             except (SecretFormatError, ConnectionNotFound, KeyError) as error:
                 # Unreadable, or deleted between the listing and the read: report it, keep sweeping.
                 yield Outcome(name, "invalid", detail=str(error) if not isinstance(error, KeyError) else None)
+            except (ClientError, BotoCoreError) as error:  # the read at AWSCURRENT refused or timed out
+                yield self._unread(value, error)
         for failure in answer.get("Errors", []):
             name = self.store.name_of(failure.get("SecretId", "")) or str(failure.get("SecretId"))
             yield Outcome(name, "invalid", detail=f"could not read the secret ({failure.get('ErrorCode')})")
@@ -532,7 +534,19 @@ class Refresher:
                     outcomes.append(self.refresh(item))  # not due: decided locally, no API call
             batch.clear()
 
-        for entry in self.list_connection_secrets():
+        listing_failed: list[Outcome] = []
+
+        def listed() -> Iterator[dict[str, Any]]:
+            try:
+                yield from self.list_connection_secrets()
+            except (ClientError, BotoCoreError) as error:
+                # A page refused or timed out: the connections listed so far are swept, the rest wait.
+                detail = (
+                    f"could not list the connection secrets ({error_code(error)}); the rest wait for the next sweep"
+                )
+                listing_failed.append(Outcome("(listing)", "failed", failure="transient", detail=detail))
+
+        for entry in listed():
             unsaved = False
             planned = entry
             if self.monitor is not None and self.monitor.unsaved(entry["ARN"]):
@@ -557,18 +571,19 @@ class Refresher:
                 flush()
         if batch:
             flush()
-        return outcomes, due
+        return outcomes + listing_failed, due
 
     def sweep(
         self,
         *,
         max_workers: int = 8,
-        fan_out: Callable[[list[str]], None] | None = None,
+        fan_out: Callable[[list[str]], list[str]] | None = None,
         fan_out_above: int | None = None,
         time_left: Callable[[], float] | None = None,
     ) -> list[Outcome]:
         """Refresh every due connection here with a bounded pool, up to `fan_out_above` of them; the ones beyond
-        go to `fan_out` (the SQS queue's workers, which re-read each: two Secrets Manager calls more a refresh).
+        go to `fan_out` (the SQS queue's workers, which re-read each: two Secrets Manager calls more a refresh),
+        which returns the names it could not queue: reported as transient failures, tried by the next sweep.
 
         With `time_left` (the Lambda's remaining seconds), no refresh starts that might not finish: the
         ones left are handed to `fan_out` too, or wait for the next sweep ("deferred") without one.
@@ -576,8 +591,7 @@ class Refresher:
         outcomes, due = self.scan()
         if fan_out is not None and fan_out_above is not None and len(due) > fan_out_above:
             due, overflow = due[:fan_out_above], due[fan_out_above:]
-            fan_out([read.connection.name for read in overflow])
-            outcomes += [Outcome(read.connection.name, "queued") for read in overflow]
+            outcomes += self._queued(overflow, fan_out([read.connection.name for read in overflow]))
 
         def refresh_in_time(read: StoredConnection) -> Outcome:
             if time_left is not None and not time_for_a_refresh(time_left()):
@@ -588,9 +602,28 @@ class Refresher:
             refreshed = list(pool.map(refresh_in_time, due))
         deferred = [outcome.connection for outcome in refreshed if outcome.result == "deferred"]
         if deferred and fan_out is not None:
-            fan_out(deferred)
-            refreshed = [replace(o, result="queued") if o.result == "deferred" else o for o in refreshed]
+            unqueued = set(fan_out(deferred))
+            refreshed = [
+                replace(o, result="queued") if o.result == "deferred" and o.connection not in unqueued else o
+                for o in refreshed
+            ]
         return outcomes + refreshed
+
+    def _queued(self, overflow: list[StoredConnection], unqueued: list[str]) -> list[Outcome]:
+        now, left = self.clock(), set(unqueued)
+        return [
+            self._done(
+                read.connection,
+                "failed",
+                now,
+                at=read,
+                failure="transient",
+                detail="could not be queued for refresh (SQS refused or timed out); the next sweep tries again",
+            )
+            if read.connection.name in left
+            else Outcome(read.connection.name, "queued")
+            for read in overflow
+        ]
 
     def _safe_refresh(self, read: StoredConnection) -> Outcome:
         try:
