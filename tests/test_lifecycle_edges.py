@@ -786,3 +786,76 @@ def test_a_read_at_awscurrent_that_times_out_costs_only_its_connection_a_sweep(d
     counts = deployed.sweep()
     assert timed_out == ["GetSecretValue"], "the batch read answered AWSCURRENT: the fallback was not taken"
     assert counts == {"refreshed": 1, "failed": 1}
+
+
+def consent_meanwhile(deployed: Deployed) -> Any:
+    """A consent (a password grant stands in for the code exchange) stored between a refresh's read and write."""
+    token = deployed.world.client.password_grant(
+        OAuthApp(deployed.emulator.url, CLIENT_ID, CLIENT_SECRET), username=USER, password=PASSWORD
+    )
+    now = deployed.clock.now()
+    return deployed.world.store.update(
+        "prod", lambda c: replace(c.with_token(token, grant="authorization_code", now=now), status="active")
+    )
+
+
+@pytest.mark.parametrize("lost", ["re-read times out", "stage move answer lost"])
+def test_a_rotated_token_that_lost_a_race_to_a_consent_is_revoked_even_after_a_timeout(
+    deployed: Deployed, lost: str
+) -> None:
+    """Found by the review: a refresh (rotating mode) lost its race to a consent. Its rotated token waits in a
+    candidate; only the path that re-read the winner at once revoked it. When that re-read timed out, or the
+    refused stage move's answer was lost (reported as a write the next run adopts), the next run cleared the
+    candidate it could not adopt and left its refresh token live and stored nowhere. Clearing it revokes it."""
+    deployed.emulator.rotate_refresh_tokens = True
+    deployed.world.add()
+    deployed.clock.advance(1500)
+    raced: list[str] = []
+
+    def consent_writes_first(model: Any, **_: Any) -> None:
+        if not raced:
+            raced.append(consent_meanwhile(deployed).connection.refresh_token or "")
+            if lost == "re-read times out":
+                time_out_once(deployed.client, "before-call.secrets-manager.GetSecretValue")
+            else:
+                time_out_once(deployed.client, "after-call.secrets-manager.UpdateSecretVersionStage")
+
+    deployed.client.meta.events.register("before-call.secrets-manager.PutSecretValue", consent_writes_first)
+    deployed.sweep()
+    deployed.client.meta.events.unregister("before-call.secrets-manager.PutSecretValue", consent_writes_first)
+    deployed.clock.advance(300)
+    deployed.sweep()
+    assert deployed.document()["refreshToken"] == raced[0]  # the consent's tokens stand
+    assert deployed.emulator.live_refresh_tokens() == {raced[0]}, "a live refresh token is stored nowhere"
+
+
+def test_a_worker_refresh_that_fails_unexpectedly_is_recorded_and_backs_off(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the review: the SQS worker called `refresh` without the sweep's guard, so an AWS call that timed
+    out mid-refresh (here the re-read before marking a refusal) raised: no health, no backoff, and SQS delivered
+    the record again up to five times. It is now a transient failure in the health tags, as in the sweep."""
+    import handlers.worker
+
+    worker = importlib.reload(handlers.worker)
+    monkeypatch.setattr(worker, "refresher", deployed.handler.refresher)
+    deployed.world.add()
+    deployed.emulator.set_client_secret(CLIENT_ID, "changed-in-servicenow")
+    deployed.clock.advance(1500)
+    reads: list[str] = []
+
+    def the_second_read_times_out(model: Any, **_: Any) -> None:
+        reads.append(model.name)
+        if len(reads) == 2:  # the first is the worker's own read; the second the re-check before the mark
+            raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
+
+    deployed.client.meta.events.register("before-call.secrets-manager.GetSecretValue", the_second_read_times_out)
+    event = json.loads((EVENTS / "sqs-refresh.json").read_text())
+    event["Records"][0]["body"] = json.dumps({"connection": "prod"})
+    try:
+        answer = worker.lambda_handler(event, FakeContext(remaining_ms=300_000))
+    finally:
+        deployed.client.meta.events.unregister("before-call.secrets-manager.GetSecretValue", the_second_read_times_out)
+    assert len(reads) >= 2
+    assert answer == {"batchItemFailures": []}
+    assert deployed.health().consecutive_failures == 1 and deployed.health().next_attempt is not None

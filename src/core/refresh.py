@@ -156,6 +156,8 @@ class Refresher:
         signer: KmsSigner | None = None,
     ) -> None:
         self.store = store
+        if store.superseded is None:
+            store.superseded = self._revoke_superseded  # the store has no ServiceNow client: revoking is ours
         self.signer = signer
         self.appflow = appflow
         self.monitor = monitor
@@ -400,6 +402,13 @@ class Refresher:
         with suppress(ProviderError):
             self.client.revoke(connection.app, secret)
 
+    def _revoke_superseded(self, current: Connection, dropped: Connection) -> None:
+        """A candidate's tokens that lost to newer ones (a consent): revoked, so no live refresh token is left
+        unknown (best effort, with the freshest client credentials for the same client)."""
+        app = current.app if current.client_id == dropped.client_id else dropped.app
+        with suppress(ProviderError):
+            self.client.revoke(app, dropped.refresh_token or "")
+
     def mark_rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
         """Mark `reauthorization_required` only if the refused credential is still the current one."""
         now = self.clock()
@@ -596,7 +605,7 @@ class Refresher:
         def refresh_in_time(read: StoredConnection) -> Outcome:
             if time_left is not None and not time_for_a_refresh(time_left()):
                 return Outcome(read.connection.name, "deferred")
-            return self._safe_refresh(read)
+            return self.safe_refresh(read)
 
         with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
             refreshed = list(pool.map(refresh_in_time, due))
@@ -625,7 +634,9 @@ class Refresher:
             for read in overflow
         ]
 
-    def _safe_refresh(self, read: StoredConnection) -> Outcome:
+    def safe_refresh(self, read: StoredConnection) -> Outcome:
+        """`refresh`, with anything unexpected (an AWS call that timed out mid-way) recorded as a transient failure
+        that backs off like any other, instead of raised (the sweep's other connections, the worker's batch)."""
         try:
             return self.refresh(read)
         except Exception as error:  # one broken connection must never stop the others

@@ -120,8 +120,12 @@ class ConnectionStore:
         write_attempts: int = 4,
         write_backoff_seconds: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
+        superseded: Callable[[Connection, Connection], None] | None = None,
     ) -> None:
         self.client = client
+        # Called with (current, dropped) for a candidate cleared because newer tokens were stored meanwhile (a
+        # consent won the race): its refresh token may be live in ServiceNow, so the refresher revokes it.
+        self.superseded = superseded
         self.prefix = prefix
         self.allowed_hosts = tuple(allowed_hosts)
         self.write_attempts = write_attempts
@@ -285,6 +289,8 @@ class ConnectionStore:
         rebase = marks is not None and not built_on_read and spent is not None and marks[1] == _mark(spent)
         if not (built_on_read or rebase):
             # Built on an older value whose tokens were superseded (a lost race, a consent): never over newer data.
+            if self.superseded is not None:
+                self._drop(read, candidate)
             self.client.update_secret_version_stage(
                 SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
             )
@@ -298,6 +304,16 @@ class ConnectionStore:
             return self.compare_and_swap(read, rebased, request_token=adoptable_token(read.version_id, spent))
         except ConcurrentUpdate:
             return self.get_latest(name)
+
+    def _drop(self, read: StoredConnection, candidate: str) -> None:
+        """Hand a superseded candidate's tokens to `superseded` (best effort: unreadable, it is cleared anyway)."""
+        try:
+            answer = self.client.get_secret_value(SecretId=read.arn, VersionId=candidate)
+            dropped = self.parse(read.connection.name, answer["SecretString"], candidate, read.arn, None).connection
+        except (ClientError, BotoCoreError, SecretFormatError):
+            return
+        if self.superseded is not None and dropped.refresh_token not in (None, read.connection.refresh_token):
+            self.superseded(read.connection, dropped)
 
     def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:
         """Read, apply `change(connection) -> connection`, and compare-and-swap; re-read on a lost race.

@@ -33,7 +33,8 @@ class NotStarted(Exception):
 def refresh_record(record: SQSRecord, lambda_context: LambdaContext) -> Outcome | None:
     """Re-read the connection (the queue holds only its name) and refresh it if still due.
 
-    Provider failures are outcomes, not exceptions: the next sweep retries them, so SQS need not. As in the
+    Provider failures (and anything unexpected during the refresh) are outcomes, not exceptions: they back off
+    and the next sweep retries them, so SQS need not. As in the
     sweep, no refresh starts that might not finish before the timeout (it would be cut off mid-write).
     """
     name = connection_from_message(record.body)
@@ -44,7 +45,7 @@ def refresh_record(record: SQSRecord, lambda_context: LambdaContext) -> Outcome 
     except ConnectionNotFound:
         logger.warning("queued connection no longer exists", extra={"connection": name})
         return None
-    return refresher.refresh(read)
+    return refresher.safe_refresh(read)
 
 
 @metrics.log_metrics
