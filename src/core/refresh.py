@@ -374,7 +374,7 @@ class Refresher:
                     return self._done(read.connection, "failed", now, at=read, failure="transient", detail="raced")
                 continue
             except SecretWriteFailed as error:
-                code = error.response.get("Error", {}).get("Code", "ClientError")
+                code = error_code(error)
                 lost = new_refresh and not error.staged and grant == "refresh_token"
                 detail = f"secret write failed ({code})"
                 if error.staged:
@@ -419,6 +419,12 @@ class Refresher:
                 " - expected: an earlier refresh's answer was lost (or its write failed) after ServiceNow "
                 "rotated the refresh token, so the stored one is dead; re-authorize (make authorize-url)"
             )
+
+        def already_refused(fresh: StoredConnection) -> Outcome:
+            return self._done(
+                fresh.connection, "reauthorization_required", now, at=fresh, failure="rejected", detail=detail
+            )
+
         for _ in range(3):
             fresh = self.store.get_latest(read.connection.name)
             if not _same_credential(fresh.connection, read.connection):
@@ -427,10 +433,7 @@ class Refresher:
             if fresh.connection.status == "reauthorization_required" and fresh.connection.marked_version == (
                 fresh.version_id
             ):
-                # Another run (an overlapping sweep, another container) marked this very credential already.
-                return self._done(
-                    fresh.connection, "reauthorization_required", now, at=fresh, failure="rejected", detail=detail
-                )
+                return already_refused(fresh)  # another run (an overlapping sweep, another container) marked it
             # The write names itself (its VersionId is chosen here), so the document alone says this version
             # was refused even if the health tags are never written (lifecycle.decide).
             version = str(uuid.uuid4())
@@ -448,9 +451,7 @@ class Refresher:
                 if fresh.connection.status == "reauthorization_required":
                     # Already marked (an operator's fix that ServiceNow refused too): the tags record the
                     # refusal of this version, so it waits for the next change instead of backing off.
-                    return self._done(
-                        fresh.connection, "reauthorization_required", now, at=fresh, failure="rejected", detail=detail
-                    )
+                    return already_refused(fresh)
                 break
         return self._done(read.connection, "failed", now, at=read, failure="rejected", detail=detail)
 
@@ -546,10 +547,14 @@ class Refresher:
         listing_failed: list[Outcome] = []
 
         def listed() -> Iterator[dict[str, Any]]:
+            count = 0
             try:
-                yield from self.list_connection_secrets()
+                for count, entry in enumerate(self.list_connection_secrets(), start=1):
+                    yield entry
             except (ClientError, BotoCoreError) as error:
-                # A page refused or timed out: the connections listed so far are swept, the rest wait.
+                if not count:
+                    raise  # nothing listed: the invocation fails loudly (RefreshErrorsAlarm), nothing was written
+                # A later page refused or timed out: the connections listed so far are swept, the rest wait.
                 detail = (
                     f"could not list the connection secrets ({error_code(error)}); the rest wait for the next sweep"
                 )
