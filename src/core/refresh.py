@@ -547,12 +547,13 @@ class Refresher:
         listing_failed: list[Outcome] = []
 
         def listed() -> Iterator[dict[str, Any]]:
-            count = 0
+            listed_any = False
             try:
-                for count, entry in enumerate(self.list_connection_secrets(), start=1):
+                for entry in self.list_connection_secrets():
+                    listed_any = True
                     yield entry
             except (ClientError, BotoCoreError) as error:
-                if not count:
+                if not listed_any:
                     raise  # nothing listed: the invocation fails loudly (RefreshErrorsAlarm), nothing was written
                 # A later page refused or timed out: the connections listed so far are swept, the rest wait.
                 detail = (
