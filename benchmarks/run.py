@@ -405,11 +405,18 @@ class RecordingQueue:
         return {"Successful": [{"Id": entry["Id"]} for entry in Entries], "Failed": []}
 
 
+def worker_batch_size() -> int:
+    """The SQS event source's BatchSize in template.yaml: the batches the worker really gets."""
+    found = re.search(r"^\s+BatchSize: (\d+)$", (ROOT / "template.yaml").read_text(), re.MULTILINE)
+    assert found, "template.yaml has no SQS BatchSize"
+    return int(found.group(1))
+
+
 def fan_out(count: int, latency: float, concurrency: int, sample: int) -> list[Row]:
     """`count` due connections through the fan-out path, AWS being moto in-process (with an index for
     its O(n) secret lookups, see `in_process_aws`) and SQS a recorder (see `RecordingQueue`). The sweep
     scans all of them and queues their names; the worker handler then runs in-process on the first
-    `sample` (batches of 10, one at a time, as one Lambda container does). Projected wall at
+    `sample` (in the template's batches, one at a time, as one Lambda container does). Projected wall at
     `concurrency` containers = scan and queue + count x (compute per connection + latency) / concurrency."""
     import importlib
 
@@ -439,10 +446,11 @@ def fan_out(count: int, latency: float, concurrency: int, sample: int) -> list[R
             template = json.loads((ROOT / "events" / "sqs-refresh.json").read_text())["Records"][0]
             failed = done = 0
             work_start = time.perf_counter()
-            for first in range(0, min(sample, len(sqs.messages)), 10):
+            size = worker_batch_size()
+            for first in range(0, min(sample, len(sqs.messages)), size):
                 records = [
                     {**template, "messageId": f"m{first + i}", "body": body}
-                    for i, body in enumerate(sqs.messages[first : first + 10])
+                    for i, body in enumerate(sqs.messages[first : first + size])
                 ]
                 failed += len(worker.lambda_handler({"Records": records}, LambdaContextStandIn())["batchItemFailures"])
                 done += len(records)
@@ -463,7 +471,7 @@ def fan_out(count: int, latency: float, concurrency: int, sample: int) -> list[R
         ),
         Row(
             "Fan-out",
-            f"worker on the first {done} queued (batches of 10, in-process)",
+            f"worker on the first {done} queued (batches of {size} as template.yaml's BatchSize, in-process)",
             f"{per_connection * 1000:.1f} ms compute per connection (moto in-process included); {failed} failed",
             "-",
             "none failed",
