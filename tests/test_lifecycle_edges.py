@@ -751,7 +751,8 @@ def test_a_listing_page_that_times_out_costs_only_the_connections_not_listed(
     deployed: Deployed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by the review: a ListSecrets page that timed out (or was throttled past botocore's retries) raised
-    out of the sweep, so the due connections of the pages already listed were not refreshed either."""
+    out of the sweep, so the due connections of the pages already listed were not refreshed either. They are now
+    refreshed and reported; then the invocation fails, so a listing that keeps failing still alarms."""
     import core.refresh
 
     monkeypatch.setattr(core.refresh, "LIST_PAGE_SIZE", 1)  # one connection per page
@@ -766,9 +767,11 @@ def test_a_listing_page_that_times_out_costs_only_the_connections_not_listed(
             raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
 
     deployed.client.meta.events.register("before-call.secrets-manager.ListSecrets", second_page_times_out)
-    assert deployed.sweep() == {"refreshed": 1, "failed": 1}
+    with pytest.raises(deployed.handler.ListingIncomplete):  # reported, then failed: RefreshErrorsAlarm sees it
+        deployed.sweep()
+    assert sorted(o.result for o in deployed.outcomes) == ["failed", "refreshed"]
     [listing] = [o for o in deployed.outcomes if o.result == "failed"]
-    assert "could not list" in (listing.detail or "")
+    assert listing.connection == "(listing)" and "could not list" in (listing.detail or "")
     deployed.client.meta.events.unregister("before-call.secrets-manager.ListSecrets", second_page_times_out)
     deployed.clock.advance(300)
     assert deployed.sweep() == {"refreshed": 1, "not_due": 1}
@@ -859,3 +862,66 @@ def test_a_worker_refresh_that_fails_unexpectedly_is_recorded_and_backs_off(
     assert len(reads) >= 2
     assert answer == {"batchItemFailures": []}
     assert deployed.health().consecutive_failures == 1 and deployed.health().next_attempt is not None
+
+
+@pytest.mark.parametrize("rotating", [False, True])
+def test_a_consent_written_between_a_read_and_its_describe_is_never_revoked(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch, rotating: bool
+) -> None:
+    """Found by the second review: `get_latest` reads the value, then DescribeSecret; a consent landing between
+    the two showed up as a candidate that was not the version read, and clearing it revoked the refresh token
+    the consent had just stored. Only a refresh's candidate (marked) is revoked, never a token AWSCURRENT holds."""
+    import handlers.worker
+
+    deployed.emulator.rotate_refresh_tokens = rotating
+    deployed.world.add()
+    worker = importlib.reload(handlers.worker)
+    monkeypatch.setattr(worker, "refresher", deployed.handler.refresher)
+    consented: list[str] = []
+
+    def consent_between_get_and_describe(model: Any, **_: Any) -> None:
+        if not consented:
+            consented.append(consent_meanwhile(deployed).connection.refresh_token or "")
+
+    deployed.client.meta.events.register("before-call.secrets-manager.DescribeSecret", consent_between_get_and_describe)
+    deployed.clock.advance(1500)
+    record = copy.deepcopy(json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0])
+    record["body"] = json.dumps({"connection": "prod"})
+    try:
+        worker.refresh_record(SQSRecord(record), FakeContext(remaining_ms=300_000))
+    finally:
+        deployed.client.meta.events.unregister(
+            "before-call.secrets-manager.DescribeSecret", consent_between_get_and_describe
+        )
+    assert deployed.live(deployed.document()["refreshToken"]), "AWSCURRENT's refresh token was revoked"
+    deployed.clock.advance(3000)
+    assert deployed.sweep() == {"refreshed": 1}
+
+
+@pytest.mark.parametrize("rotating", [False, True])
+def test_a_sweep_between_a_consents_write_and_its_stage_move_never_revokes_it(
+    deployed: Deployed, rotating: bool
+) -> None:
+    """Found by the second review: a consent's new version waits under the candidate label until its stage move
+    lands; a sweep reading the connection in between cleared it and revoked its refresh token, which the consent
+    then made AWSCURRENT."""
+    deployed.emulator.rotate_refresh_tokens = rotating
+    deployed.world.add()
+    deployed.clock.advance(1500)
+    consent_client = deployed.world.store.client
+    swept: list[Any] = []
+
+    def sweep_now(params: dict[str, Any], **_: Any) -> None:
+        if not swept and params.get("VersionStage") == "AWSCURRENT":
+            swept.append(deployed.sweep())
+
+    event = "before-parameter-build.secrets-manager.UpdateSecretVersionStage"
+    consent_client.meta.events.register(event, sweep_now)
+    try:
+        consent_meanwhile(deployed)
+    finally:
+        consent_client.meta.events.unregister(event, sweep_now)
+    assert swept
+    assert deployed.live(deployed.document()["refreshToken"]), "AWSCURRENT's refresh token was revoked"
+    deployed.clock.advance(3000)
+    assert deployed.sweep() == {"refreshed": 1} and deployed.document()["status"] == "active"

@@ -244,3 +244,15 @@ def test_unreachable_instance_is_transient(client: ServiceNowClient) -> None:
         client.refresh(app, "whatever-token")
     assert isinstance(raised.value.__cause__, type(None))
     assert not isinstance(raised.value, requests.RequestException)
+
+
+def test_a_value_http_client_refuses_to_send_is_transient_and_never_in_the_message(
+    app: OAuthApp, client: ServiceNowClient, emulator: ServiceNowEmulator
+) -> None:
+    """Found by review: http.client raises a plain ValueError naming the header value (a token with CR/LF) before
+    anything is sent; it escaped the client with the token in its message."""
+    before = emulator.token_requests()
+    with pytest.raises(TransientProviderError) as raised:
+        client.current_user(app.instance_url, "AT-SECRET-VALUE\r\nX-Evil: 1")
+    assert "AT-SECRET-VALUE" not in str(raised.value) and "could not send" in str(raised.value)
+    assert not raised.value.maybe_processed and emulator.token_requests() == before

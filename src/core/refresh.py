@@ -63,6 +63,7 @@ def time_for_a_refresh(seconds_left: float) -> bool:
 
 
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
+LISTING = "(listing)"  # the outcome of a listing that stopped part-way (the connections not listed wait)
 
 
 def request_token(
@@ -559,7 +560,7 @@ class Refresher:
                 detail = (
                     f"could not list the connection secrets ({error_code(error)}); the rest wait for the next sweep"
                 )
-                listing_failed.append(Outcome("(listing)", "failed", failure="transient", detail=detail))
+                listing_failed.append(Outcome(LISTING, "failed", failure="transient", detail=detail))
 
         for entry in listed():
             unsaved = False

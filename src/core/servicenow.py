@@ -75,7 +75,7 @@ class _BoundedRetry(Retry):
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
-HEADERS = {"Accept": "application/json", "User-Agent": "servicenow-oauth-aws"}
+HEADERS = {"Accept": "application/json", "Accept-Encoding": "gzip, deflate", "User-Agent": "servicenow-oauth-aws"}
 
 
 def retry_policy(
@@ -268,6 +268,12 @@ class ServiceNowClient:
                 timeout=Timeout(connect=self._timeout[0], read=self._timeout[1]),
                 redirect=False,
             )
+        except ValueError as exc:
+            # http.client refused to build the request (a header value with CR/LF, a character it cannot encode):
+            # nothing was sent, and its message would hold the value (a token).
+            raise TransientProviderError(
+                app.host, grant, f"could not send the request ({type(exc).__name__}); retry later"
+            ) from None
         except HTTPError as exc:  # urllib3's base class: every transport failure, after its retries
             reason = _reason(exc)
             if isinstance(reason, ConnectTimeoutError):

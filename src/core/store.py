@@ -306,14 +306,25 @@ class ConnectionStore:
             return self.get_latest(name)
 
     def _drop(self, read: StoredConnection, candidate: str) -> None:
-        """Hand a superseded candidate's tokens to `superseded` (best effort: unreadable, it is cleared anyway)."""
+        """Hand a superseded candidate's tokens to `superseded` (best effort: unreadable, it is cleared anyway).
+
+        Only a refresh's candidate (its id carries the marks): a version without them is a consent's or an
+        operator's write whose stage move is still under way, the newest tokens there are. And never a token
+        AWSCURRENT holds now (read again: it may have moved since `read`)."""
+        if _candidate_marks(candidate) is None:
+            return
+        name = read.connection.name
         try:
             answer = self.client.get_secret_value(SecretId=read.arn, VersionId=candidate)
-            dropped = self.parse(read.connection.name, answer["SecretString"], candidate, read.arn, None).connection
+            dropped = self.parse(name, answer["SecretString"], candidate, read.arn, None).connection
+            if dropped.refresh_token in (None, read.connection.refresh_token):
+                return
+            current = self.client.get_secret_value(SecretId=read.arn, VersionStage=AWSCURRENT)
+            now_stored = self.parse(name, current["SecretString"], current["VersionId"], read.arn, None).connection
         except (ClientError, BotoCoreError, SecretFormatError):
             return
-        if self.superseded is not None and dropped.refresh_token not in (None, read.connection.refresh_token):
-            self.superseded(read.connection, dropped)
+        if self.superseded is not None and dropped.refresh_token != now_stored.refresh_token:
+            self.superseded(now_stored, dropped)
 
     def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:
         """Read, apply `change(connection) -> connection`, and compare-and-swap; re-read on a lost race.

@@ -10,11 +10,17 @@ from aws_lambda_powertools import Metrics
 from core.clock import utc_now
 from core.config import load_settings
 from core.fanout import send_connections
+from core.refresh import LISTING
 from core.report import report_outcomes
 from handlers.runtime import LazyClient, build_logger, build_refresher
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
+
+
+class ListingIncomplete(RuntimeError):
+    """A ListSecrets page after the first failed: the listed connections were swept and reported."""
+
 
 logger = build_logger()
 metrics = Metrics()
@@ -35,4 +41,9 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, i
         fan_out_above=settings.fan_out_above,
         time_left=lambda: context.get_remaining_time_in_millis() / 1000,
     )
-    return report_outcomes(outcomes, logger, metrics, utc_now())
+    counts = report_outcomes(outcomes, logger, metrics, utc_now())
+    if any(outcome.connection == LISTING for outcome in outcomes):
+        # Reported first; then the invocation fails (no retry: MaximumRetryAttempts 0) so that a listing that
+        # keeps failing, whose unlisted connections are never observed, reaches RefreshErrorsAlarm.
+        raise ListingIncomplete("the sweep could not list every connection secret; the next sweep tries again")
+    return counts
