@@ -19,10 +19,11 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.exceptions import ClientError, ReadTimeoutError
 
 from core.errors import RotationError
-from core.health import Health
+from core.health import CANDIDATE, Health
 from core.lifecycle import Outcome, RefreshPolicy, State, advance, state_of
 from core.revoke import revoke_connection
 from core.servicenow import OAuthApp, ServiceNowClient, build_session
+from core.store import adoptable_token
 from local.servicenow_emulator import press_consent
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.test_callback import FakeContext, Stack
@@ -925,3 +926,45 @@ def test_a_sweep_between_a_consents_write_and_its_stage_move_never_revokes_it(
     assert deployed.live(deployed.document()["refreshToken"]), "AWSCURRENT's refresh token was revoked"
     deployed.clock.advance(3000)
     assert deployed.sweep() == {"refreshed": 1} and deployed.document()["status"] == "active"
+
+
+@pytest.mark.parametrize("rotating", [True, False])
+def test_a_refreshs_candidate_under_way_is_never_revoked_from_a_stale_read(deployed: Deployed, rotating: bool) -> None:
+    """Found by the third review: a `get_latest` whose value read predates a write (a consent, then another
+    container's refresh staging its candidate on it) took that candidate for a superseded one and revoked its
+    refresh token, which the other container then promoted to AWSCURRENT. When the value read and the stages
+    disagree, nothing is cleared or revoked: the next run decides."""
+    deployed.emulator.rotate_refresh_tokens = rotating
+    deployed.world.add()
+    deployed.clock.advance(1500)
+    a_store = deployed.world.store  # container A (another client)
+    pending: dict[str, Any] = {}
+
+    def meanwhile(model: Any, **_: Any) -> None:
+        if pending:
+            return
+        # 1. a consent (or any write) lands after B's GetSecretValue
+        consent_meanwhile(deployed)
+        # 2. container A reads it, refreshes, and stages its candidate (compare_and_swap's put) ...
+        read = a_store.get("prod")
+        app = OAuthApp(deployed.emulator.url, CLIENT_ID, CLIENT_SECRET)
+        token = deployed.world.client.refresh(app, read.connection.refresh_token, replay=False)
+        new = read.connection.with_token(token, grant="refresh_token", now=deployed.clock.now())
+        version = adoptable_token(read.version_id, read.connection.refresh_token)
+        a_store.client.put_secret_value(
+            SecretId=read.arn, ClientRequestToken=version, SecretString=new.to_json(), VersionStages=[CANDIDATE]
+        )
+        pending.update(read=read, new=new, version=version)
+
+    b = deployed.handler.refresher.store  # container B: the worker's get_latest
+    b.client.meta.events.register("before-call.secrets-manager.DescribeSecret", meanwhile)
+    try:
+        b_read = b.get_latest("prod")
+    finally:
+        b.client.meta.events.unregister("before-call.secrets-manager.DescribeSecret", meanwhile)
+    assert b_read.version_id != pending["version"]
+    # 3. ... and A's stage move (compare_and_swap's _promote) lands: AWSCURRENT is still A's base.
+    written = a_store._promote(pending["read"], pending["new"], pending["version"])
+    assert written.version_id == pending["version"]
+    stored = deployed.document()["refreshToken"]
+    assert deployed.live(stored), "AWSCURRENT's refresh token was revoked by B's _drop"

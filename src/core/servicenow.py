@@ -269,10 +269,11 @@ class ServiceNowClient:
                 redirect=False,
             )
         except ValueError as exc:
-            # http.client refused to build the request (a header value with CR/LF, a character it cannot encode):
-            # nothing was sent, and its message would hold the value (a token).
+            # http.client refused to build the request (a header value with CR/LF, a character it cannot encode;
+            # its message would hold the value, a token), or urllib3 could not parse an answer's Retry-After on a
+            # retrying session (never used for a refresh token that rotates).
             raise TransientProviderError(
-                app.host, grant, f"could not send the request ({type(exc).__name__}); retry later"
+                app.host, grant, f"could not send the request or read its answer ({type(exc).__name__}); retry later"
             ) from None
         except HTTPError as exc:  # urllib3's base class: every transport failure, after its retries
             reason = _reason(exc)
