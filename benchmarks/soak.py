@@ -39,6 +39,7 @@ def worker(steps: int, shrink: bool) -> dict[str, Any]:
     moto = MotoProcess()
     LifecycleModel.moto_url = moto.url
     violations: list[dict[str, Any]] = []
+    reported = 0
     batches = 0
     try:
         while Stats.steps < steps:
@@ -65,6 +66,11 @@ def worker(steps: int, shrink: bool) -> dict[str, Any]:
             except Exception as error:  # the code under test raised where it must not: a violation too, not a crash
                 first = str(error).splitlines()[0] if str(error) else ""
                 violations.append({"invariant": f"{type(error).__name__}: {first}", "steps": list(Stats.history)})
+            if len(violations) > reported:  # at once, so a long soak's finding can be replayed while it goes on
+                found = violations[-1]
+                print(f"soak worker {os.getpid()}: violation: {found['invariant']}", file=sys.stderr)
+                print(" → ".join(found["steps"]), file=sys.stderr, flush=True)
+                reported = len(violations)
     finally:
         moto.stop()
     return {
