@@ -558,13 +558,19 @@ class LifecycleModel(RuleBasedStateMachine):
         except ServiceNowOAuthError:
             return
         self.operator_tokens.add(token.refresh_token or "")
-        old = self.current()[1].refresh_token
+        replaced: list[str | None] = []  # the refresh token the write replaced (a candidate's, once adopted)
+
+        def paste(connection: Connection) -> Connection:
+            replaced.append(connection.refresh_token)
+            return connection.with_token(token, grant="password", now=self.now)
+
         try:
-            self.store.update(NAME, lambda c: replace(c.with_token(token, grant="password", now=self.now)))
+            self.store.update(NAME, paste)
         except (ServiceNowOAuthError, ClientError, BotoCoreError):  # a failed paste: the operator revokes it
             with suppress(ServiceNowOAuthError):
                 self.client.revoke(app, token.refresh_token or "")
             return
+        old = replaced[-1]
         if old:
             with suppress(ServiceNowOAuthError):
                 self.client.revoke(app, old)
