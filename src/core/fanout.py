@@ -25,7 +25,7 @@ def send_connections(sqs: Any, queue_url: str, names: list[str]) -> list[str]:
                 if not entries:
                     break
         except (ClientError, BotoCoreError):
-            return [batch[int(entry["Id"])] for entry in entries] + names[start + SQS_BATCH :]
+            pass  # `entries` still holds the ones this call was sending
         if entries:
             return [batch[int(entry["Id"])] for entry in entries] + names[start + SQS_BATCH :]
     return []

@@ -296,13 +296,12 @@ class ConnectionStore:
                 return read
             # Built on an older value whose tokens were superseded (a lost race, a consent): never over newer data.
             if self.superseded is not None:
-                self._drop(read, candidate)
+                self._drop(read, candidate, self.superseded)
             self.client.update_secret_version_stage(
                 SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
             )
             return read
-        answer = self.client.get_secret_value(SecretId=read.arn, VersionId=candidate)
-        adopted = self.parse(name, answer["SecretString"], candidate, read.arn, read.tags).connection
+        adopted = self._version(read, candidate)
         try:
             if built_on_read:
                 return self._promote(read, adopted, candidate)
@@ -311,7 +310,14 @@ class ConnectionStore:
         except ConcurrentUpdate:
             return self.get_latest(name)
 
-    def _drop(self, read: StoredConnection, candidate: str) -> None:
+    def _version(self, read: StoredConnection, version_id: str) -> Connection:
+        """The connection as one version of `read`'s secret holds it (a candidate)."""
+        answer = self.client.get_secret_value(SecretId=read.arn, VersionId=version_id)
+        return self.parse(read.connection.name, answer["SecretString"], version_id, read.arn, read.tags).connection
+
+    def _drop(
+        self, read: StoredConnection, candidate: str, superseded: Callable[[Connection, Connection], None]
+    ) -> None:
         """Hand a superseded candidate's tokens to `superseded` (best effort: unreadable, it is cleared anyway).
 
         Only a refresh's candidate (its id carries the marks): a version without them is a consent's or an
@@ -319,18 +325,15 @@ class ConnectionStore:
         AWSCURRENT holds now (read again: it may have moved since `read`)."""
         if _candidate_marks(candidate) is None:
             return
-        name = read.connection.name
         try:
-            answer = self.client.get_secret_value(SecretId=read.arn, VersionId=candidate)
-            dropped = self.parse(name, answer["SecretString"], candidate, read.arn, None).connection
+            dropped = self._version(read, candidate)
             if dropped.refresh_token in (None, read.connection.refresh_token):
                 return
-            current = self.client.get_secret_value(SecretId=read.arn, VersionStage=AWSCURRENT)
-            now_stored = self.parse(name, current["SecretString"], current["VersionId"], read.arn, None).connection
-        except (ClientError, BotoCoreError, SecretFormatError):
+            now_stored = self.get(read.connection.name).connection
+        except (ClientError, BotoCoreError, SecretFormatError, ConnectionNotFound):
             return
-        if self.superseded is not None and dropped.refresh_token != now_stored.refresh_token:
-            self.superseded(now_stored, dropped)
+        if dropped.refresh_token != now_stored.refresh_token:
+            superseded(now_stored, dropped)
 
     def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:
         """Read, apply `change(connection) -> connection`, and compare-and-swap; re-read on a lost race.
