@@ -145,21 +145,31 @@ def test_a_candidate_that_cannot_be_adopted_does_not_bypass_backoff(deployed: De
     assert spent <= 40, f"{spent} token requests in 24 h for one failing connection"
 
 
-def test_a_fanned_out_failing_connection_keeps_its_backoff(
-    deployed: Deployed, leak_check: list, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """More due than FAN_OUT_ABOVE (here 0): the worker refreshes them, and must read their health too."""
+def deployed_worker(deployed: Deployed, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The SQS worker module as deployed, sharing the refresher Lambda's clients and clock."""
     import handlers.worker
 
     worker = importlib.reload(handlers.worker)
     monkeypatch.setattr(worker, "refresher", deployed.handler.refresher)
-    template = json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0]
+    return worker
+
+
+def queued_record(name: str) -> dict[str, Any]:
+    """An SQS record as the sweep's fan-out queues it for one connection."""
+    record = copy.deepcopy(json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0])
+    record["body"] = json.dumps({"connection": name})
+    return record
+
+
+def test_a_fanned_out_failing_connection_keeps_its_backoff(
+    deployed: Deployed, leak_check: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More due than FAN_OUT_ABOVE (here 0): the worker refreshes them, and must read their health too."""
+    worker = deployed_worker(deployed, monkeypatch)
 
     def queue(names: list[str]) -> list[str]:
         for name in names:
-            record = copy.deepcopy(template)
-            record["body"] = json.dumps({"connection": name})
-            worker.refresh_record(SQSRecord(record), FakeContext(remaining_ms=300_000))  # a fresh invocation
+            worker.refresh_record(SQSRecord(queued_record(name)), FakeContext(remaining_ms=300_000))  # fresh
         return []
 
     monkeypatch.setattr(deployed.handler, "fan_out", queue)
@@ -839,10 +849,7 @@ def test_a_worker_refresh_that_fails_unexpectedly_is_recorded_and_backs_off(
     """Found by the review: the SQS worker called `refresh` without the sweep's guard, so an AWS call that timed
     out mid-refresh (here the re-read before marking a refusal) raised: no health, no backoff, and SQS delivered
     the record again up to five times. It is now a transient failure in the health tags, as in the sweep."""
-    import handlers.worker
-
-    worker = importlib.reload(handlers.worker)
-    monkeypatch.setattr(worker, "refresher", deployed.handler.refresher)
+    worker = deployed_worker(deployed, monkeypatch)
     deployed.world.add()
     deployed.emulator.set_client_secret(CLIENT_ID, "changed-in-servicenow")
     deployed.clock.advance(1500)
@@ -854,10 +861,8 @@ def test_a_worker_refresh_that_fails_unexpectedly_is_recorded_and_backs_off(
             raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
 
     deployed.client.meta.events.register("before-call.secrets-manager.GetSecretValue", the_second_read_times_out)
-    event = json.loads((EVENTS / "sqs-refresh.json").read_text())
-    event["Records"][0]["body"] = json.dumps({"connection": "prod"})
     try:
-        answer = worker.lambda_handler(event, FakeContext(remaining_ms=300_000))
+        answer = worker.lambda_handler({"Records": [queued_record("prod")]}, FakeContext(remaining_ms=300_000))
     finally:
         deployed.client.meta.events.unregister("before-call.secrets-manager.GetSecretValue", the_second_read_times_out)
     assert len(reads) >= 2
@@ -872,12 +877,9 @@ def test_a_consent_written_between_a_read_and_its_describe_is_never_revoked(
     """Found by the second review: `get_latest` reads the value, then DescribeSecret; a consent landing between
     the two showed up as a candidate that was not the version read, and clearing it revoked the refresh token
     the consent had just stored. Only a refresh's candidate (marked) is revoked, never a token AWSCURRENT holds."""
-    import handlers.worker
-
     deployed.emulator.rotate_refresh_tokens = rotating
     deployed.world.add()
-    worker = importlib.reload(handlers.worker)
-    monkeypatch.setattr(worker, "refresher", deployed.handler.refresher)
+    worker = deployed_worker(deployed, monkeypatch)
     consented: list[str] = []
 
     def consent_between_get_and_describe(model: Any, **_: Any) -> None:
@@ -886,10 +888,8 @@ def test_a_consent_written_between_a_read_and_its_describe_is_never_revoked(
 
     deployed.client.meta.events.register("before-call.secrets-manager.DescribeSecret", consent_between_get_and_describe)
     deployed.clock.advance(1500)
-    record = copy.deepcopy(json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0])
-    record["body"] = json.dumps({"connection": "prod"})
     try:
-        worker.refresh_record(SQSRecord(record), FakeContext(remaining_ms=300_000))
+        worker.refresh_record(SQSRecord(queued_record("prod")), FakeContext(remaining_ms=300_000))
     finally:
         deployed.client.meta.events.unregister(
             "before-call.secrets-manager.DescribeSecret", consent_between_get_and_describe
