@@ -142,11 +142,8 @@ class AwsFaults:
                 if self.appflow_down:
                     return _error("AccessDeniedException", name)
                 return AWSResponse("http://model", 200, {}, None), {"connectorProfileArn": "arn:model"}
+            self._time_out(name, landed=False)
             for group, operations in SM_GROUPS.items():
-                if name in operations and self.time_out.get(group) is False:
-                    del self.time_out[group]
-                    self.timed_out[(name, False)] += 1
-                    raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
                 if name in operations and self.pending[group] > 0:
                     self.pending[group] -= 1
                     self.refused[name] += 1
@@ -160,11 +157,15 @@ class AwsFaults:
         if http_response is None or http_response.url == "http://model" or http_response.status_code >= 300:
             return
         with self.lock:
-            for group, operations in SM_GROUPS.items():
-                if name in operations and self.time_out.get(group) is True:
-                    del self.time_out[group]
-                    self.timed_out[(name, True)] += 1
-                    raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
+            self._time_out(name, landed=True)
+
+    def _time_out(self, name: str, *, landed: bool) -> None:
+        """Raise the timeout set for `name`'s group, before the call (`landed=False`) or after it (under the lock)."""
+        for group, operations in SM_GROUPS.items():
+            if name in operations and self.time_out.get(group) is landed:
+                del self.time_out[group]
+                self.timed_out[(name, landed)] += 1
+                raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
 
 
 class LifecycleModel(RuleBasedStateMachine):
