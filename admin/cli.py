@@ -37,6 +37,7 @@ from core.secret import Connection, parse_connection
 from core.servicenow import ServiceNowClient, build_session
 from core.signing import sign_authorize_link
 from core.store import ConnectionStore, validate_name
+from core.sweep import Sweep
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -193,7 +194,7 @@ def cmd_list(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
             "REPLICAS",
         )
     ]
-    entries = list(refresher.list_connection_secrets())
+    entries = list(Sweep(refresher).list_connection_secrets())
     access = ConnectionAccess(store.client)
     with ThreadPoolExecutor(max_workers=8) as pool:  # GetResourcePolicy + DescribeSecret each: never a value
         details = list(pool.map(lambda entry: _access_of(access, entry["ARN"]), entries))

@@ -166,6 +166,7 @@ def sweep_cost(count: int, world: Any) -> list[Row]:
     from core.refresh import Refresher, RefreshPolicy
     from core.servicenow import ServiceNowClient, build_session
     from core.store import ConnectionStore
+    from core.sweep import Sweep
     from handlers.runtime import build_monitor
 
     world.reset()
@@ -188,16 +189,16 @@ def sweep_cost(count: int, world: Any) -> list[Row]:
         refresher = Refresher(store, ServiceNowClient(build_session()), clock=clock, policy=policy, monitor=monitor)
         counter = CallCounter(sm)
 
-        refresher.sweep(max_workers=16)  # first sighting: reads everything, writes health tags
+        Sweep(refresher).run(max_workers=16)  # first sighting: reads everything, writes health tags
         first = sum(counter.calls.values())
         counter.calls.clear()
         start = time.perf_counter()
-        idle = refresher.sweep(max_workers=16)
+        idle = Sweep(refresher).run(max_workers=16)
         idle_seconds = time.perf_counter() - start
         idle_calls = Counter(counter.calls)
         counter.calls.clear()
         clock.offset = timedelta(seconds=30)
-        busy = refresher.sweep(max_workers=16)
+        busy = Sweep(refresher).run(max_workers=16)
         busy_calls = Counter(counter.calls)
         refreshed = sum(1 for outcome in busy if outcome.result == "refreshed")
         counter.calls.clear()
@@ -344,6 +345,7 @@ def _timed_sweep(sm: Any, server: Any, latency: float, concurrency: int) -> tupl
     from core.refresh import Refresher
     from core.servicenow import ServiceNowClient, build_session
     from core.store import ConnectionStore
+    from core.sweep import Sweep
 
     server.latency = latency
     store = ConnectionStore(sm, prefix="servicenow-oauth/", allowed_hosts=("127.0.0.1",))
@@ -352,7 +354,7 @@ def _timed_sweep(sm: Any, server: Any, latency: float, concurrency: int) -> tupl
     session = build_session(pool_maxsize=concurrency)
     refresher = Refresher(store, ServiceNowClient(session), clock=clock, monitor=monitor)
     cpu, start = time.process_time(), time.perf_counter()
-    outcomes = refresher.sweep(max_workers=concurrency)
+    outcomes = Sweep(refresher).run(max_workers=concurrency)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return wall, cpu, sum(1 for outcome in outcomes if outcome.result == "refreshed")
 
@@ -422,6 +424,7 @@ def fan_out(count: int, latency: float, concurrency: int, sample: int) -> list[R
 
     from benchmarks.world import emulator, in_process_aws, populate, secretsmanager
     from core.fanout import send_connections
+    from core.sweep import Sweep
 
     server = emulator()
     try:
@@ -439,7 +442,7 @@ def fan_out(count: int, latency: float, concurrency: int, sample: int) -> list[R
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             sqs = RecordingQueue()
             start = time.perf_counter()
-            _, due = worker.refresher.scan()
+            _, due = Sweep(worker.refresher).scan()
             send_connections(sqs, "queue", [read.connection.name for read in due])
             queued = time.perf_counter() - start
             rss_scan = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -793,6 +796,7 @@ def _simulated_day(count: int, latency: float, *, fan_out: bool) -> dict[str, An
     from core.refresh import Refresher
     from core.servicenow import ServiceNowClient, build_session
     from core.store import ConnectionStore
+    from core.sweep import Sweep
 
     server = emulator()
     try:
@@ -818,7 +822,7 @@ def _simulated_day(count: int, latency: float, *, fan_out: bool) -> dict[str, An
             clock.offset += timedelta(seconds=300)
             began, worked = time.perf_counter(), 0.0
             if fan_out:
-                outcomes = refresher.sweep(
+                outcomes = Sweep(refresher).run(
                     max_workers=16, fan_out=lambda names: queued.extend(names) or [], fan_out_above=0
                 )
                 swept = time.perf_counter() - began
@@ -830,7 +834,7 @@ def _simulated_day(count: int, latency: float, *, fan_out: bool) -> dict[str, An
                         worked += seconds
                 queued.clear()
             else:
-                outcomes = refresher.sweep(max_workers=16)
+                outcomes = Sweep(refresher).run(max_workers=16)
                 swept = time.perf_counter() - began
             done = sum(1 for outcome in outcomes if outcome.result == "refreshed")
             refreshes += done

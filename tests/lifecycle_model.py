@@ -43,6 +43,7 @@ from core.secret import Connection, parse_connection
 from core.servicenow import ServiceNowClient, build_session
 from core.signing import sign_authorize_link
 from core.store import ConnectionStore
+from core.sweep import Sweep
 from local.servicenow_emulator import ServiceNowEmulator, press_consent
 from tests.conftest import register_rotation_lambda
 
@@ -411,7 +412,7 @@ class LifecycleModel(RuleBasedStateMachine):
             and CANDIDATE not in {label for labels in self.stages().values() for label in labels}
             and not (health.refresh_expires and health.refresh_expires - self.now <= POLICY.refresh_warning)
         )
-        made = self.act(lambda: self.refresher().sweep(), scheduled=True)
+        made = self.act(lambda: Sweep(self.refresher()).run(), scheduled=True)
         Stats.checks += 1
         if parked:
             assert made == 0, "a refused credential was retried before its secret changed"
@@ -459,7 +460,7 @@ class LifecycleModel(RuleBasedStateMachine):
 
         def run() -> None:
             try:
-                self.refresher().sweep()
+                Sweep(self.refresher()).run()
             except BaseException as error:
                 errors.append(error)
 
@@ -505,7 +506,7 @@ class LifecycleModel(RuleBasedStateMachine):
             rotation.run("createSecret", SECRET, token)
             rotation.run("setSecret", SECRET, token)
             if interleave:
-                self.refresher().sweep()
+                Sweep(self.refresher()).run()
             if break_test:
                 self.emulator.inject("server_error", path="*", count=3)
             rotation.run("testSecret", SECRET, token)
@@ -648,7 +649,7 @@ class LifecycleModel(RuleBasedStateMachine):
             self.emulator.inject(self.down or "hibernate", count=10_000, retry_after=0)
             before = self.emulator.token_requests()
             with suppress(ServiceNowOAuthError, ClientError, BotoCoreError):
-                self.refresher().sweep()
+                Sweep(self.refresher()).run()
             made = self.emulator.token_requests() - before
             self.down_requests.append((self.now, made))
             made_total += made

@@ -13,6 +13,7 @@ from botocore.stub import Stubber
 from core.appflow import SYNCED_TAG, AppFlowSync, update_request
 from core.refresh import Refresher
 from core.secret import Connection
+from core.sweep import Sweep
 from local.servicenow_emulator import ServiceNowEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, REGION, FakeClock
 from tests.test_refresh import World
@@ -86,14 +87,14 @@ def test_refreshed_tokens_are_pushed_once_and_remembered(
             "provide-client-params.appflow.UpdateConnectorProfile", lambda params, **_: seen.append(params)
         )
         stub.add_response("update_connector_profile", {"connectorProfileArn": PROFILE_ARN})
-        [outcome] = refresher.sweep()
+        [outcome] = Sweep(refresher).run()
         stub.assert_no_pending_responses()
     assert outcome.result == "refreshed" and outcome.appflow_synced == ("snow-prod",)
     assert seen == [expected(world, "prod", "snow-prod")]
     version = world.store.get("prod").version_id
     assert tags(world)[SYNCED_TAG] == version
     with Stubber(appflow):  # no response queued: any AppFlow call now would raise
-        [again] = refresher.sweep()
+        [again] = Sweep(refresher).run()
     assert again.result == "not_due" and again.appflow_synced == ()
 
 
@@ -107,7 +108,7 @@ def test_a_failed_push_never_blocks_the_secret_and_is_retried_next_run(
     with Stubber(appflow) as stub:
         stub.add_response("update_connector_profile", {"connectorProfileArn": PROFILE_ARN})
         stub.add_client_error("update_connector_profile", service_error_code="ConflictException", http_status_code=409)
-        [outcome] = refresher.sweep()
+        [outcome] = Sweep(refresher).run()
     leak_check.append(repr(outcome))
     assert outcome.result == "refreshed"
     assert outcome.appflow_failed == ("snow-backup (ConflictException)",)
@@ -117,7 +118,7 @@ def test_a_failed_push_never_blocks_the_secret_and_is_retried_next_run(
     with Stubber(appflow) as stub:  # next sweep: not due, but the push is owed
         stub.add_response("update_connector_profile", {"connectorProfileArn": PROFILE_ARN})
         stub.add_response("update_connector_profile", {"connectorProfileArn": PROFILE_ARN})
-        [retry] = refresher.sweep()
+        [retry] = Sweep(refresher).run()
         stub.assert_no_pending_responses()
     assert retry.result == "not_due" and retry.appflow_synced == ("snow-prod", "snow-backup")
     assert tags(world)[SYNCED_TAG] == refreshed.version_id
@@ -130,7 +131,7 @@ def test_connections_without_profiles_never_call_appflow(
     world.add()
     clock.advance(1700)
     with Stubber(appflow):
-        [outcome] = sync_refresher(world, appflow).sweep()
+        [outcome] = Sweep(sync_refresher(world, appflow)).run()
     assert outcome.result == "refreshed" and outcome.appflow_synced == () and outcome.appflow_failed == ()
 
 
@@ -150,7 +151,7 @@ def test_a_push_that_keeps_failing_backs_off_instead_of_calling_every_sweep(
             stub.add_client_error("update_connector_profile", service_error_code="AccessDeniedException")
         for _ in range(24):
             before = len(stub._queue)
-            refreshes += sum(1 for outcome in refresher.sweep() if outcome.result == "refreshed")
+            refreshes += sum(1 for outcome in Sweep(refresher).run() if outcome.result == "refreshed")
             calls += before - len(stub._queue)
             clock.advance(300)
     # Each new token is offered once; in between, retries back off (5, 10, 20, 40 min): not one call per sweep.

@@ -18,6 +18,7 @@ from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
 from core.appflow import AppFlowSync
+from core.sweep import Sweep
 from local.servicenow_emulator import ServiceNowEmulator, press_consent
 from tests.conftest import CLIENT_ID, REGION, FakeClock
 from tests.test_callback import Stack, stack  # noqa: F401 (fixture)
@@ -56,7 +57,7 @@ def usable(world: World, name: str = "prod") -> dict[str, Any]:
 
 def recovers(world: World) -> None:
     world.emulator.clear_faults()
-    outcomes = {o.connection: o.result for o in world.refresher().sweep()}
+    outcomes = {o.connection: o.result for o in Sweep(world.refresher()).run()}
     assert outcomes["prod"] in ("refreshed", "not_due"), outcomes
     assert usable(world)["status"] == "active"
 
@@ -78,7 +79,7 @@ def world(secretsmanager: Any, emulator: ServiceNowEmulator, clock: FakeClock) -
 def test_sweep_token_call_faults(due: World, fault: str, leak_check: list) -> None:
     before = due.value()
     due.emulator.inject(fault, count=10, retry_after=0, delay=1.2)
-    [outcome] = due.refresher().sweep()
+    [outcome] = Sweep(due.refresher()).run()
     leak_check.append(repr(outcome))
     assert outcome.result == "failed" and due.value() == before
     usable(due)
@@ -87,7 +88,7 @@ def test_sweep_token_call_faults(due: World, fault: str, leak_check: list) -> No
 
 def test_sweep_token_call_rejected(due: World, leak_check: list) -> None:
     due.emulator.revoke_user_tokens("svc.integration")
-    [outcome] = due.refresher().sweep()
+    [outcome] = Sweep(due.refresher()).run()
     leak_check.append(repr(outcome))
     assert outcome.result == "reauthorization_required"
     usable(due)  # old tokens kept, explicitly marked
@@ -96,7 +97,7 @@ def test_sweep_token_call_rejected(due: World, leak_check: list) -> None:
 def test_sweep_listing_fault_fails_the_invocation(due: World, leak_check: list) -> None:
     before = due.value()
     with aws_fault(due.sm, "ListSecrets", "ThrottlingException"), pytest.raises(ClientError) as raised:
-        due.refresher().sweep()  # the Lambda fails loudly (RefreshErrorsAlarm); nothing is written
+        Sweep(due.refresher()).run()  # the Lambda fails loudly (RefreshErrorsAlarm); nothing is written
     leak_check.append(raised.value)
     assert due.value() == before
     usable(due)
@@ -107,7 +108,7 @@ def test_sweep_listing_fault_fails_the_invocation(due: World, leak_check: list) 
 def test_sweep_batch_read_fault_costs_only_that_batch(due: World, code: str, leak_check: list) -> None:
     before = due.value()
     with aws_fault(due.sm, "BatchGetSecretValue", code):
-        [outcome] = due.refresher().sweep()  # one throttled batch must not stop the other batches
+        [outcome] = Sweep(due.refresher()).run()  # one throttled batch must not stop the other batches
     leak_check.append(repr(outcome))
     assert outcome.result == "failed" and outcome.failure == "transient" and code in (outcome.detail or "")
     assert due.value() == before
@@ -126,7 +127,7 @@ def test_sweep_batch_read_fault_costs_only_that_batch(due: World, code: str, lea
 def test_sweep_secret_write_faults(due: World, operation: str, code: str, leak_check: list) -> None:
     before = due.value()
     with aws_fault(due.sm, operation, code):
-        [outcome] = due.refresher().sweep()
+        [outcome] = Sweep(due.refresher()).run()
     leak_check.append(repr(outcome))
     assert outcome.result == "write_failed" and due.value()[1] == before[1]
     usable(due)
@@ -153,7 +154,7 @@ def test_sweep_version_conflict(due: World, leak_check: list) -> None:
         return original_put(read, new, **kwargs)
 
     due.store.compare_and_swap = racing  # type: ignore[method-assign]
-    [outcome] = due.refresher().sweep()
+    [outcome] = Sweep(due.refresher()).run()
     assert outcome.result == "not_due" and outcome.detail == "updated concurrently"
     usable(due)
     recovers(due)
@@ -173,7 +174,7 @@ def test_sweep_appflow_faults(
     for code in ("ThrottlingException", "ValidationException", "InternalServerException"):
         with Stubber(appflow) as stub:
             stub.add_client_error("update_connector_profile", service_error_code=code, http_status_code=400)
-            [outcome] = refresher.sweep()
+            [outcome] = Sweep(refresher).run()
         leak_check.append(repr(outcome))
         assert outcome.appflow_failed == (f"snow-prod ({code})",)
         usable(world)
@@ -182,7 +183,7 @@ def test_sweep_appflow_faults(
             "update_connector_profile",
             {"connectorProfileArn": "arn:aws:appflow:us-east-1:123456789012:connectorprofile/snow-prod"},
         )
-        [outcome] = refresher.sweep()
+        [outcome] = Sweep(refresher).run()
     assert outcome.appflow_synced == ("snow-prod",)
 
 

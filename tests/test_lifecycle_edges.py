@@ -24,6 +24,7 @@ from core.lifecycle import Outcome, RefreshPolicy, State, advance, state_of
 from core.revoke import revoke_connection
 from core.servicenow import OAuthApp, ServiceNowClient, build_session
 from core.store import adoptable_token
+from core.sweep import Sweep
 from local.servicenow_emulator import press_consent
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.test_callback import FakeContext, Stack
@@ -643,18 +644,18 @@ def test_health_held_in_memory_survives_an_outcome_between_listing_and_refresh(d
     refresher = deployed.handler.refresher
     assert refresher.monitor.unsaved(deployed.client.describe_secret(SecretId=SECRET)["ARN"])
     deployed.world.store.update("prod", lambda c: replace(c, client_secret="changed-in-servicenow"))  # the right fix
-    read_batch = refresher.read_batch
+    read_batch = Sweep.read_batch
 
-    def forced_refresh_meanwhile(entries: list[dict[str, Any]]) -> Any:
+    def forced_refresh_meanwhile(sweep: Sweep, entries: list[dict[str, Any]]) -> Any:
         refresher.refresh(refresher.store.get_latest("prod"), force=True)  # an operator's forced refresh, recovered
-        return read_batch(entries)
+        return read_batch(sweep, entries)
 
-    refresher.read_batch = forced_refresh_meanwhile
+    Sweep.read_batch = forced_refresh_meanwhile  # on the class: the handler builds a Sweep per invocation
     try:
         deployed.clock.advance(300)
         deployed.sweep()
     finally:
-        refresher.read_batch = read_batch
+        Sweep.read_batch = read_batch
     undo()
     deployed.sweep_every(5, 1)
     assert deployed.document()["status"] == "active"
@@ -764,9 +765,9 @@ def test_a_listing_page_that_times_out_costs_only_the_connections_not_listed(
     """Found by the review: a ListSecrets page that timed out (or was throttled past botocore's retries) raised
     out of the sweep, so the due connections of the pages already listed were not refreshed either. They are now
     refreshed and reported; then the invocation fails, so a listing that keeps failing still alarms."""
-    import core.refresh
+    import core.sweep
 
-    monkeypatch.setattr(core.refresh, "LIST_PAGE_SIZE", 1)  # one connection per page
+    monkeypatch.setattr(core.sweep, "LIST_PAGE_SIZE", 1)  # one connection per page
     for name in ("a", "b"):
         deployed.world.add(name)
     deployed.clock.advance(1500)

@@ -15,6 +15,7 @@ from admin.cli import main as cli
 from core.health import Health
 from core.monitor import Monitor
 from core.refresh import Refresher, RefreshPolicy
+from core.sweep import Sweep
 from local.servicenow_emulator import ServiceNowEmulator
 from local.template_check import translate
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, REGION, FakeClock
@@ -47,7 +48,7 @@ class Ops(World):
         outcomes = []
         for _ in range(int(hours * 60 / minutes)):
             self.clock.advance(minutes * 60)
-            outcomes += refresher.sweep()
+            outcomes += Sweep(refresher).run()
         return outcomes
 
     def drain(self) -> list[dict[str, Any]]:
@@ -79,7 +80,7 @@ def ops(secretsmanager: Any, emulator: ServiceNowEmulator, clock: FakeClock, aws
 def test_a_day_of_hibernation_costs_few_requests_no_versions_and_one_recovery(ops: Ops, leak_check: list) -> None:
     ops.add()
     refresher = ops.refresher()
-    refresher.sweep()  # first sighting: health tags written
+    Sweep(refresher).run()  # first sighting: health tags written
     ops.clock.advance(1500)
     ops.emulator.inject("hibernate", path="*", count=10**6)
     versions, requests_before = ops.versions(), ops.emulator.token_requests()
@@ -97,7 +98,7 @@ def test_a_day_of_hibernation_costs_few_requests_no_versions_and_one_recovery(op
     attempted = []
     while not attempted:
         ops.clock.advance(300)
-        attempted = [o for o in refresher.sweep() if o.result != "backing_off"]
+        attempted = [o for o in Sweep(refresher).run() if o.result != "backing_off"]
     assert [o.result for o in attempted] == ["refreshed"]  # the first attempt after the outage succeeds
     assert ops.kinds() == ["recovered"]
     assert Health.from_tags(ops.tags()).consecutive_failures == 0
@@ -148,7 +149,7 @@ def test_cli_list_shows_health_with_only_the_monitoring_policy(
     ops.add("other")
     ops.emulator.inject("server_error", count=10)
     ops.clock.advance(1700)
-    ops.refresher().sweep()
+    Sweep(ops.refresher()).run()
     statements = translate()["Resources"]["MonitoringPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     actions = [a for statement in statements for a in _listed(statement["Action"])]
     allowed = {action.split(":")[1] for action in actions}
@@ -178,14 +179,14 @@ def test_client_secret_rollover_promotes_in_the_token_write(ops: Ops, leak_check
     assert run_cli("connections", "stage-secret", "prod", stdin="rolled-client-secret-2\n")[0] == 0
     refresher = ops.refresher()
     ops.clock.advance(1700)
-    [outcome] = refresher.sweep()  # ServiceNow still has the old secret: nothing changes, nothing is lost
+    [outcome] = Sweep(refresher).run()  # ServiceNow still has the old secret: nothing changes, nothing is lost
     assert outcome.result == "refreshed" and not outcome.client_secret_promoted
     _, document = ops.value()
     assert document["clientSecret"] == CLIENT_SECRET and document["clientSecretNext"] == "rolled-client-secret-2"
 
     ops.emulator.set_client_secret(CLIENT_ID, "rolled-client-secret-2")  # the operator rotates it in ServiceNow
     ops.clock.advance(1700)
-    [outcome] = refresher.sweep()
+    [outcome] = Sweep(refresher).run()
     assert outcome.result == "refreshed" and outcome.client_secret_promoted
     _, document = ops.value()
     assert document["clientSecret"] == "rolled-client-secret-2" and "clientSecretNext" not in document
@@ -198,7 +199,7 @@ def test_a_staged_secret_that_is_not_live_leaves_the_old_tokens(ops: Ops) -> Non
     original = ops.add(clientSecretNext="never-made-live-3")
     ops.emulator.set_client_secret(CLIENT_ID, "something-else-entirely")
     ops.clock.advance(1700)
-    [outcome] = ops.refresher().sweep()
+    [outcome] = Sweep(ops.refresher()).run()
     assert outcome.result == "reauthorization_required"
     _, document = ops.value()
     assert document["refreshToken"] == original.refresh_token and document["accessToken"] == original.access_token
@@ -246,13 +247,13 @@ def test_a_fixed_password_is_tried_again_once_the_secret_changes(ops: Ops) -> No
 
     ops.add("pw", consented=False, grantType="password", username="svc.integration", password="wrong-password-5")
     refresher = ops.refresher()
-    [marked] = refresher.sweep()
+    [marked] = Sweep(refresher).run()
     assert marked.result == "reauthorization_required"
     requests_before = ops.emulator.token_requests()
     ops.sweep_every(5, 1, refresher)
     assert ops.emulator.token_requests() == requests_before  # unchanged secret: not retried
     ops.store.update("pw", lambda c: replace(c, password="Pa55w0rd-emulator"))  # the operator fixes it
-    [retried] = refresher.sweep()
+    [retried] = Sweep(refresher).run()
     assert retried.result == "refreshed" and ops.value("pw")[1]["status"] == "active"
     assert ops.emulator.token_requests() == requests_before + 1
 
@@ -261,7 +262,7 @@ def test_force_tries_a_marked_connection_now(ops: Ops) -> None:
     ops.add("pw", consented=False, grantType="password", username="svc.integration", password="Pa55w0rd-emulator")
     ops.emulator.add_user("svc.integration", "rotated-password-6")  # the password changes in ServiceNow
     refresher = ops.refresher()
-    assert refresher.sweep()[0].result == "reauthorization_required"
+    assert Sweep(refresher).run()[0].result == "reauthorization_required"
     ops.emulator.add_user("svc.integration", "Pa55w0rd-emulator")  # and is changed back
     assert refresher.refresh(ops.store.get("pw")).result == "needs_person"
     assert refresher.refresh(ops.store.get("pw"), force=True).result == "refreshed"

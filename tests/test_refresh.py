@@ -14,6 +14,7 @@ from core.refresh import Refresher, RefreshPolicy
 from core.secret import Connection
 from core.servicenow import OAuthApp, ServiceNowClient, build_session
 from core.store import ConnectionStore
+from core.sweep import Sweep
 from local.servicenow_emulator import ServiceNowEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, FakeClock
 
@@ -73,7 +74,7 @@ def test_not_due_connections_cost_no_write(world: World) -> None:
     before = world.value()
     world.clock.advance(600)
     world.calls.clear()
-    [outcome] = world.refresher().sweep()
+    [outcome] = Sweep(world.refresher()).run()
     assert world.calls == Counter({"ListSecrets": 1, "BatchGetSecretValue": 1})
     assert outcome.result == "not_due"
     assert world.value() == before
@@ -82,7 +83,7 @@ def test_not_due_connections_cost_no_write(world: World) -> None:
 def test_due_connection_is_refreshed_keeping_the_refresh_token_life(world: World, leak_check: list) -> None:
     original = world.add()
     world.clock.advance(1799 - 300)  # inside the 600 s leeway
-    [outcome] = world.refresher().sweep()
+    [outcome] = Sweep(world.refresher()).run()
     assert outcome.result == "refreshed"
     _, document = world.value()
     assert document["status"] == "active"
@@ -103,7 +104,7 @@ def test_password_and_client_credentials_connections_get_tokens_without_a_person
         "cc", consented=False, grantType="client_credentials", clientId="cc-client", clientSecret="cc-secret-value-1"
     )
     world.add("waiting", consented=False)  # authorization_code without consent: needs a person
-    outcomes = {o.connection: o.result for o in world.refresher().sweep()}
+    outcomes = {o.connection: o.result for o in Sweep(world.refresher()).run()}
     assert outcomes == {"pw": "refreshed", "cc": "refreshed", "waiting": "needs_person"}
     _, pw = world.value("pw")
     assert pw["refreshToken"] and pw["refreshTokenExpiresAt"] and pw["status"] == "active"
@@ -115,7 +116,7 @@ def test_a_rotated_refresh_token_is_stored_with_its_access_token(world: World, l
     world.emulator.rotate_refresh_tokens = True
     original = world.add()
     world.clock.advance(1700)
-    [outcome] = world.refresher().sweep()
+    [outcome] = Sweep(world.refresher()).run()
     assert outcome.result == "refreshed"
     _, document = world.value()
     assert document["refreshToken"] != original.refresh_token
@@ -138,11 +139,11 @@ def test_provider_failures_leave_the_secret_untouched(world: World, fault: str, 
     world.clock.advance(1700)
     before = world.value()
     world.emulator.inject(fault, count=10, retry_after=0, delay=1.5)
-    [outcome] = world.refresher().sweep()
+    [outcome] = Sweep(world.refresher()).run()
     assert (outcome.result, outcome.failure) == ("failed", failure)
     assert world.value() == before and world.versions() == 1
     world.emulator.clear_faults()
-    [outcome] = world.refresher().sweep()  # the next run recovers
+    [outcome] = Sweep(world.refresher()).run()  # the next run recovers
     assert outcome.result == "refreshed"
 
 
@@ -150,14 +151,14 @@ def test_a_rejected_credential_is_marked_with_the_old_tokens_kept(world: World, 
     original = world.add()
     world.emulator.revoke_user_tokens(USER)
     world.clock.advance(1700)
-    [outcome] = world.refresher().sweep()
+    [outcome] = Sweep(world.refresher()).run()
     leak_check.append(outcome.detail)
     assert outcome.result == "reauthorization_required"
     _, document = world.value()
     assert document["status"] == "reauthorization_required"
     assert document["refreshToken"] == original.refresh_token and document["accessToken"] == original.access_token
     requests_before = world.emulator.token_requests()
-    [again] = world.refresher().sweep()
+    [again] = Sweep(world.refresher()).run()
     assert again.result == "needs_person" and world.emulator.token_requests() == requests_before
 
 
@@ -178,7 +179,7 @@ def test_a_reconsent_racing_the_refresh_is_not_marked_dead(world: World, monkeyp
         return real_refresh(app, refresh_token)
 
     monkeypatch.setattr(world.client, "refresh", refresh_while_someone_reconsents)
-    [outcome] = refresher.sweep()
+    [outcome] = Sweep(refresher).run()
     assert outcome.result == "not_due" and outcome.detail == "credential changed while refreshing"
     _, document = world.value()
     assert document["status"] == "active"
@@ -190,7 +191,9 @@ def test_concurrent_sweeps_end_consistent(world: World) -> None:
         world.add(f"c{i}")
     world.clock.advance(1700)
     results: list[list[Any]] = []
-    sweeps = [threading.Thread(target=lambda: results.append(world.refresher().sweep(max_workers=3))) for _ in range(2)]
+    sweeps = [
+        threading.Thread(target=lambda: results.append(Sweep(world.refresher()).run(max_workers=3))) for _ in range(2)
+    ]
     for thread in sweeps:
         thread.start()
     for thread in sweeps:
@@ -209,14 +212,14 @@ def test_one_broken_connection_does_not_stop_the_others(world: World) -> None:
     world.sm.create_secret(Name=f"{PREFIX}broken", SecretString="{not json")
     world.add("other")
     world.clock.advance(1700)
-    outcomes = {o.connection: o.result for o in world.refresher().sweep()}
+    outcomes = {o.connection: o.result for o in Sweep(world.refresher()).run()}
     assert outcomes == {"good": "refreshed", "broken": "invalid", "other": "refreshed"}
 
 
 def test_expiring_refresh_token_is_flagged_but_still_refreshed(world: World) -> None:
     world.add()
     world.clock.advance(86 * 86400 + 60)  # 14 days before the 100-day refresh token dies
-    [outcome] = world.refresher().sweep()
+    [outcome] = Sweep(world.refresher()).run()
     assert outcome.result == "refreshed" and outcome.refresh_token_expiring
 
 
@@ -226,7 +229,7 @@ def test_a_sweep_of_200_idle_connections_reads_in_batches(world: World) -> None:
     for i in range(1, 200):
         world.sm.create_secret(Name=f"{PREFIX}c{i:03d}", SecretString=json.dumps(document))
     world.calls.clear()
-    outcomes = world.refresher().sweep()
+    outcomes = Sweep(world.refresher()).run()
     assert len(outcomes) == 200 and {o.result for o in outcomes} == {"not_due"}
     assert world.calls == Counter({"ListSecrets": 2, "BatchGetSecretValue": 10})
 
@@ -250,7 +253,7 @@ def test_a_failed_write_is_retried_with_the_same_version(world: World, leak_chec
     world.add()
     world.clock.advance(1700)
     failed = _fail_writes(world, 2)
-    [outcome] = world.refresher().sweep()
+    [outcome] = Sweep(world.refresher()).run()
     assert outcome.result == "refreshed" and len(failed) == 2
     assert world.versions() == 2  # retries reuse one ClientRequestToken: one new version, not three
 
@@ -260,7 +263,7 @@ def test_a_write_that_keeps_failing_is_loud_and_changes_nothing(world: World, le
     world.clock.advance(1700)
     before = world.value()
     _fail_writes(world, 100)
-    [outcome] = world.refresher().sweep()
+    [outcome] = Sweep(world.refresher()).run()
     assert (outcome.result, outcome.failure) == ("write_failed", "transient")
     assert outcome.detail == "secret write failed (ThrottlingException)"
     assert world.value() == before
@@ -270,8 +273,8 @@ def test_a_sweep_without_time_for_a_worst_case_attempt_defers_due_connections(wo
     world.add()
     world.clock.advance(1500)
     before, requests_before = world.value(), world.emulator.token_requests()
-    [outcome] = world.refresher().sweep(time_left=lambda: 30.0)
+    [outcome] = Sweep(world.refresher()).run(time_left=lambda: 30.0)
     assert outcome.result == "deferred"
     assert world.value() == before and world.emulator.token_requests() == requests_before
-    [outcome] = world.refresher().sweep(time_left=lambda: 200.0)
+    [outcome] = Sweep(world.refresher()).run(time_left=lambda: 200.0)
     assert outcome.result == "refreshed"

@@ -1,4 +1,4 @@
-"""Refreshing one connection, and sweeping all of them: the scheduled refresher and rotation share this.
+"""Refreshing one connection: the sweep, the SQS worker and rotation share this.
 
 The rules that keep a credential alive: write only with compare-and-swap on the version read; store
 a new refresh token in the same write as its access token; before declaring a credential dead,
@@ -9,8 +9,7 @@ that a later run can fix.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
@@ -22,20 +21,17 @@ from core.appflow import AppFlowSync
 from core.clock import utc_now
 from core.errors import (
     ConcurrentUpdate,
-    ConnectionNotFound,
     CredentialRejected,
     InstanceUnavailable,
     ProviderError,
-    SecretFormatError,
     TransientProviderError,
 )
 from core.health import Health
 from core.jwt_bearer import JwtKey, KmsSigner
-from core.lifecycle import Outcome, RefreshPolicy, Result, decide, is_due, needs_person, plan, retry_allowed
+from core.lifecycle import Outcome, RefreshPolicy, Result, decide, is_due, needs_person, retry_allowed
 from core.secret import Connection
 from core.servicenow import ServiceNowClient
 from core.store import (
-    AWSCURRENT,
     ConnectionStore,
     SecretWriteFailed,
     StoredConnection,
@@ -49,7 +45,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Outcome", "RefreshPolicy", "Refresher", "request_token"]
 NEXT_CLIENT_SECRET = "clientSecretNext"
-BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
 # The longest one refresh can take (template.yaml states the arithmetic): 3 token requests x (3.05 s connect +
 # 10 s read) + 2 Retry-After waits of up to 10 s, plus the compare-and-swap write's own retries.
 ATTEMPT_WORST_SECONDS = 75.0
@@ -60,10 +55,6 @@ def time_for_a_refresh(seconds_left: float) -> bool:
     """Whether an invocation with `seconds_left` may start one more refresh (the sweep's and the worker's guard:
     a refresh cut off by the timeout between ServiceNow's answer and the write can lose a rotated token)."""
     return seconds_left >= ATTEMPT_WORST_SECONDS + START_MARGIN_SECONDS
-
-
-LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
-LISTING = "(listing)"  # the outcome of a listing that stopped part-way (the connections not listed wait)
 
 
 def request_token(
@@ -178,7 +169,7 @@ class Refresher:
             "appflow_failed": tuple(f"{r.profile} ({r.error})" for r in results if r.error is not None),
         }
 
-    def _done(
+    def done(
         self,
         connection: Connection,
         result: Result,
@@ -187,6 +178,7 @@ class Refresher:
         at: StoredConnection | None = None,
         **kwargs: Any,
     ) -> Outcome:
+        """The outcome `result` for `connection` as read `at` a version, with what its report and health show."""
         return Outcome(
             connection.name,
             result,
@@ -210,6 +202,20 @@ class Refresher:
             outcome = self.monitor.observe(read, outcome)
         return outcome
 
+    def safe_refresh(self, read: StoredConnection) -> Outcome:
+        """`refresh`, with anything unexpected (an AWS call that timed out mid-way) recorded as a transient failure
+        that backs off like any other, instead of raised (the sweep's other connections, the worker's batch)."""
+        try:
+            return self.refresh(read)
+        except Exception as error:  # one broken connection must never stop the others
+            failed = self.done(
+                read.connection, "failed", self.clock(), at=read, failure="transient", detail=type(error).__name__
+            )
+            try:
+                return self.observe(read, failed)  # recorded, so it backs off like any other failure
+            except Exception:
+                return failed
+
     def observe(self, read: StoredConnection, outcome: Outcome) -> Outcome:
         """Record an outcome produced outside `refresh` (rotation) in the connection's health and events."""
         return self.monitor.observe(read, outcome) if self.monitor is not None else outcome
@@ -228,12 +234,12 @@ class Refresher:
         health = self._health(read)
         action = decide(connection, read.version_id, health, now, self.policy, force=force)
         if action == "needs_person":
-            return self._done(connection, "needs_person", now, at=read)
+            return self.done(connection, "needs_person", now, at=read)
         if action == "backing_off":
-            return self._done(connection, "backing_off", now, at=read)
+            return self.done(connection, "backing_off", now, at=read)
         if action == "not_due":
             # Not due, but a push to AppFlow may still be owed from an earlier run.
-            return self._done(connection, "not_due", now, at=read, **self._sync_appflow(read))
+            return self.done(connection, "not_due", now, at=read, **self._sync_appflow(read))
         health = health or Health()
         try:
             token, grant = request_token(
@@ -258,7 +264,7 @@ class Refresher:
         if unseen:
             detail += "; ServiceNow may have rotated the refresh token in the lost answer"
         retry_after = getattr(error, "retry_after", None)
-        return self._done(
+        return self.done(
             connection,
             "failed",
             now,
@@ -362,7 +368,7 @@ class Refresher:
                 stored = read.connection.refresh_token
                 if new_refresh and stored == token.refresh_token:
                     # Our candidate was taken up by the re-read (written onto the winner's value): stored.
-                    return self._done(
+                    return self.done(
                         read.connection, "refreshed", now, at=read, detail="written onto a concurrent change"
                     )
                 if new_refresh and stored == spent:
@@ -370,9 +376,9 @@ class Refresher:
                 if new_refresh:
                     self._discard(read.connection, token)
                 if not is_due(read.connection, now, self.policy.leeway):
-                    return self._done(read.connection, "not_due", now, at=read, detail="updated concurrently")
+                    return self.done(read.connection, "not_due", now, at=read, detail="updated concurrently")
                 if new_refresh:
-                    return self._done(read.connection, "failed", now, at=read, failure="transient", detail="raced")
+                    return self.done(read.connection, "failed", now, at=read, failure="transient", detail="raced")
                 continue
             except SecretWriteFailed as error:
                 code = error_code(error)
@@ -382,7 +388,7 @@ class Refresher:
                     detail += "; the new tokens wait in a candidate version the next run adopts"
                 elif lost:
                     detail += "; the refresh token ServiceNow rotated could not be stored anywhere"
-                return self._done(
+                return self.done(
                     read.connection,
                     "write_failed",
                     now,
@@ -392,10 +398,8 @@ class Refresher:
                     rotation_unseen=lost,
                 )
             appflow = self._sync_appflow(written, force=True)
-            return self._done(written.connection, "refreshed", now, at=written, **appflow, **flags)
-        return self._done(
-            read.connection, "failed", now, at=read, failure="transient", detail="kept losing write races"
-        )
+            return self.done(written.connection, "refreshed", now, at=written, **appflow, **flags)
+        return self.done(read.connection, "failed", now, at=read, failure="transient", detail="kept losing write races")
 
     def _discard(self, connection: Connection, token: Token) -> None:
         """Best effort: revoke tokens nobody will store, so no live refresh token is left unknown."""
@@ -422,7 +426,7 @@ class Refresher:
             )
 
         def already_refused(fresh: StoredConnection) -> Outcome:
-            return self._done(
+            return self.done(
                 fresh.connection, "reauthorization_required", now, at=fresh, failure="rejected", detail=detail
             )
 
@@ -430,7 +434,7 @@ class Refresher:
             fresh = self.store.get_latest(read.connection.name)
             if not _same_credential(fresh.connection, read.connection):
                 changed = "credential changed while refreshing"
-                return self._done(fresh.connection, "not_due", now, at=fresh, detail=changed)
+                return self.done(fresh.connection, "not_due", now, at=fresh, detail=changed)
             if fresh.connection.status == "reauthorization_required" and fresh.connection.marked_version == (
                 fresh.version_id
             ):
@@ -443,9 +447,7 @@ class Refresher:
             )
             try:
                 written = self.store.compare_and_swap(fresh, marked, request_token=version)
-                return self._done(
-                    marked, "reauthorization_required", now, at=written, failure="rejected", detail=detail
-                )
+                return self.done(marked, "reauthorization_required", now, at=written, failure="rejected", detail=detail)
             except ConcurrentUpdate:
                 continue
             except (ClientError, BotoCoreError):
@@ -454,224 +456,4 @@ class Refresher:
                     # refusal of this version, so it waits for the next change instead of backing off.
                     return already_refused(fresh)
                 break
-        return self._done(read.connection, "failed", now, at=read, failure="rejected", detail=detail)
-
-    # ----------------------------------------------------------------- the sweep
-    def list_connection_secrets(self) -> Iterator[dict[str, Any]]:
-        """Every secret under the prefix, 100 per ListSecrets page (planned deletions excluded)."""
-        return self.store.listing(LIST_PAGE_SIZE)
-
-    def read_batch(self, entries: list[dict[str, Any]]) -> Iterator[StoredConnection | Outcome]:
-        """One BatchGetSecretValue for up to 20 secrets; unreadable ones come back as `invalid` outcomes."""
-        try:
-            answer = self.store.client.batch_get_secret_value(SecretIdList=[entry["ARN"] for entry in entries])
-        except (ClientError, BotoCoreError) as error:
-            code = error_code(error)
-            if code == "ResourceNotFoundException":
-                # The batch reads each secret's default version and failed as a whole on one of them (moto does
-                # when a rotation left its default on a version that was never created; AWS reports such a
-                # secret in Errors): read these one by one at AWSCURRENT, so one secret holds up no other.
-                yield from self._read_one_by_one(entries)
-                return
-            # Throttled beyond botocore's retries, or timed out: these wait for the next sweep; the rest go on.
-            for entry in entries:
-                yield self._unread(entry, error)
-            return
-        tags = {entry["ARN"]: {t["Key"]: t["Value"] for t in entry.get("Tags", [])} for entry in entries}
-        stages = {entry["ARN"]: entry.get("SecretVersionsToStages", {}) for entry in entries}
-        for value in answer.get("SecretValues", []):
-            name = self.store.name_of(value["Name"]) or value["Name"]
-            try:
-                if AWSCURRENT not in value.get("VersionStages", [AWSCURRENT]):
-                    # Not the current version (moto answers with a stale default after a stage move);
-                    # compare-and-swap must start from AWSCURRENT, so read that one explicitly.
-                    read = replace(self.store.get(name), tags=tags.get(value["ARN"], {}))
-                else:
-                    read = self.store.parse(
-                        name, value["SecretString"], value["VersionId"], value["ARN"], tags.get(value["ARN"])
-                    )
-                yield self._adopt(read, stages.get(value["ARN"], {}))
-            except (SecretFormatError, ConnectionNotFound, KeyError) as error:
-                # Unreadable, or deleted between the listing and the read: report it, keep sweeping.
-                yield Outcome(name, "invalid", detail=str(error) if not isinstance(error, KeyError) else None)
-            except (ClientError, BotoCoreError) as error:  # the read at AWSCURRENT refused or timed out
-                yield self._unread(value, error)
-        for failure in answer.get("Errors", []):
-            name = self.store.name_of(failure.get("SecretId", "")) or str(failure.get("SecretId"))
-            yield Outcome(name, "invalid", detail=f"could not read the secret ({failure.get('ErrorCode')})")
-
-    def _read_one_by_one(self, entries: list[dict[str, Any]]) -> Iterator[StoredConnection | Outcome]:
-        for entry in entries:
-            name = self.store.name_of(entry["Name"]) or entry["Name"]
-            tags = {t["Key"]: t["Value"] for t in entry.get("Tags", [])}
-            try:
-                read = replace(self.store.get(name), tags=tags)
-            except (SecretFormatError, ConnectionNotFound) as error:
-                yield Outcome(name, "invalid", detail=str(error))
-                continue
-            except (ClientError, BotoCoreError) as error:
-                yield self._unread(entry, error)
-                continue
-            yield self._adopt(read, entry.get("SecretVersionsToStages", {}))
-
-    def _unread(self, entry: dict[str, Any], error: ClientError | BotoCoreError) -> Outcome:
-        """A connection whose secret could not be read this sweep: a transient failure, retried by the next."""
-        code = error_code(error)
-        name = self.store.name_of(entry["Name"]) or entry["Name"]
-        return Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
-
-    def _adopt(self, read: StoredConnection, stages: dict[str, Any]) -> StoredConnection:
-        """Take up tokens an earlier write left in a candidate version; on an AWS error go on with `read`
-        (a refusal of its refresh token is re-checked with `get_latest`, which adopts again)."""
-        try:
-            return self.store.adopt(read, stages)
-        except (ClientError, BotoCoreError):
-            return read
-
-    def scan(self) -> tuple[list[Outcome], list[StoredConnection]]:
-        """Read every connection in batches: outcomes for those that need nothing, and the due ones."""
-        outcomes: list[Outcome] = []
-        due: list[StoredConnection] = []
-        now = self.clock()
-        batch: list[dict[str, Any]] = []
-
-        def flush() -> None:
-            for item in self.read_batch(batch):
-                if isinstance(item, Outcome):
-                    outcomes.append(item)
-                elif is_due(item.connection, now, self.policy.leeway):
-                    due.append(item)
-                else:
-                    outcomes.append(self.refresh(item))  # not due: decided locally, no API call
-            batch.clear()
-
-        listing_failed: list[Outcome] = []
-
-        def listed() -> Iterator[dict[str, Any]]:
-            listed_any = False
-            try:
-                for entry in self.list_connection_secrets():
-                    listed_any = True
-                    yield entry
-            except (ClientError, BotoCoreError) as error:
-                if not listed_any:
-                    raise  # nothing listed: the invocation fails loudly (RefreshErrorsAlarm), nothing was written
-                # A later page refused or timed out: the connections listed so far are swept, the rest wait.
-                detail = (
-                    f"could not list the connection secrets ({error_code(error)}); the rest wait for the next sweep"
-                )
-                listing_failed.append(Outcome(LISTING, "failed", failure="transient", detail=detail))
-
-        for entry in listed():
-            unsaved = False
-            planned = entry
-            if self.monitor is not None and self.monitor.unsaved(entry["ARN"]):
-                # Planned on the health memory holds, but the batch keeps the tags as read: `refresh` recalls
-                # against them again, and remembered tags taken for read ones would look as if the tags had
-                # moved on (and drop the memory) once another thread's outcome changed it.
-                tags = self.monitor.recall(entry["ARN"], entry.get("Tags"))
-                planned = {**entry, "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}
-                unsaved = self.monitor.unsaved(entry["ARN"])
-            # The listing's health tags settle most connections without reading a value.
-            decision = plan(planned, now, self.policy)
-            if decision != "read":
-                if unsaved and self.monitor is not None:
-                    # Nothing to do here but the tag write that failed: try it again (one TagResource, while
-                    # memory stands in), so the health does not stay in this container until the next refresh.
-                    unsaved = not self.monitor.flush(entry["ARN"])
-                name = self.store.name_of(entry["Name"]) or entry["Name"]
-                outcomes.append(replace(from_listing(planned, decision, name), health_unsaved=unsaved))
-                continue
-            batch.append(entry)
-            if len(batch) == BATCH_READ_SIZE:
-                flush()
-        if batch:
-            flush()
-        return outcomes + listing_failed, due
-
-    def sweep(
-        self,
-        *,
-        max_workers: int = 8,
-        fan_out: Callable[[list[str]], list[str]] | None = None,
-        fan_out_above: int | None = None,
-        time_left: Callable[[], float] | None = None,
-    ) -> list[Outcome]:
-        """Refresh every due connection here with a bounded pool, up to `fan_out_above` of them; the ones beyond
-        go to `fan_out` (the SQS queue's workers, which re-read each: two Secrets Manager calls more a refresh),
-        which returns the names it could not queue: reported as transient failures, tried by the next sweep.
-
-        With `time_left` (the Lambda's remaining seconds), no refresh starts that might not finish: the
-        ones left are handed to `fan_out` too, or wait for the next sweep ("deferred") without one.
-        """
-        outcomes, due = self.scan()
-        if fan_out is not None and fan_out_above is not None and len(due) > fan_out_above:
-            due, overflow = due[:fan_out_above], due[fan_out_above:]
-            outcomes += self._queued(overflow, fan_out([read.connection.name for read in overflow]))
-
-        def refresh_in_time(read: StoredConnection) -> Outcome:
-            if time_left is not None and not time_for_a_refresh(time_left()):
-                return Outcome(read.connection.name, "deferred")
-            return self.safe_refresh(read)
-
-        with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-            refreshed = list(pool.map(refresh_in_time, due))
-        deferred = [outcome.connection for outcome in refreshed if outcome.result == "deferred"]
-        if deferred and fan_out is not None:
-            unqueued = set(fan_out(deferred))
-            refreshed = [
-                replace(o, result="queued") if o.result == "deferred" and o.connection not in unqueued else o
-                for o in refreshed
-            ]
-        return outcomes + refreshed
-
-    def _queued(self, overflow: list[StoredConnection], unqueued: list[str]) -> list[Outcome]:
-        now, left = self.clock(), set(unqueued)
-        return [
-            self._done(
-                read.connection,
-                "failed",
-                now,
-                at=read,
-                failure="transient",
-                detail="could not be queued for refresh (SQS refused or timed out); the next sweep tries again",
-            )
-            if read.connection.name in left
-            else Outcome(read.connection.name, "queued")
-            for read in overflow
-        ]
-
-    def safe_refresh(self, read: StoredConnection) -> Outcome:
-        """`refresh`, with anything unexpected (an AWS call that timed out mid-way) recorded as a transient failure
-        that backs off like any other, instead of raised (the sweep's other connections, the worker's batch)."""
-        try:
-            return self.refresh(read)
-        except Exception as error:  # one broken connection must never stop the others
-            failed = self._done(
-                read.connection, "failed", self.clock(), at=read, failure="transient", detail=type(error).__name__
-            )
-            try:
-                return self.observe(read, failed)  # recorded, so it backs off like any other failure
-            except Exception:
-                return failed
-
-
-def from_listing(entry: dict[str, Any], decision: str, name: str) -> Outcome:
-    """An outcome decided from a ListSecrets entry's health tags: no value read, no request made."""
-    health = Health.from_tags(entry.get("Tags"))
-    result: Result = (
-        "backing_off" if decision == "backing_off" else "needs_person" if decision == "needs_person" else "not_due"
-    )
-    return Outcome(
-        name,
-        result,
-        failure=health.failure_class if decision == "backing_off" else None,  # type: ignore[arg-type]
-        access_token_expires_at=health.access_expires,
-        refresh_token_expires_at=health.refresh_expires,
-        arn=entry.get("ARN"),
-        version_id=health.version,
-        status=health.status,
-        instance=health.instance,
-        grant=health.grant,
-        needs_person=health.needs_person,
-    )
+        return self.done(read.connection, "failed", now, at=read, failure="rejected", detail=detail)

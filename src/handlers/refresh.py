@@ -10,8 +10,8 @@ from aws_lambda_powertools import Metrics
 from core.clock import utc_now
 from core.config import load_settings
 from core.fanout import send_connections
-from core.refresh import LISTING
 from core.report import report_outcomes
+from core.sweep import LISTING, Sweep
 from handlers.runtime import LazyClient, build_logger, build_refresher
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ fan_out = (
 @logger.inject_lambda_context(log_event=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
     """EventBridge scheduled event (its content is not used)."""
-    outcomes = refresher.sweep(
+    outcomes = Sweep(refresher).run(
         max_workers=settings.refresh_concurrency,
         fan_out=fan_out,
         fan_out_above=settings.fan_out_above,
