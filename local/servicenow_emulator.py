@@ -231,11 +231,15 @@ class ServiceNowEmulator(BackgroundServer):
         self.refresh_lifespan = refresh_lifespan
         self.code_lifespan = code_lifespan
         self.clock = clock
+        self._lock = threading.Lock()
+        self.reset(rotate_refresh_tokens=rotate_refresh_tokens)
+
+    def reset(self, *, rotate_refresh_tokens: bool = False) -> None:
+        """A new, empty instance on the same server (the explorer runs thousands of schedules against one)."""
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.consent_user = "admin"
         self.latency = 0.0
         self.requests_log: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
         self._clients: dict[str, _Client] = {}
         self._users: dict[str, str] = {}
         self._emails: dict[str, str] = {}  # sys_user.email -> user_name
