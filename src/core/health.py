@@ -22,6 +22,11 @@ PREFIX = "servicenow-oauth:"
 # finds one built on the current version adopts it: that is where a refresh whose stage move failed left
 # its tokens.
 CANDIDATE = "SNOWCANDIDATE"
+# Every other writer's (the CLI, a consent, a revoke, a mark) staging label: were it CANDIDATE too, its put would
+# take the label off a refresh's candidate waiting to be adopted, leaving the only copy of a rotated refresh
+# token in an unlabelled version nothing adopts. What such a write leaves behind is never adopted (its writer
+# saw the failure and retries).
+WRITING = "SNOWWRITE"
 _TIMES = (
     "last_success",
     "last_failure",
@@ -31,8 +36,14 @@ _TIMES = (
     "refresh_expires",
     "appflow_next_attempt",
 )
-_TEXTS = ("status", "version", "instance", "failure_class", "grant", "rejected_version")
-_FLAGS = ("needs_person", "appflow_pending", "alerted_failing", "alerted_expiring", "rotation_unseen")
+_TEXTS = ("status", "version", "instance", "failure_class", "grant", "rejected_version", "alerted_rejected")
+_FLAGS = (
+    "needs_person",
+    "appflow_pending",
+    "alerted_failing",
+    "alerted_expiring",
+    "rotation_unseen",
+)
 
 
 def _tag(attribute: str) -> str:
@@ -65,6 +76,9 @@ class Health:
     appflow_next_attempt: datetime | None = None
     alerted_failing: bool = False
     alerted_expiring: bool = False
+    # The refused version whose "reauthorization required" went out (once the refusal stood for a sweep); kept
+    # while a person's fixes are refused too, so their right fix is announced as "recovered".
+    alerted_rejected: str | None = None
     rejected_version: str | None = None  # the version ServiceNow refused: retried once the secret changes
     rotation_unseen: bool = False  # a refresh token may have rotated without being stored (see lifecycle.py)
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -109,6 +123,12 @@ class Health:
                 tags[_tag(name)] = str(getattr(self, name))
         return tags
 
+    def tag_write(self) -> list[dict[str, str]]:
+        """Every health tag for one TagResource: the fields this health lacks as empty values (read as absent),
+        so the write replaces whatever health the tags held, whoever wrote it, without an UntagResource."""
+        tags = self.to_tags()
+        return [{"Key": key, "Value": tags.get(key, "")} for key in sorted(HEALTH_TAGS)]
+
     def succeeded(self, now: datetime) -> Health:
         return replace(
             self,
@@ -118,6 +138,7 @@ class Health:
             failing_since=None,
             next_attempt=None,
             alerted_failing=False,
+            alerted_rejected=None,
         )
 
     def failed(
@@ -144,18 +165,18 @@ def unreadable_tags(tags: Mapping[str, str]) -> list[str]:
     shows such a connection as "unknown health" instead of trusting half of it."""
     bad = []
     for name in _FLAGS:
-        if tags.get(_tag(name), "true") != "true":
+        if tags.get(_tag(name), "true") not in ("true", ""):  # an empty value is an absent field (`tag_write`)
             bad.append(_tag(name))
     for name in _TIMES:
         raw = tags.get(_tag(name))
         try:
-            if raw is not None:
+            if raw:
                 from_iso(raw)
         except ValueError:
             bad.append(_tag(name))
     for name in ("consecutive_failures", "appflow_failures"):
         raw = tags.get(_tag(name))
-        if raw is not None and not (raw.isascii() and raw.isdigit()):
+        if raw and not (raw.isascii() and raw.isdigit()):
             bad.append(_tag(name))
     return bad
 

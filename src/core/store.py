@@ -14,13 +14,14 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.errors import ConcurrentUpdate, ConnectionNotFound, InvalidName, SecretFormatError
-from core.health import CANDIDATE
+from core.health import CANDIDATE, WRITING
 from core.secret import Connection, parse_connection
 
 AWSCURRENT = "AWSCURRENT"
@@ -208,9 +209,12 @@ class ConnectionStore:
         return StoredConnection(connection, answer["VersionId"], answer["ARN"])
 
     def compare_and_swap(
-        self, read: StoredConnection, new: Connection, *, request_token: str | None = None
+        self, read: StoredConnection, new: Connection, *, request_token: str | None = None, label: str = WRITING
     ) -> StoredConnection:
         """Make `new` the current value only if AWSCURRENT is still the version `read` came from.
+
+        `label` stages the new version until it is promoted: CANDIDATE only for a refresh's tokens (built by
+        `adoptable_token`: the next run adopts them if the stage move fails), WRITING for everyone else.
 
         An AWS-side failure (throttling beyond boto3's own retries, a 5xx) is retried with backoff; every
         attempt uses the same `request_token`, which becomes the VersionId, so retries are idempotent.
@@ -228,10 +232,13 @@ class ConnectionStore:
                         SecretId=read.arn,
                         ClientRequestToken=token,
                         SecretString=new.to_json(),
-                        VersionStages=[CANDIDATE],
+                        VersionStages=[label],
                     )
                     staged = True
-                return self._promote(read, new, token)
+                written = self._promote(read, new, token)
+                if label != CANDIDATE:
+                    self._retire_candidate(read)
+                return written
             except BotoCoreError as failure:
                 # A timeout or a reset that botocore already retried (standard mode does, 6 attempts): another
                 # round here would multiply the wait (4 x 6 calls). Reported as a failed write (alarmed); if the put
@@ -242,6 +249,16 @@ class ConnectionStore:
                     raise SecretWriteFailed(failure, staged=staged) from None
             self._sleep(self.write_backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _retire_candidate(self, read: StoredConnection) -> None:
+        """Take CANDIDATE off the version just replaced, where a refresh's promoted candidate leaves it (a refresh's
+        own put moves it on; this write's did not): left there, it would look like tokens waiting to be adopted,
+        and be rebased over this write. Conditional on the label being on that very version, so a newer candidate
+        still waiting elsewhere keeps it. Best effort: one call, only for the writes that are not refreshes."""
+        with suppress(ClientError, BotoCoreError):
+            self.client.update_secret_version_stage(
+                SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=read.version_id
+            )
 
     def _promote(self, read: StoredConnection, new: Connection, token: str) -> StoredConnection:
         """Move AWSCURRENT from the version read to the candidate: refused if AWSCURRENT moved meanwhile."""
@@ -306,7 +323,9 @@ class ConnectionStore:
             if built_on_read:
                 return self._promote(read, adopted, candidate)
             rebased = with_tokens_of(read.connection, adopted)
-            return self.compare_and_swap(read, rebased, request_token=adoptable_token(read.version_id, spent))
+            return self.compare_and_swap(
+                read, rebased, request_token=adoptable_token(read.version_id, spent), label=CANDIDATE
+            )
         except ConcurrentUpdate:
             return self.get_latest(name)
 
