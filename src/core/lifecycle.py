@@ -162,6 +162,8 @@ def plan(listing: Mapping[str, Any], now: datetime, policy: RefreshPolicy) -> De
     if health.version != version:
         return "read"  # changed since: an operator's fix, a consent, or our own write whose tag write failed
     state = state_of(health)
+    if state is State.REJECTED and health.alerted_rejected != rejected_version(health):
+        return "read"  # the refusal stood since it was marked: its alert is owed (`advance`)
     if state in (State.REJECTED, State.PENDING):
         return "needs_person"
     if health.next_attempt and now < health.next_attempt - policy.slack:
@@ -267,7 +269,7 @@ def advance(old: Health, outcome: Outcome, now: datetime, policy: RefreshPolicy)
         if outcome.result == "consented":
             kinds.append("authorized")
             new = replace(new, alerted_expiring=False)
-        elif before is State.REJECTED or (before is State.FAILING and old.alerted_failing):
+        elif (before is State.REJECTED and old.alerted_rejected) or (before is State.FAILING and old.alerted_failing):
             kinds.append("recovered")
         new = replace(new.succeeded(now), needs_person=False, rejected_version=None, rotation_unseen=False)
     elif target is State.FAILING:
@@ -290,8 +292,12 @@ def advance(old: Health, outcome: Outcome, now: datetime, policy: RefreshPolicy)
             failure_class="rejected",
             next_attempt=None,
         )
-        if before is not State.REJECTED or (outcome.result != "needs_person" and rejected_version(old) != refused):
-            kinds.append("reauthorization_required")  # announced by the run ServiceNow refused, not by a reader
+        if outcome.result == "needs_person" and rejected_version(old) == refused and old.alerted_rejected != refused:
+            # Announced by a later run that finds the refusal its tags record still standing, never by the run that
+            # marked it: a 401 for a refresh token another run had just spent (rotating mode) is marked, then
+            # overwritten within seconds by that run's new tokens; it must not page anyone, nor announce a recovery.
+            kinds.append("reauthorization_required")
+            new = replace(new, alerted_rejected=refused)
     elif target is State.PENDING:
         new = replace(new, needs_person=True)
     if outcome.appflow_failed:

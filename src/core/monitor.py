@@ -146,33 +146,25 @@ class Monitor:
             return None
 
     def save(self, arn: str, old: Health, new: Health, *, known: bool = True) -> bool:
-        """Write only what changed; on failure remember `new` in place of the tags (see the module's note).
-        With tags that could not be read (`known=False`), every health tag is written or removed: what they
-        hold is unknown, and a stale one left beside the new health (needs-person after a consent) would park
-        the connection."""
+        """Write the whole health in one TagResource, fields it lacks as empty values (health.py), only when it
+        changed; on failure remember `new` in place of the tags (see the module's note). Whole, never a diff
+        against tags read earlier: another writer may have tagged since (a mark's needs-person), and a diff
+        would leave its tags beside ours and park a healthy connection. One call lands all or nothing."""
         with self._lock:
             held = self._unsaved.get(arn)
         # What the tags really hold: while memory stands in for them, the tags it recorded (another thread's newer
-        # memory may already have replaced the health this outcome started from; diffing against that instead
-        # would find nothing to write and drop the memory with the tags never written).
+        # memory may already have replaced the health this outcome started from; comparing with that instead
+        # would find nothing to write and drop the memory with the tags never written). None: unknown.
         actual = held[0] if held is not None else old if known else None
-        before, after = actual.to_tags() if actual is not None else {}, new.to_tags()
-        changed = [{"Key": key, "Value": value} for key, value in after.items() if before.get(key) != value]
-        removed = (
-            [key for key in before if key not in after] if actual is not None else sorted(HEALTH_TAGS - after.keys())
-        )
-        landed = dict(before)  # what the tags hold as each call succeeds (a refused untag leaves them mixed)
+        after = new.to_tags()
         try:
-            if changed:
-                self.secretsmanager.tag_resource(SecretId=arn, Tags=changed)
-                landed.update({tag["Key"]: tag["Value"] for tag in changed})
-            if removed:
-                self.secretsmanager.untag_resource(SecretId=arn, TagKeys=removed)
+            if actual is None or actual.to_tags() != after:
+                self.secretsmanager.tag_resource(SecretId=arn, Tags=new.tag_write())
         except (ClientError, BotoCoreError) as error:
             self._warn("health tags not written; kept in memory until a write lands", error)
             with self._lock:
                 # As the tags read back now (times to the second), so `recall` recognises them.
-                self._unsaved[arn] = (Health.from_tags(landed) if actual is not None else None, Health.from_tags(after))
+                self._unsaved[arn] = (actual, Health.from_tags(after))
             return False
         with self._lock:
             self._unsaved.pop(arn, None)
