@@ -41,6 +41,11 @@ class InstanceUnavailable(ProviderError):
     kind: FailureKind = "unavailable"
 
 
+class KeyUnusable(InstanceUnavailable):
+    """The KMS key cannot sign at all (missing, disabled, not a signing key, or the role may not use it): a person
+    must act on the key, and no token request was made."""
+
+
 class RateLimited(ProviderError):
     """HTTP 429 even after the session's own retries."""
 

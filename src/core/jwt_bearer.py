@@ -18,7 +18,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core.errors import InstanceUnavailable, ProviderError, RateLimited, TransientProviderError
+from core.errors import KeyUnusable, ProviderError, RateLimited, TransientProviderError
 
 GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 SIGNING_ALGORITHM = "RSASSA_PKCS1_V1_5_SHA_256"  # JWS RS256
@@ -95,8 +95,9 @@ def _kms_failure(error: ClientError, key: JwtKey, host: str) -> ProviderError:
     code = str(error.response.get("Error", {}).get("Code", "ClientError"))
     if code in _KMS_TRANSIENT:
         return RateLimited(host, "jwt_bearer", f"KMS refused to sign now ({code}); retry later")
-    # Not ServiceNow's refusal: the connection backs off and alarms as failing, it is not marked for re-consent.
-    return InstanceUnavailable(
+    # Not ServiceNow's refusal: the connection backs off and alarms as failing, it is not marked for re-consent
+    # (unless ServiceNow refused the current key and this is the staged one: refresh.py).
+    return KeyUnusable(
         host,
         "jwt_bearer",
         f"KMS key {key.kms_key_id!r} cannot sign ({code}): check that it exists, is enabled, is an RSA SIGN_VERIFY "

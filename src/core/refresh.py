@@ -9,7 +9,7 @@ that a later run can fix.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
@@ -23,10 +23,11 @@ from core.errors import (
     ConcurrentUpdate,
     CredentialRejected,
     InstanceUnavailable,
+    KeyUnusable,
     ProviderError,
     TransientProviderError,
 )
-from core.health import Health
+from core.health import CANDIDATE, Health
 from core.jwt_bearer import JwtKey, KmsSigner
 from core.lifecycle import Outcome, RefreshPolicy, Result, decide, is_due, needs_person, retry_allowed
 from core.secret import Connection
@@ -246,7 +247,8 @@ class Refresher:
                 self.client, connection, replay=retry_allowed(health), signer=self.signer, now=now
             )
         except CredentialRejected as error:
-            return self._try_staged(read, error) or self.mark_rejected(read, error)
+            unusable: list[str] = []
+            return self._try_staged(read, unusable) or self.mark_rejected(read, error, also=unusable)
         except ProviderError as error:
             return self._failed(read, error, now)
         return self._store_token(read, token, grant, now)
@@ -275,10 +277,12 @@ class Refresher:
             rotation_unseen=unseen,
         )
 
-    def _try_staged(self, read: StoredConnection, error: CredentialRejected) -> Outcome | None:
+    def _try_staged(self, read: StoredConnection, unusable: list[str]) -> Outcome | None:
         """Rollover without downtime: on a refusal, try what the operator staged once - the next client secret
         (`clientSecretNext`), the next JWT signing key (`jwtKeyIdNext` + `kmsKeyIdNext`), then both together;
-        if ServiceNow takes it, promote it in the same write that stores the new tokens."""
+        if ServiceNow takes it, promote it in the same write that stores the new tokens. A staged key KMS cannot
+        sign with is noted in `unusable` and the refusal stands: were it a failure that backs off, every attempt
+        would spend the refused requests again (2 of them, 54 a day) and the refusal would never be marked."""
         connection = read.connection
         staged = connection.extra.get(NEXT_CLIENT_SECRET)
         staged_key = connection.jwt_key_next if connection.grant_type == "jwt_bearer" else None
@@ -290,7 +294,13 @@ class Refresher:
         if len(rollovers) == 2:
             rollovers.append(("client_secret", "jwt_key"))
         for parts in rollovers:
-            outcome = self._try_promoted(read, parts, staged, staged_key)
+            if "jwt_key" in parts and unusable:
+                continue  # the staged key cannot sign: no request with it
+            try:
+                outcome = self._try_promoted(read, parts, staged, staged_key)
+            except KeyUnusable as error:
+                unusable.append(f"the staged signing key cannot be used either ({error.detail})")
+                continue
             if outcome is not None:
                 return outcome
         return None
@@ -327,6 +337,8 @@ class Refresher:
             )
         except CredentialRejected:
             return None  # the staged credential is not live either: the refusal stands
+        except KeyUnusable:
+            raise  # the staged key cannot sign: `_try_staged` notes it, the refusal stands
         except ProviderError as failure:
             return self._failed(read, failure, now)
         outcome = self._store_token(read, token, grant, now, adjust=promote)
@@ -362,7 +374,7 @@ class Refresher:
             new = adjust(read.connection).with_token(token, grant=grant, now=now)
             try:
                 token_id = adoptable_token(read.version_id, spent)
-                written = self.store.compare_and_swap(read, new, request_token=token_id)
+                written = self.store.compare_and_swap(read, new, request_token=token_id, label=CANDIDATE)
             except ConcurrentUpdate:
                 read = self.store.get_latest(read.connection.name)
                 stored = read.connection.refresh_token
@@ -414,11 +426,11 @@ class Refresher:
         with suppress(ProviderError):
             self.client.revoke(app, dropped.refresh_token or "")
 
-    def mark_rejected(self, read: StoredConnection, error: CredentialRejected) -> Outcome:
+    def mark_rejected(self, read: StoredConnection, error: CredentialRejected, *, also: Sequence[str] = ()) -> Outcome:
         """Mark `reauthorization_required` only if the refused credential is still the current one."""
         now = self.clock()
         health = self._health(read) or Health()
-        detail = str(error)
+        detail = "; ".join([str(error), *also])
         if health.rotation_unseen:
             detail += (
                 " - expected: an earlier refresh's answer was lost (or its write failed) after ServiceNow "
