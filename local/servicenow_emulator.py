@@ -315,6 +315,11 @@ class ServiceNowEmulator(BackgroundServer):
         with self._lock:
             self._clients[client_id].jwt.verifiers.pop(kid, None)
 
+    def jwt_key_ids(self, client_id: str) -> set[str]:
+        """The key ids the entry's JWT verifier maps trust now."""
+        with self._lock:
+            return set(self._clients[client_id].jwt.verifiers)
+
     def add_record(self, table: str, record: dict[str, Any]) -> dict[str, Any]:
         """Add a row returned by GET /api/now/table/<table>; a sys_id is generated if absent."""
         row = dict(record)

@@ -1,0 +1,94 @@
+"""The violations the interleaving explorer found (issue #30), each pinned as one schedule written by hand.
+
+Each test runs the real writers in the explorer's world (moto in process, the emulator on 127.0.0.1) under a
+`Script`: a writer runs until a named call, another runs, and so on. Then the explorer's checks: no live refresh
+token stored nowhere, a day of sweeps after which the connection is healthy (or parked only where ServiceNow
+refuses what is stored) within 40 token requests, and events that tell the truth. Every test fails on the code
+before the fixes (c201ef5); `tests/test_explorer.py` explores every schedule around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.explorer import Explorer, Scenario, Script, Step
+
+
+@pytest.fixture(scope="module")
+def explorer() -> Iterator[Explorer]:
+    with Explorer() as running:
+        yield running
+
+
+def test_two_refreshers_of_a_rotating_token_never_park_a_healthy_connection(explorer: Explorer) -> None:
+    """Violation 1: the sweep spends RT1 (ServiceNow rotates it to RT2); before its write lands, the worker's
+    request with RT1 is refused, its re-read still shows RT1, and it marks the connection. The sweep's write then
+    lands on top. The worker's health tags (needs-person) used to survive beside the sweep's fresh version, so
+    every sweep answered needs_person and the access token expired; and the operator was paged for nothing."""
+    script = Script(Step("1.sweep", "PutSecretValue sent"), Step("2.worker"), Step("1.sweep"))
+    run = explorer.run(Scenario("code", ("sweep", "worker")), "rotating", script=script)
+    assert run.problem is None, run.problem
+    assert "reauthorization_required" not in explorer.world.events, explorer.world.events
+
+
+def test_a_revoke_racing_a_rotating_refresh_leaves_no_live_token_behind(explorer: Explorer) -> None:
+    """Violation 2: the sweep rotates RT1 -> RT2 between the revoke's calls to ServiceNow (RT1 and its access
+    token) and its clearing write, which cleared RT2 without revoking it: live for up to 100 days, stored nowhere."""
+    script = Script(
+        Step("1.sweep", "PutSecretValue sent"),
+        Step("2.revoke", "ServiceNow POST /oauth_revoke_token.do", nth=2),
+        Step("2.revoke", "PutSecretValue sent"),  # the revocations done: the clearing write is next
+        Step("1.sweep"),
+        Step("2.revoke"),
+    )
+    run = explorer.run(Scenario("code", ("sweep", "revoke")), "rotating", script=script)
+    assert run.problem is None, run.problem
+
+
+@pytest.mark.parametrize("writer", ["stage_secret", "callback"])
+def test_another_writers_put_never_takes_the_label_off_a_waiting_refresh(explorer: Explorer, writer: str) -> None:
+    """Violation 3: a CLI write (or a consent) reads the secret; a refresh then puts its candidate (RT2); the
+    writer's put took the SNOWCANDIDATE label onto its own version; the refresh's stage move timed out and it
+    reported its tokens "wait in a candidate the next run adopts", in a version nothing adopted. CLI: parked for
+    a re-consent; consent: RT2 live and stored nowhere."""
+    script = Script(
+        Step(f"2.{writer}", "PutSecretValue sent"),
+        Step("1.sweep", "UpdateSecretVersionStage sent", fault="timeout"),
+        Step(f"2.{writer}"),
+        Step("1.sweep"),
+    )
+    run = explorer.run(Scenario("code", ("sweep", writer)), "rotating", script=script)
+    assert run.problem is None, run.problem
+
+
+def test_a_jwt_rollover_whose_staged_key_cannot_sign_is_marked_not_retried(explorer: Explorer) -> None:
+    """Violation 4: ServiceNow refuses the current key, the staged client secret is not live yet and KMS refuses
+    to sign with the staged key (its key policy not updated). The KMS error was a "failed" outcome that ended the
+    rollover loop: the 401 hidden, status active, and every attempt spent 2 token requests (55 in the day)."""
+    run = explorer.run(Scenario("jwt_refused", ("sweep",)), "default", script=Script(Step("1.sweep")))
+    assert run.problem is None, run.problem
+    assert explorer.world.events[-1:] == ["reauthorization_required"], explorer.world.events
+
+
+def test_two_refreshers_refused_together_page_once(explorer: Explorer) -> None:
+    """Found beside them: two sweeps (EventBridge delivers at least once) both refused; each announced the refusal
+    it saw. The page now goes out from the first run that finds the mark standing, once."""
+    script = Script(Step("1.sweep", "TagResource sent"), Step("2.sweep"), Step("1.sweep"))
+    run = explorer.run(Scenario("refused", ("sweep", "sweep")), "default", script=script)
+    assert run.problem is None, run.problem
+    assert explorer.world.events.count("reauthorization_required") == 1, explorer.world.events
+
+
+def test_a_revoke_racing_a_consent_revokes_what_it_clears(explorer: Explorer) -> None:
+    """Found beside them: a consent stored new tokens between the revoke's calls to ServiceNow and its clearing
+    write, which cleared them unrevoked."""
+    script = Script(
+        Step("2.revoke", "ServiceNow POST /oauth_revoke_token.do", nth=2),
+        Step("2.revoke", "PutSecretValue sent"),
+        Step("1.callback"),
+        Step("2.revoke"),
+    )
+    run = explorer.run(Scenario("code", ("callback", "revoke")), "default", script=script)
+    assert run.problem is None, run.problem
