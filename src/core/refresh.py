@@ -419,12 +419,15 @@ class Refresher:
         with suppress(ProviderError):
             self.client.revoke(connection.app, secret)
 
-    def _revoke_superseded(self, current: Connection, dropped: Connection) -> None:
+    def _revoke_superseded(self, current: Connection, dropped: Connection) -> bool:
         """A candidate's tokens that lost to newer ones (a consent): revoked, so no live refresh token is left
-        unknown (best effort, with the freshest client credentials for the same client)."""
+        unknown (with the freshest client credentials for the same client). False when ServiceNow could not."""
         app = current.app if current.client_id == dropped.client_id else dropped.app
-        with suppress(ProviderError):
+        try:
             self.client.revoke(app, dropped.refresh_token or "")
+        except ProviderError:
+            return False
+        return True
 
     def mark_rejected(self, read: StoredConnection, error: CredentialRejected, *, also: Sequence[str] = ()) -> Outcome:
         """Mark `reauthorization_required` only if the refused credential is still the current one."""

@@ -121,7 +121,7 @@ class ConnectionStore:
         write_attempts: int = 4,
         write_backoff_seconds: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
-        superseded: Callable[[Connection, Connection], None] | None = None,
+        superseded: Callable[[Connection, Connection], bool] | None = None,
     ) -> None:
         self.client = client
         # Called with (current, dropped) for a candidate cleared because newer tokens were stored meanwhile (a
@@ -299,6 +299,14 @@ class ConnectionStore:
         candidate = next((v for v, labels in stages.items() if CANDIDATE in labels), None)
         if candidate is None or candidate == read.version_id:
             return read
+        if AWSPREVIOUS in stages[candidate]:
+            # Promoted once, then replaced by a write that did not move the label on (its retire was lost): spent.
+            # Adopted again it would undo that write - in default mode every version holds the refresh token it
+            # spent, so it would be rebased over a mark and the refused credential retried.
+            self.client.update_secret_version_stage(
+                SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
+            )
+            return read
         name = read.connection.name
         marks = _candidate_marks(candidate)
         built_on_read = marks is not None and marks[0] == _mark(read.version_id)
@@ -312,8 +320,10 @@ class ConnectionStore:
                 # revoked on a stale view; the next run decides.
                 return read
             # Built on an older value whose tokens were superseded (a lost race, a consent): never over newer data.
-            if self.superseded is not None:
-                self._drop(read, candidate, self.superseded)
+            # Cleared once its refresh token is dead; while ServiceNow cannot revoke it, the label stays and the next
+            # run tries again (cleared, it would be a live token stored nowhere).
+            if self.superseded is not None and not self._drop(read, candidate, self.superseded):
+                return read
             self.client.update_secret_version_stage(
                 SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
             )
@@ -335,24 +345,26 @@ class ConnectionStore:
         return self.parse(read.connection.name, answer["SecretString"], version_id, read.arn, read.tags).connection
 
     def _drop(
-        self, read: StoredConnection, candidate: str, superseded: Callable[[Connection, Connection], None]
-    ) -> None:
-        """Hand a superseded candidate's tokens to `superseded` (best effort: unreadable, it is cleared anyway).
+        self, read: StoredConnection, candidate: str, superseded: Callable[[Connection, Connection], bool]
+    ) -> bool:
+        """Hand a superseded candidate's tokens to `superseded`; True once nothing of it is left alive (revoked,
+        or nothing to revoke), False to keep it for the next run (the revocation or a read failed).
 
-        Only a refresh's candidate (its id carries the marks): a version without them is a consent's or an
-        operator's write whose stage move is still under way, the newest tokens there are. And never a token
-        AWSCURRENT holds now (read again: it may have moved since `read`)."""
+        Only a refresh's candidate (its id carries the marks): a version without them is an earlier writer's
+        whose stage move is still under way. And never a token AWSCURRENT holds now (read again: it may have moved
+        since `read`)."""
         if _candidate_marks(candidate) is None:
-            return
+            return True
         try:
             dropped = self._version(read, candidate)
             if dropped.refresh_token in (None, read.connection.refresh_token):
-                return
+                return True
             now_stored = self.get(read.connection.name).connection
-        except (ClientError, BotoCoreError, SecretFormatError, ConnectionNotFound):
-            return
-        if dropped.refresh_token != now_stored.refresh_token:
-            superseded(now_stored, dropped)
+        except (SecretFormatError, ConnectionNotFound):
+            return True  # nothing readable to revoke
+        except (ClientError, BotoCoreError):
+            return False
+        return dropped.refresh_token == now_stored.refresh_token or superseded(now_stored, dropped)
 
     def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:
         """Read, apply `change(connection) -> connection`, and compare-and-swap; re-read on a lost race.
