@@ -269,7 +269,9 @@ def advance(old: Health, outcome: Outcome, now: datetime, policy: RefreshPolicy)
         if outcome.result == "consented":
             kinds.append("authorized")
             new = replace(new, alerted_expiring=False)
-        elif (before is State.REJECTED and old.alerted_rejected) or (before is State.FAILING and old.alerted_failing):
+        elif before in (State.REJECTED, State.FAILING) and (old.alerted_rejected or old.alerted_failing):
+            # A page went out in this stretch (a refusal, or failing for too long), even if a blip on the retry of a
+            # fix made it FAILING since: the person paged hears that it recovered.
             kinds.append("recovered")
         new = replace(new.succeeded(now), needs_person=False, rejected_version=None, rotation_unseen=False)
     elif target is State.FAILING:
