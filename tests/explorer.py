@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -697,6 +698,8 @@ class Explorer:
         self._mock = mock_aws()
 
     def __enter__(self) -> Explorer:
+        # moto in process answers only AWS's own endpoints: the test session's moto server URL must not apply here.
+        self._endpoint = os.environ.pop("AWS_ENDPOINT_URL", None)
         self._mock.start()
         self.world = World()
         world = self.world
@@ -706,6 +709,8 @@ class Explorer:
     def __exit__(self, *_: Any) -> None:
         self.emulator.__exit__(None, None, None)
         self._mock.stop()
+        if self._endpoint is not None:
+            os.environ["AWS_ENDPOINT_URL"] = self._endpoint
 
     @contextmanager
     def fresh(self, scenario: Scenario, mode: str) -> Iterator[Setup]:
@@ -748,6 +753,9 @@ class Explorer:
         setup.codes.clear()
         world.now += DUE_AFTER
         if setup.kind == "refused":
+            # Refreshed once first: a refresh's promoted candidate keeps its label, which the mark must not revive.
+            Sweep(Container(world).refresher).run()
+            world.now += DUE_AFTER
             setup.client_secret = "explorer-client-secret-changed-B2"
             world.emulator.set_client_secret(CLIENT_ID, setup.client_secret)  # type: ignore[union-attr]
 
@@ -848,10 +856,12 @@ class Explorer:
         state = state_of(look.health) if look.health.version == look.version else None
         honoured = self._honoured(setup, connection)
         expires = connection.access_token_expires_at
+        live = connection.access_token in self.world.emulator.live_access_tokens(CLIENT_ID)  # type: ignore[union-attr]
         if (
             connection.status == "active"
             and state is State.HEALTHY
             and honoured
+            and live  # the access token a service reads works (not an older one under a newer expiry)
             and expires is not None
             and expires > self.world.now
             and not any(CANDIDATE in labels and "AWSCURRENT" not in labels for labels in look.stages.values())
@@ -898,7 +908,13 @@ class Explorer:
             world.now += POLICY.interval
             if plan(entry, world.now, POLICY) != "read" and not container.monitor.unsaved(entry["ARN"]):
                 continue
+            # Only the stack writes from here on: a mark that stands is never asked again (bounded cost).
+            look = self.look()
+            marked = look.connection.status == "reauthorization_required" and look.connection.marked_version
+            asked = emulator.token_requests()
             outcomes = Sweep(container.refresher).run()
+            if marked == look.version and emulator.token_requests() > asked:
+                raise Violation("a day later: a refused credential was retried before its secret changed")
             refreshed = refreshed or any(outcome.result == "refreshed" for outcome in outcomes)
             entry = self._entry()
             if refreshed and self._verdict(setup) == "healthy":

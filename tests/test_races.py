@@ -92,3 +92,46 @@ def test_a_revoke_racing_a_consent_revokes_what_it_clears(explorer: Explorer) ->
     )
     run = explorer.run(Scenario("code", ("callback", "revoke")), "default", script=script)
     assert run.problem is None, run.problem
+
+
+@pytest.mark.parametrize("fault", ["throttle", "timeout"])
+def test_a_mark_whose_label_retire_failed_is_never_undone(explorer: Explorer, fault: str) -> None:
+    """Found by the review of the fix for violation 3: the mark (a SNOWWRITE write) takes SNOWCANDIDATE off the
+    refresh candidate it replaced; when that retire failed, the next run took the spent candidate for one waiting
+    (default mode: it holds the same refresh token), rebased it over the mark, and asked ServiceNow again with the
+    refused credential. A candidate that was AWSCURRENT once (AWSPREVIOUS) is now cleared, never adopted."""
+    script = Script(Step("1.sweep", "UpdateSecretVersionStage sent", nth=2, fault=fault))
+    run = explorer.run(Scenario("refused", ("sweep",)), "default", script=script)
+    assert run.problem is None, run.problem
+
+
+def test_a_paged_refusal_fixed_then_a_blip_still_announces_recovered(explorer: Explorer) -> None:
+    """Found by the review: paged (one sweep marks, the next pages), the operator fixes the client secret, the
+    retry of the fix meets the hibernation page (failing, backing off), the next retry succeeds: "recovered" only
+    followed a refusal that was still refused, so the person paged never heard the connection recovered."""
+    script = Script(
+        Step("1.sweep"),
+        Step("2.sweep"),
+        Step("3.fix_secret"),
+        Step("4.sweep", "ServiceNow POST /oauth_token.do", fault="hibernate"),
+        Step("4.sweep"),
+    )
+    run = explorer.run(Scenario("refused", ("sweep", "sweep", "fix_secret", "sweep")), "default", script=script)
+    assert run.problem is None, (run.problem, explorer.world.events)
+    assert explorer.world.events[-2:] == ["reauthorization_required", "recovered"], explorer.world.events
+
+
+def test_a_rotated_token_revoke_could_not_kill_is_kept_until_it_can(explorer: Explorer) -> None:
+    """Found by the review: the sweep spends RT1 (RT2 issued), the revoke runs whole and its clearing write wins;
+    the sweep's write loses, and both revocations of RT2 (the re-read dropping its candidate, then the refresh's
+    own) meet the hibernation page. The candidate's label was cleared anyway: RT2 live and stored nowhere. It now
+    stays until a run revokes RT2 (the explorer's day of sweeps, the instance up again)."""
+    script = Script(
+        Step("1.sweep", "PutSecretValue sent"),
+        Step("2.revoke"),
+        Step("1.sweep", "ServiceNow POST /oauth_revoke_token.do", fault="hibernate"),
+        Step("1.sweep", "ServiceNow POST /oauth_revoke_token.do", nth=2, fault="hibernate"),
+        Step("1.sweep"),
+    )
+    run = explorer.run(Scenario("code", ("sweep", "revoke")), "rotating", script=script)
+    assert run.problem is None, run.problem
