@@ -102,21 +102,35 @@ class Point:
     label: str
     options: tuple[tuple[str, int, int], ...]  # (choice, preemptions, faults); the first is the default
     chosen: str
+    nth: int = 1  # the how-manieth time this task reached this label: with task and label, the point's name
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.task, self.label, self.nth
 
 
 @dataclass(frozen=True)
 class Deviation:
-    index: int
+    """A choice other than the default at one decision point, named by task, label and occurrence (so a
+    recorded schedule still replays when a writer makes calls elsewhere); `index` orders the search."""
+
+    key: tuple[str, str, int]
     choice: str
     preemptions: int
     faults: int
+    index: int = 0
+
+    def __str__(self) -> str:
+        task, label, nth = self.key
+        return f"{task}:{label}@{nth}={self.choice}"
 
 
 class Scheduler:
     """Runs the tasks one at a time: a task runs until its next yield point, where `decide` picks who goes on."""
 
     def __init__(self, deviations: tuple[Deviation, ...] = ()) -> None:
-        self.deviations = {deviation.index: deviation.choice for deviation in deviations}
+        self.deviations = {deviation.key: deviation.choice for deviation in deviations}
+        self.reached: dict[tuple[str, str], int] = {}
         self.points: list[Point] = []
         self.cond = threading.Condition()
         self.order: list[str] = []
@@ -126,11 +140,11 @@ class Scheduler:
         self.faults: list[tuple[str, str, str]] = []  # (task, call, fault) as injected
 
     def _decide(self, task: str, label: str, options: list[tuple[str, int, int]]) -> str:
-        index = len(self.points)
-        choice = self.deviations.get(index, options[0][0])
+        nth = self.reached[(task, label)] = self.reached.get((task, label), 0) + 1
+        choice = self.deviations.get((task, label, nth), options[0][0])
         if choice not in [option[0] for option in options]:
-            raise Nondeterminism(f"decision {index} ({task}: {label}) has no option {choice!r}")
-        self.points.append(Point(index, task, label, tuple(options), choice))
+            raise Nondeterminism(f"{task} at {label!r} (the {nth}th time) has no option {choice!r}")
+        self.points.append(Point(len(self.points), task, label, tuple(options), choice, nth))
         return choice
 
     def point(self, label: str, faults: tuple[str, ...], *, preemptible: bool = True) -> str:
@@ -959,7 +973,7 @@ class Explorer:
             result = self.run(scenario, mode, deviations)
             runs += 1
             if result.problem is not None:
-                finding = f"{scenario.name} {mode} {format_deviations(deviations)}  # {result.problem}"
+                finding = f"{scenario.name} {mode}{format_deviations(deviations)}  # {result.problem}"
                 findings.append(finding)
                 if on_violation:
                     on_violation(finding)
@@ -968,7 +982,7 @@ class Explorer:
             for point in result.points[start:]:
                 for choice, p, f in point.options[1:]:
                     if used + p + f <= bound:
-                        stack.append((*deviations, Deviation(point.index, choice, p, f)))
+                        stack.append((*deviations, Deviation(point.key, choice, p, f, point.index)))
         return runs, findings
 
     def replay(self, finding: str) -> Run:
@@ -977,21 +991,22 @@ class Explorer:
 
 
 def format_deviations(deviations: tuple[Deviation, ...]) -> str:
-    return " ".join(f"{d.index}={d.choice}" for d in deviations) or "-"
+    return "".join(f" | {deviation}" for deviation in deviations)
 
 
 def parse_finding(finding: str) -> tuple[Scenario, str, tuple[Deviation, ...]]:
-    """`code:sweep+worker rotating 7=2.worker 15=timeout  # what broke` -> its scenario, mode and deviations."""
-    text = finding.split("#", 1)[0].split()
-    scenario, mode, steps = Scenario.parse(text[0]), text[1], text[2:]
+    """`code:sweep+worker rotating | 1.sweep:PutSecretValue sent@1=2.worker  # what broke` -> its scenario, mode
+    and deviations (each: task, yield point and occurrence, then the choice: another task or a fault)."""
+    head, *steps = finding.split("#", 1)[0].split(" | ")
+    name, mode = head.split()
     deviations = []
-    for step in steps:
-        if step == "-":
-            continue
-        index, choice = step.split("=", 1)
+    for step in (step.strip() for step in steps):
+        where, choice = step.rsplit("=", 1)
+        task, rest = where.split(":", 1)
+        label, nth = rest.rsplit("@", 1)
         preempt = int("." in choice)  # a task's name ("2.worker"); a fault's has no dot
-        deviations.append(Deviation(int(index), choice, preempt, 1 - preempt))
-    return scenario, mode, tuple(deviations)
+        deviations.append(Deviation((task, label, int(nth)), choice, preempt, 1 - preempt))
+    return Scenario.parse(name), mode, tuple(deviations)
 
 
 def describe(run: Run) -> str:
