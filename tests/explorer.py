@@ -266,6 +266,7 @@ class World:
         # The README's documented losses: refresh tokens ServiceNow issued in an answer that was lost, and a rotated
         # token whose write timed out before it landed. Tokens each task obtained by a refresh grant, to tell which.
         self.unseen: set[str] = set()
+        self.unrevoked: set[str] = set()
         self.rotated: dict[str, set[str]] = {}
         self._asked: dict[str, tuple[set[str], str, str | None]] = {}
         self.plain = boto3.client("secretsmanager", region_name=REGION)  # the explorer's eyes: no yields, no faults
@@ -341,7 +342,13 @@ class World:
         fault = self.scheduler.point(f"ServiceNow {method} {path}", SN_FAULTS)
         if fault != "ok":
             self.emulator.inject(fault, path=path, count=1, retry_after=0)
-        grant = parse_qs(body.decode() if isinstance(body, bytes) else "").get("grant_type", [None])[0]
+        form = parse_qs(body.decode() if isinstance(body, bytes) else "")
+        grant = form.get("grant_type", [None])[0]
+        task = self.scheduler.current or ""
+        if fault != "ok" and path.endswith("revoke_token.do") and task.split(".")[-1] in ("callback", "paste"):
+            # The README's documented limit: a consent (or an operator's paste) revokes the refresh token it
+            # replaced once, best effort; while ServiceNow cannot take it, it stays live until it expires.
+            self.unrevoked.update(form.get("token", []))
         self._asked[self.scheduler.current or ""] = (self.emulator.live_refresh_tokens(CLIENT_ID), fault, grant)
 
     def servicenow_answered(self, method: str, url: str) -> None:
@@ -736,6 +743,7 @@ class Explorer:
         world = self.world
         world.now, world.events, world.scheduler = START, [], None
         world.unseen, world.rotated, world.kms_denied, world.interrupts = set(), {}, set(), []
+        world.unrevoked = set()
         emulator = self.emulator
         emulator.reset(rotate_refresh_tokens=mode == "rotating")
         world.emulator = emulator
@@ -858,7 +866,8 @@ class Explorer:
 
     def no_unknown_live_token(self, setup: Setup, when: str, look: Look | None = None) -> None:
         live = self.world.emulator.live_refresh_tokens(CLIENT_ID)  # type: ignore[union-attr]
-        unknown = live - setup.operator_tokens - self.world.unseen - (look or self.look()).refresh_tokens
+        unknown = live - setup.operator_tokens - self.world.unseen - self.world.unrevoked
+        unknown -= (look or self.look()).refresh_tokens
         if unknown:
             raise Violation(f"{when}: {len(unknown)} live refresh token(s) stored nowhere")
 
