@@ -16,6 +16,14 @@ import pytest
 from tests.explorer import Explorer, Scenario, Script, Step
 
 
+# The revoke (task 2) runs until it has revoked the refresh and the access token at ServiceNow, and stops before
+# its clearing write.
+REVOKED_NOT_CLEARED = (
+    Step("2.revoke", "ServiceNow POST /oauth_revoke_token.do", nth=2),
+    Step("2.revoke", "PutSecretValue sent"),
+)
+
+
 @pytest.fixture(scope="module")
 def explorer() -> Iterator[Explorer]:
     with Explorer() as running:
@@ -36,13 +44,7 @@ def test_two_refreshers_of_a_rotating_token_never_park_a_healthy_connection(expl
 def test_a_revoke_racing_a_rotating_refresh_leaves_no_live_token_behind(explorer: Explorer) -> None:
     """Violation 2: the sweep rotates RT1 -> RT2 between the revoke's calls to ServiceNow (RT1 and its access
     token) and its clearing write, which cleared RT2 without revoking it: live for up to 100 days, stored nowhere."""
-    script = Script(
-        Step("1.sweep", "PutSecretValue sent"),
-        Step("2.revoke", "ServiceNow POST /oauth_revoke_token.do", nth=2),
-        Step("2.revoke", "PutSecretValue sent"),  # the revocations done: the clearing write is next
-        Step("1.sweep"),
-        Step("2.revoke"),
-    )
+    script = Script(Step("1.sweep", "PutSecretValue sent"), *REVOKED_NOT_CLEARED, Step("1.sweep"), Step("2.revoke"))
     run = explorer.run(Scenario("code", ("sweep", "revoke")), "rotating", script=script)
     assert run.problem is None, run.problem
 
@@ -84,12 +86,7 @@ def test_two_refreshers_refused_together_page_once(explorer: Explorer) -> None:
 def test_a_revoke_racing_a_consent_revokes_what_it_clears(explorer: Explorer) -> None:
     """Found beside them: a consent stored new tokens between the revoke's calls to ServiceNow and its clearing
     write, which cleared them unrevoked."""
-    script = Script(
-        Step("2.revoke", "ServiceNow POST /oauth_revoke_token.do", nth=2),
-        Step("2.revoke", "PutSecretValue sent"),
-        Step("1.callback"),
-        Step("2.revoke"),
-    )
+    script = Script(*REVOKED_NOT_CLEARED, Step("1.callback"), Step("2.revoke"))
     run = explorer.run(Scenario("code", ("callback", "revoke")), "default", script=script)
     assert run.problem is None, run.problem
 
