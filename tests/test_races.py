@@ -15,7 +15,6 @@ import pytest
 
 from tests.explorer import Explorer, Scenario, Script, Step
 
-
 # The revoke (task 2) runs until it has revoked the refresh and the access token at ServiceNow, and stops before
 # its clearing write.
 REVOKED_NOT_CLEARED = (
