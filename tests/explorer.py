@@ -345,9 +345,10 @@ class World:
         form = parse_qs(body.decode() if isinstance(body, bytes) else "")
         grant = form.get("grant_type", [None])[0]
         task = self.scheduler.current or ""
-        if fault != "ok" and path.endswith("revoke_token.do") and task.split(".")[-1] in ("callback", "paste"):
-            # The README's documented limit: a consent (or an operator's paste) revokes the refresh token it
-            # replaced once, best effort; while ServiceNow cannot take it, it stays live until it expires.
+        if fault != "ok" and path.endswith("revoke_token.do") and task.split(".")[-1] != "revoke":
+            # The README's documented limit: a token nobody will store (the one a consent or a paste replaced, a
+            # refresh's that lost its race) is revoked once, best effort; while ServiceNow cannot take it, it stays
+            # live until it expires. (`make revoke` stops instead, and the secret keeps its tokens.)
             self.unrevoked.update(form.get("token", []))
         self._asked[self.scheduler.current or ""] = (self.emulator.live_refresh_tokens(CLIENT_ID), fault, grant)
 
@@ -550,6 +551,9 @@ def paste(setup: Setup) -> Callable[[], Any]:
         except (ServiceNowOAuthError, ClientError, BotoCoreError):
             with suppress(ServiceNowOAuthError):
                 container.client.revoke(app, token.refresh_token or "")
+            # The operator saw the paste fail (its write may have landed unseen): the token it replaced is theirs to
+            # check and revoke, as the README's procedure says.
+            setup.operator_tokens.update(old for old in replaced if old)
             raise
         if replaced[-1]:
             try:

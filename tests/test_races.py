@@ -10,10 +10,11 @@ before the fixes (c201ef5); `tests/test_explorer.py` explores every schedule aro
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 
-from tests.explorer import Explorer, Scenario, Script, Step
+from tests.explorer import SECRET, Container, Explorer, Scenario, Script, Step, Sweep
 
 # The revoke (task 2) runs until it has revoked the refresh and the access token at ServiceNow, and stops before
 # its clearing write.
@@ -117,17 +118,23 @@ def test_a_paged_refusal_fixed_then_a_blip_still_announces_recovered(explorer: E
     assert explorer.world.events[-2:] == ["reauthorization_required", "recovered"], explorer.world.events
 
 
-def test_a_rotated_token_revoke_could_not_kill_is_kept_until_it_can(explorer: Explorer) -> None:
-    """Found by the review: the sweep spends RT1 (RT2 issued), the revoke runs whole and its clearing write wins;
-    the sweep's write loses, and both revocations of RT2 (the re-read dropping its candidate, then the refresh's
-    own) meet the hibernation page. The candidate's label was cleared anyway: RT2 live and stored nowhere. It now
-    stays until a run revokes RT2 (the explorer's day of sweeps, the instance up again)."""
-    script = Script(
-        Step("1.sweep", "PutSecretValue sent"),
-        Step("2.revoke"),
-        Step("1.sweep", "ServiceNow POST /oauth_revoke_token.do", fault="hibernate"),
-        Step("1.sweep", "ServiceNow POST /oauth_revoke_token.do", nth=2, fault="hibernate"),
-        Step("1.sweep"),
-    )
-    run = explorer.run(Scenario("code", ("sweep", "revoke")), "rotating", script=script)
-    assert run.problem is None, run.problem
+def test_a_console_save_of_an_older_value_still_gets_the_rotated_token(explorer: Explorer) -> None:
+    """Found by the review of the spent-candidate rule: the operator opens the secret in the console (RT0), a sweep
+    refreshes (RT0 -> RT1, its candidate promoted, keeping SNOWCANDIDATE), the operator saves the older value. The
+    candidate now carries AWSPREVIOUS, but it holds RT1, the only live refresh token, which the save lacks: it is
+    written onto the save, never cleared as spent."""
+    with explorer.fresh(Scenario("code", ("sweep",)), "rotating") as setup:
+        world, plain = setup.world, setup.world.plain
+        opened = plain.get_secret_value(SecretId=SECRET, VersionStage="AWSCURRENT")  # the console's Edit
+        assert [outcome.result for outcome in Sweep(Container(world).refresher).run()] == ["refreshed"]
+        stages = plain.describe_secret(SecretId=SECRET)["VersionIdsToStages"]
+        current = next(version for version, labels in stages.items() if "AWSCURRENT" in labels)
+        saved = plain.put_secret_value(SecretId=SECRET, SecretString=opened["SecretString"], VersionStages=["CONSOLE"])
+        plain.update_secret_version_stage(
+            SecretId=SECRET, VersionStage="AWSCURRENT", MoveToVersionId=saved["VersionId"], RemoveFromVersionId=current
+        )
+        world.now += timedelta(minutes=5)
+        Sweep(Container(world).refresher).run()
+        look = explorer.look()
+        explorer.no_unknown_live_token(setup, "after the next sweep", look)
+        assert look.connection.status == "active"

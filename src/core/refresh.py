@@ -419,15 +419,12 @@ class Refresher:
         with suppress(ProviderError):
             self.client.revoke(connection.app, secret)
 
-    def _revoke_superseded(self, current: Connection, dropped: Connection) -> bool:
+    def _revoke_superseded(self, current: Connection, dropped: Connection) -> None:
         """A candidate's tokens that lost to newer ones (a consent): revoked, so no live refresh token is left
-        unknown (with the freshest client credentials for the same client). False when ServiceNow could not."""
+        unknown (best effort, with the freshest client credentials for the same client)."""
         app = current.app if current.client_id == dropped.client_id else dropped.app
-        try:
+        with suppress(ProviderError):
             self.client.revoke(app, dropped.refresh_token or "")
-        except ProviderError:
-            return False
-        return True
 
     def mark_rejected(self, read: StoredConnection, error: CredentialRejected, *, also: Sequence[str] = ()) -> Outcome:
         """Mark `reauthorization_required` only if the refused credential is still the current one."""

@@ -121,7 +121,7 @@ class ConnectionStore:
         write_attempts: int = 4,
         write_backoff_seconds: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
-        superseded: Callable[[Connection, Connection], bool] | None = None,
+        superseded: Callable[[Connection, Connection], None] | None = None,
     ) -> None:
         self.client = client
         # Called with (current, dropped) for a candidate cleared because newer tokens were stored meanwhile (a
@@ -299,14 +299,6 @@ class ConnectionStore:
         candidate = next((v for v, labels in stages.items() if CANDIDATE in labels), None)
         if candidate is None or candidate == read.version_id:
             return read
-        if AWSPREVIOUS in stages[candidate]:
-            # Promoted once, then replaced by a write that did not move the label on (its retire was lost): spent.
-            # Adopted again it would undo that write - in default mode every version holds the refresh token it
-            # spent, so it would be rebased over a mark and the refused credential retried.
-            self.client.update_secret_version_stage(
-                SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
-            )
-            return read
         name = read.connection.name
         marks = _candidate_marks(candidate)
         built_on_read = marks is not None and marks[0] == _mark(read.version_id)
@@ -320,15 +312,18 @@ class ConnectionStore:
                 # revoked on a stale view; the next run decides.
                 return read
             # Built on an older value whose tokens were superseded (a lost race, a consent): never over newer data.
-            # Cleared once its refresh token is dead; while ServiceNow cannot revoke it, the label stays and the next
-            # run tries again (cleared, it would be a live token stored nowhere).
-            if self.superseded is not None and not self._drop(read, candidate, self.superseded):
-                return read
-            self.client.update_secret_version_stage(
-                SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
-            )
+            if self.superseded is not None:
+                self._drop(read, candidate, self.superseded)
+            self._clear_candidate(read, candidate)
             return read
         adopted = self._version(read, candidate)
+        if rebase and AWSPREVIOUS in stages[candidate] and adopted.refresh_token == spent:
+            # Promoted once, then replaced by a write that did not move the label on (its retire was lost), and it
+            # holds no refresh token the current value lacks: spent. Rebased, its older access token and status
+            # would undo that write (in default mode over a mark: the refused credential asked again). One that
+            # holds a rotated token the current value lacks (a console save of an older value) is rebased.
+            self._clear_candidate(read, candidate)
+            return read
         try:
             if built_on_read:
                 return self._promote(read, adopted, candidate)
@@ -339,32 +334,36 @@ class ConnectionStore:
         except ConcurrentUpdate:
             return self.get_latest(name)
 
+    def _clear_candidate(self, read: StoredConnection, candidate: str) -> None:
+        self.client.update_secret_version_stage(
+            SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
+        )
+
     def _version(self, read: StoredConnection, version_id: str) -> Connection:
         """The connection as one version of `read`'s secret holds it (a candidate)."""
         answer = self.client.get_secret_value(SecretId=read.arn, VersionId=version_id)
         return self.parse(read.connection.name, answer["SecretString"], version_id, read.arn, read.tags).connection
 
     def _drop(
-        self, read: StoredConnection, candidate: str, superseded: Callable[[Connection, Connection], bool]
-    ) -> bool:
-        """Hand a superseded candidate's tokens to `superseded`; True once nothing of it is left alive (revoked,
-        or nothing to revoke), False to keep it for the next run (the revocation or a read failed).
+        self, read: StoredConnection, candidate: str, superseded: Callable[[Connection, Connection], None]
+    ) -> None:
+        """Hand a superseded candidate's tokens to `superseded` (best effort: unreadable, it is cleared anyway; a
+        revocation ServiceNow cannot take leaves the token live until it expires, the README's documented limit).
 
         Only a refresh's candidate (its id carries the marks): a version without them is an earlier writer's
         whose stage move is still under way. And never a token AWSCURRENT holds now (read again: it may have moved
         since `read`)."""
         if _candidate_marks(candidate) is None:
-            return True
+            return
         try:
             dropped = self._version(read, candidate)
             if dropped.refresh_token in (None, read.connection.refresh_token):
-                return True
+                return
             now_stored = self.get(read.connection.name).connection
-        except (SecretFormatError, ConnectionNotFound):
-            return True  # nothing readable to revoke
-        except (ClientError, BotoCoreError):
-            return False
-        return dropped.refresh_token == now_stored.refresh_token or superseded(now_stored, dropped)
+        except (ClientError, BotoCoreError, SecretFormatError, ConnectionNotFound):
+            return
+        if dropped.refresh_token != now_stored.refresh_token:
+            superseded(now_stored, dropped)
 
     def update(self, name: str, change: Any, *, attempts: int = 3) -> StoredConnection:
         """Read, apply `change(connection) -> connection`, and compare-and-swap; re-read on a lost race.
