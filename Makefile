@@ -9,13 +9,13 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 export SAM_CLI_TELEMETRY := 0
 # Only the targets that run on this machine (moto, the emulator) default the region; the operator targets
 # (connections, authorize-url, refresh, ...) use your own AWS configuration, profile region included.
-test bench soak demo local lint: export AWS_DEFAULT_REGION ?= us-east-1
+test bench soak explore demo local lint: export AWS_DEFAULT_REGION ?= us-east-1
 export SAM_CLI := $(CURDIR)/$(SAM_VENV)/bin/sam
 
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint build clean deps chromium local demo bench soak connections connection-add connection-grant connection-revoke-access jwt-certificate stage-jwt-key authorize-url refresh revoke stage-secret smoke
+.PHONY: test lint build clean deps chromium local demo bench soak explore connections connection-add connection-grant connection-revoke-access jwt-certificate stage-jwt-key authorize-url refresh revoke stage-secret smoke
 
 deps: $(VENV)/.installed $(SAM_VENV)/.installed
 
@@ -51,6 +51,9 @@ bench: deps ## cold start, sweep cost, throughput, fan-out, failure cost, packag
 
 soak: deps ## the life-cycle model for 100,000+ generated steps (STEPS=) -> soak section of benchmarks/RESULTS.md
 	$(RUN) -m benchmarks.soak $(if $(STEPS),--steps $(STEPS))
+
+explore: deps ## every interleaving of two writers of one connection within BOUND= (2) deviations -> RESULTS.md
+	$(RUN) -m benchmarks.explore --bound $(or $(BOUND),2) --results
 
 demo: $(VENV)/.installed ## one connection's whole life on this machine: consent, tokens stored, refreshed
 	$(RUN) -m local.demo
