@@ -138,3 +138,23 @@ def test_a_console_save_of_an_older_value_still_gets_the_rotated_token(explorer:
         look = explorer.look()
         explorer.no_unknown_live_token(setup, "after the next sweep", look)
         assert look.connection.status == "active"
+
+
+def test_a_mark_landing_between_a_listing_and_its_read_is_not_undone(explorer: Explorer) -> None:
+    """Found by the review of the spent-candidate rule: a sweep lists the connection (the refresh candidate that is
+    AWSCURRENT still carries SNOWCANDIDATE) and stops before its batch read; another sweep is refused and marks it;
+    the first reads the mark, but decided on its listing's stages: it rebased the spent candidate over the mark and
+    asked ServiceNow again with the refused credential. A candidate is never adopted on a view whose stages and
+    value disagree."""
+    asked: list[int] = []
+    script = Script(Step("2.sweep", "BatchGetSecretValue sent"), Step("1.sweep"), Step("2.sweep"))
+    finished = script._finished
+
+    def counted(task: str) -> None:
+        asked.append(explorer.emulator.token_requests())
+        finished(task)
+
+    script._finished = counted  # type: ignore[method-assign]
+    run = explorer.run(Scenario("refused", ("sweep", "sweep")), "default", script=script)
+    assert run.problem is None, run.problem
+    assert asked[1] == asked[0], f"the refused credential was asked {asked[1] - asked[0]} more time(s) after its mark"

@@ -304,13 +304,14 @@ class ConnectionStore:
         built_on_read = marks is not None and marks[0] == _mark(read.version_id)
         spent = read.connection.refresh_token
         rebase = marks is not None and not built_on_read and spent is not None and marks[1] == _mark(spent)
+        current = next((version for version, labels in stages.items() if AWSCURRENT in labels), None)
+        if not built_on_read and current is not None and current != read.version_id:
+            # The value read and the stages disagree (one is stale: a write landed between the two reads, say a
+            # sweep's listing before a mark and its read after it). The candidate may be built on the newer value
+            # and about to be promoted, or spent and look waiting: neither cleared, revoked nor rebased on such a
+            # view; the next run decides. (Promoting one built on the value read is a compare-and-swap on it.)
+            return read
         if not (built_on_read or rebase):
-            current = next((version for version, labels in stages.items() if AWSCURRENT in labels), None)
-            if current is not None and current != read.version_id:
-                # The value read and the stages disagree (one is stale: a write landed between the two reads).
-                # The candidate may be built on the newer value and about to be promoted: neither cleared nor
-                # revoked on a stale view; the next run decides.
-                return read
             # Built on an older value whose tokens were superseded (a lost race, a consent): never over newer data.
             if self.superseded is not None:
                 self._drop(read, candidate, self.superseded)
