@@ -37,13 +37,7 @@ _TIMES = (
     "appflow_next_attempt",
 )
 _TEXTS = ("status", "version", "instance", "failure_class", "grant", "rejected_version", "alerted_rejected")
-_FLAGS = (
-    "needs_person",
-    "appflow_pending",
-    "alerted_failing",
-    "alerted_expiring",
-    "rotation_unseen",
-)
+_FLAGS = ("needs_person", "appflow_pending", "alerted_failing", "alerted_expiring", "rotation_unseen")
 
 
 def _tag(attribute: str) -> str:
