@@ -268,6 +268,8 @@ class World:
         self.unseen: set[str] = set()
         self.unrevoked: set[str] = set()
         self.rotated: dict[str, set[str]] = {}
+        self.consented: dict[str, set[str]] = {}  # refresh tokens each task's code exchange obtained
+        self.replacing: dict[str, set[str]] = {}  # refresh tokens a consent's writes were about to replace
         self._asked: dict[str, tuple[set[str], str, str | None]] = {}
         self.plain = boto3.client("secretsmanager", region_name=REGION)  # the explorer's eyes: no yields, no faults
         self.emulator: ServiceNowEmulator | None = None
@@ -307,6 +309,10 @@ class World:
             self._interrupted(f"{name} sent")
         if self.scheduler is None or name not in SM_READS | SM_WRITES | {"PutEvents"}:
             return None
+        if name == "PutSecretValue" and (self.scheduler.current or "").endswith(".callback"):
+            # What a consent's write replaces (its to revoke once stored), read before the write is sent.
+            current = self.plain.get_secret_value(SecretId=SECRET, VersionStage="AWSCURRENT")["SecretString"]
+            self.replacing.setdefault(self.scheduler.current or "", set()).add(json.loads(current).get("refreshToken"))
         fault = self.scheduler.point(f"{name} sent", FAULTS.get(name, ()))
         if fault == "timeout" and name == "PutSecretValue":
             self.unseen |= self.rotated.get(self.scheduler.current or "", set())
@@ -362,6 +368,8 @@ class World:
             self.unseen |= issued  # issued in an answer nobody saw: stored nowhere, by nobody's fault
         if grant == "refresh_token":
             self.rotated.setdefault(task, set()).update(issued)
+        if grant == "authorization_code":
+            self.consented.setdefault(task, set()).update(issued)
 
     def clock(self) -> datetime:
         return self.now
@@ -747,7 +755,7 @@ class Explorer:
         world = self.world
         world.now, world.events, world.scheduler = START, [], None
         world.unseen, world.rotated, world.kms_denied, world.interrupts = set(), {}, set(), []
-        world.unrevoked = set()
+        world.unrevoked, world.consented, world.replacing = set(), {}, {}
         emulator = self.emulator
         emulator.reset(rotate_refresh_tokens=mode == "rotating")
         world.emulator = emulator
@@ -843,6 +851,12 @@ class Explorer:
         for task, error in scheduler.errors.items():
             if not isinstance(error, ServiceNowOAuthError | ClientError | BotoCoreError):
                 raise Violation(f"{task} crashed with {type(error).__name__}")
+        for task in scheduler.errors:
+            if task.endswith(".callback") and _could_not_tell(scheduler, task):
+                # The README's documented choice: a callback whose write failed and that then could not read
+                # whether it landed keeps its tokens alive, and the ones it would replace (revoked, either might be
+                # the only stored credential).
+                self.world.unseen |= self.world.consented.get(task, set()) | self.world.replacing.get(task, set())
         look = self.look()
         self.no_unknown_live_token(setup, "after the writers", look)
         if self.a_day_later(setup, documented=bool(self.world.unseen), look=look):
@@ -1001,6 +1015,17 @@ class Explorer:
     def replay(self, finding: str) -> Run:
         scenario, mode, deviations = parse_finding(finding)
         return self.run(scenario, mode, deviations)
+
+
+def _could_not_tell(scheduler: Scheduler, task: str) -> bool:
+    """Whether `task` read the secret after its last write attempt and that read failed."""
+    points = [point for point in scheduler.points if point.task == task]
+    writes = [
+        n for n, point in enumerate(points) if point.label.startswith(("PutSecretValue", "UpdateSecretVersionStage"))
+    ]
+    return bool(writes) and any(
+        point.label.startswith("GetSecretValue sent") and point.chosen != "ok" for point in points[writes[-1] + 1 :]
+    )
 
 
 def format_deviations(deviations: tuple[Deviation, ...]) -> str:

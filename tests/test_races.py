@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from botocore.exceptions import ReadTimeoutError
 
 from tests.explorer import SECRET, Container, Explorer, Scenario, Script, Step, Sweep
 
@@ -158,3 +159,24 @@ def test_a_mark_landing_between_a_listing_and_its_read_is_not_undone(explorer: E
     run = explorer.run(Scenario("refused", ("sweep", "sweep")), "default", script=script)
     assert run.problem is None, run.problem
     assert asked[1] == asked[0], f"the refused credential was asked {asked[1] - asked[0]} more time(s) after its mark"
+
+
+def test_a_consent_that_failed_before_writing_revokes_its_tokens(explorer: Explorer) -> None:
+    """Found by make explore: the callback's read of the secret timed out (nothing written), and so did its check
+    of whether its write had landed (Secrets Manager's reads failing from then on): "cannot tell" kept the new
+    tokens alive, stored nowhere. A failure before the write cannot have stored them: revoked without asking."""
+    world = explorer.world
+
+    def reads_time_out(**_: object) -> None:
+        if world.scheduler is not None and world.scheduler.faults:  # from the injected timeout to the schedule's end
+            raise ReadTimeoutError(endpoint_url="https://secretsmanager.us-east-1.amazonaws.com/")
+
+    event = "before-call.secrets-manager.GetSecretValue"
+    world.client("secretsmanager").meta.events.register(event, reads_time_out)
+    try:
+        script = Script(Step("1.callback", "DescribeSecret sent", fault="timeout"), Step("1.callback"))
+        run = explorer.run(Scenario("code", ("callback",)), "default", script=script)
+    finally:
+        world.client("secretsmanager").meta.events.unregister(event, reads_time_out)
+    assert run.errors == {"1.callback": "ReadTimeoutError"}, run.errors
+    assert run.problem is None, run.problem

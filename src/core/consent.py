@@ -27,7 +27,7 @@ from core.errors import (
 from core.secret import Connection
 from core.servicenow import ServiceNowClient, authorization_url, code_challenge
 from core.signing import ConsentState, code_verifier_for, issue_state, verify_authorize_link, verify_state
-from core.store import ConnectionStore, StoredConnection
+from core.store import ConnectionStore, SecretWriteFailed, StoredConnection
 from core.tokens import Token
 
 AUTHORIZED_AT = "authorizedAt"
@@ -149,10 +149,11 @@ def complete_consent(
     _check_user_or_discard(client, read.connection, token.access_token, issued)
     try:
         stored = store.update(name, store_tokens)
-    except (ClientError, BotoCoreError, ConcurrentUpdate):
-        # An AWS-side failure can hide a write that landed (a stage move whose answer was lost): revoke only
-        # what is certainly not stored; if that cannot be told, keep the tokens alive (never a dead secret).
-        landed = _stored(store, name, token)
+    except (ClientError, BotoCoreError, ConcurrentUpdate) as failure:
+        # A failing write can hide one that landed (a stage move whose answer was lost): revoke only what is
+        # certainly not stored; if that cannot be told, keep the tokens alive (never a dead secret). A failure
+        # before our write (reading the secret) or a race lost every time stored nothing: no need to ask.
+        landed = _stored(store, name, token) if isinstance(failure, SecretWriteFailed) else False
         if landed is None:
             raise
         if not landed:
