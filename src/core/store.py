@@ -256,9 +256,7 @@ class ConnectionStore:
         and be rebased over this write. Conditional on the label being on that very version, so a newer candidate
         still waiting elsewhere keeps it. Best effort: one call, only for the writes that are not refreshes."""
         with suppress(ClientError, BotoCoreError):
-            self.client.update_secret_version_stage(
-                SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=read.version_id
-            )
+            self._clear_candidate(read, read.version_id)
 
     def _promote(self, read: StoredConnection, new: Connection, token: str) -> StoredConnection:
         """Move AWSCURRENT from the version read to the candidate: refused if AWSCURRENT moved meanwhile."""
@@ -336,6 +334,7 @@ class ConnectionStore:
             return self.get_latest(name)
 
     def _clear_candidate(self, read: StoredConnection, candidate: str) -> None:
+        """Take CANDIDATE off `candidate` (refused if the label is not on that very version)."""
         self.client.update_secret_version_stage(
             SecretId=read.arn, VersionStage=CANDIDATE, RemoveFromVersionId=candidate
         )
