@@ -196,6 +196,9 @@ class EmulatorProcess:
     def latency(self, seconds: float) -> None:
         self._admin("settings", {"latency": seconds})
 
+    def inject(self, fault: str, **options: Any) -> None:
+        self._admin("faults", {"fault": fault, **options})
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)

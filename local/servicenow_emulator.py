@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -40,7 +41,10 @@ DEFAULT_SCOPE = "useraccount"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 FORM_TYPE = "application/x-www-form-urlencoded"
 # "drop" hangs up without processing the request; "lost" processes it, then hangs up (the answer is lost).
-FAULT_KINDS = frozenset({"hibernate", "rate_limit", "server_error", "slow", "drop", "lost"})
+# A hostile or broken instance: "bomb" answers 200 with a gzip body that inflates to `size` bytes of a token
+# answer; "drip" processes the request, then sends its answer one byte every `delay` seconds; "answer" answers
+# 200 with the JSON `payload` given (a token answer that cannot be right).
+FAULT_KINDS = frozenset({"hibernate", "rate_limit", "server_error", "slow", "drop", "lost", "bomb", "drip", "answer"})
 # ServiceNow with glide.oauth.allow.parameters.in.post.body.only refuses these in the query string.
 QUERY_CREDENTIALS = frozenset({"client_secret", "password", "refresh_token", "code", "code_verifier", "assertion"})
 WHOAMI_QUERY = "user_name=javascript:gs.getUserName()"
@@ -143,6 +147,8 @@ class _Fault:
     remaining: int
     retry_after: int
     delay: float
+    size: int = 0
+    payload: Any = None
 
 
 @dataclass
@@ -154,11 +160,28 @@ class _Reply:
     content_type: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     drop: bool = False
+    drip: float = 0.0  # seconds between bytes of the answer (headers included)
 
 
 def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Reply:
     """JSON answers are how ServiceNow's OAuth and REST endpoints speak."""
     return _Reply(status, json.dumps(payload).encode(), "application/json;charset=UTF-8", headers or {})
+
+
+_BOMBS: dict[int, bytes] = {}
+
+
+def gzip_bomb(size: int) -> bytes:
+    """A gzip body that inflates to a `size`-byte token answer (about 1,000:1), built once per size."""
+    if size not in _BOMBS:
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+        head, tail = b'{"access_token": "', b'", "token_type": "Bearer", "expires_in": 1799}'
+        parts, left, chunk = [packer.compress(head)], max(0, size - len(head) - len(tail)), b"A" * (1 << 20)
+        while left:
+            parts.append(packer.compress(chunk[: min(left, len(chunk))]))
+            left -= min(left, len(chunk))
+        _BOMBS[size] = b"".join([*parts, packer.compress(tail), packer.flush()])
+    return _BOMBS[size]
 
 
 def _html_reply(status: int, text: str) -> _Reply:
@@ -337,7 +360,15 @@ class ServiceNowEmulator(BackgroundServer):
                 del self._access[token]
 
     def inject(
-        self, fault: str, *, path: str = TOKEN_PATH, count: int = 1, retry_after: int = 1, delay: float = 0.0
+        self,
+        fault: str,
+        *,
+        path: str = TOKEN_PATH,
+        count: int = 1,
+        retry_after: int = 1,
+        delay: float = 0.0,
+        size: int = 0,
+        payload: Any = None,
     ) -> None:
         """Queue a fault for the next ``count`` requests to ``path`` ("*" = any non-admin path)."""
         if fault not in FAULT_KINDS:
@@ -345,7 +376,7 @@ class ServiceNowEmulator(BackgroundServer):
         if count < 1:
             raise ValueError("count must be >= 1")
         with self._lock:
-            self._faults.append(_Fault(fault, path, count, int(retry_after), float(delay)))
+            self._faults.append(_Fault(fault, path, count, int(retry_after), float(delay), int(size), payload))
 
     def clear_faults(self) -> None:
         """Drop every queued fault."""
@@ -469,8 +500,12 @@ class ServiceNowEmulator(BackgroundServer):
         if fault.kind == "slow":
             time.sleep(fault.delay)
             return None
-        if fault.kind == "lost":
+        if fault.kind in ("lost", "drip"):
             return None
+        if fault.kind == "bomb":
+            return _Reply(200, gzip_bomb(fault.size), "application/json", {"Content-Encoding": "gzip"})
+        if fault.kind == "answer":
+            return _json_reply(200, fault.payload)
         if fault.kind == "drop":
             return _Reply(0, drop=True)
         if fault.kind == "hibernate":
@@ -521,6 +556,8 @@ class ServiceNowEmulator(BackgroundServer):
         reply = self._route(method, path, query, headers, form if content_type == FORM_TYPE else None)
         if fault is not None and fault.kind == "lost":
             reply.drop = True  # every effect happened; only the answer never reaches the client
+        if fault is not None and fault.kind == "drip":
+            reply.drip = fault.delay  # every effect happened; the answer comes a byte at a time
         return reply, grant_type
 
     def _route(
@@ -923,6 +960,8 @@ class ServiceNowEmulator(BackgroundServer):
                     count=_opt_int(data, "count") or 1,
                     retry_after=_opt_int(data, "retry_after") or 1,
                     delay=float(data.get("delay") or 0.0),
+                    size=_opt_int(data, "size") or 0,
+                    payload=data.get("payload"),
                 )
             elif path == "/_emulator/settings":
                 if "latency" in data:
@@ -995,6 +1034,9 @@ class _Handler(TrackedHandler):
 
     def _send(self, reply: _Reply) -> None:
         try:
+            if reply.drip:
+                self._send_dripping(reply)
+                return
             self.send_response(reply.status)
             if reply.content_type:
                 self.send_header("Content-Type", reply.content_type)
@@ -1006,6 +1048,17 @@ class _Handler(TrackedHandler):
                 self.wfile.write(reply.body)
         except OSError:
             self.close_connection = True
+
+    def _send_dripping(self, reply: _Reply) -> None:
+        """The whole answer, status line included, one byte every `reply.drip` seconds (each well inside any
+        per-read timeout)."""
+        head = f"HTTP/1.1 {reply.status} OK\r\nContent-Type: {reply.content_type}\r\n"
+        head += f"Content-Length: {len(reply.body)}\r\n\r\n"
+        self.close_connection = True
+        for byte in head.encode() + reply.body:  # an OSError (the client hung up, the server stopped) ends it
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(reply.drip)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _dispatch
 
