@@ -39,6 +39,7 @@ from moto import mock_aws
 from moto.core.config import default_user_config
 from urllib3 import PoolManager
 
+from core.bounded import watched
 from core.consent import complete_consent, start_consent
 from core.errors import ServiceNowOAuthError
 from core.health import CANDIDATE, Health
@@ -398,6 +399,7 @@ class _YieldingPool(PoolManager):
     def __init__(self, world: World, *, replay: bool) -> None:
         retries = retry_policy(replay=replay, backoff_factor=0.001, backoff_max=0.01)
         super().__init__(num_pools=4, maxsize=4, retries=retries, headers=HEADERS)
+        watched(self)  # as build_session: its connections obey each request's deadline
         self.world = world
 
     def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> Any:  # type: ignore[override]

@@ -46,8 +46,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Outcome", "RefreshPolicy", "Refresher", "request_token"]
 NEXT_CLIENT_SECRET = "clientSecretNext"
-# The longest one refresh can take (template.yaml states the arithmetic): 3 token requests x (3.05 s connect +
-# 10 s read) + 2 Retry-After waits of up to 10 s, plus the compare-and-swap write's own retries.
+# The longest one refresh can take (template.yaml states the arithmetic). Its token requests (a retry, a new
+# assertion, staged credentials) end within TOKEN_REQUESTS_SECONDS all together, whatever the instance sends
+# (`ServiceNowClient.budget`, enforced by each request's deadline); a revocation after a lost race has its own
+# 15 s (servicenow.REVOKE_DEADLINE_SECONDS); the compare-and-swap writes and botocore's retries have the rest.
+TOKEN_REQUESTS_SECONDS = 45.0
 ATTEMPT_WORST_SECONDS = 75.0
 START_MARGIN_SECONDS = 20.0  # after the last refresh: queue the rest, report
 
@@ -198,7 +201,8 @@ class Refresher:
     def refresh(self, read: StoredConnection, *, force: bool = False) -> Outcome:
         """Refresh one connection if it is due (or `force`d), never losing what the secret holds;
         then record its health and announce any change (when a monitor is configured)."""
-        outcome = self._refresh(read, force)
+        with self.client.budget(TOKEN_REQUESTS_SECONDS):
+            outcome = self._refresh(read, force)
         if self.monitor is not None:
             outcome = self.monitor.observe(read, outcome)
         return outcome

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import secrets
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlencode
@@ -24,6 +29,8 @@ from urllib3 import BaseHTTPResponse, PoolManager, Timeout
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, MaxRetryError, ReadTimeoutError, ResponseError
 from urllib3.util.retry import Retry
 
+from core import bounded
+from core.bounded import MAX_ANSWER_BYTES, AnswerTooLarge, Deadline, read_bounded, watched
 from core.clock import Clock, utc_now
 from core.errors import (
     CredentialRejected,
@@ -49,8 +56,21 @@ REVOKE_PATH = "/oauth_revoke_token.do"
 
 # (connect, read) seconds: a token call that takes longer than this is failing, and Lambda bills the wait.
 DEFAULT_TIMEOUT = (3.05, 10.0)
+# The hard end of one request: its connects, retries, Retry-After waits and whole answer (core.bounded.Deadline).
+# The timeouts above bound each socket operation only; a drip-fed answer passes every one of them.
+REQUEST_DEADLINE_SECONDS = 30.0
+# A revocation is cleanup after a lost race or a failed consent: never skipped for a spent budget, but short.
+REVOKE_DEADLINE_SECONDS = 15.0
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _SAFE_ERROR_CODE = re.compile(r"^[a-z_]{1,40}$")
+# What a token answer may hold: RFC 6749's token characters (printable ASCII, no space), within a length that fits
+# a secret with room for the rest (ServiceNow's tokens are ~90 characters, its JWT access tokens ~1-2 KB), and a
+# lifetime of 1 s to a year (ServiceNow's default is 1,800 s; a longer one would stop refreshes for its length).
+MAX_TOKEN_CHARS = 16 * 1024
+MAX_EXPIRES_IN = 366 * 86_400
+_TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")
+_SCOPE_CHARS = re.compile(r"^[\x20-\x7e]{0,1024}$")
+_TOKEN_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
 
 
 class _BoundedRetry(Retry):
@@ -68,11 +88,23 @@ class _BoundedRetry(Retry):
         return fresh
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def]
+        if bounded.remaining() == 0:  # the request's deadline has passed: no retry can end in time
+            raise MaxRetryError(_pool, url, error or ResponseError("the request's deadline passed"))
         if response is not None:
             retry_after = self.get_retry_after(response)
             if retry_after is not None and retry_after > self.retry_after_budget:
                 raise MaxRetryError(_pool, url, ResponseError(f"Retry-After {retry_after:.0f}s exceeds budget"))
         return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    def sleep(self, response: BaseHTTPResponse | None = None) -> None:
+        """urllib3's wait (Retry-After, else backoff), never past the request's deadline: the next try would fail."""
+        left = bounded.remaining()
+        if left is None:
+            return super().sleep(response)
+        retry_after = (
+            self.get_retry_after(response) if response is not None and self.respect_retry_after_header else None
+        )
+        time.sleep(max(0.0, min(retry_after if retry_after else self.get_backoff_time(), left)))
 
 
 HEADERS = {"Accept": "application/json", "Accept-Encoding": "gzip, deflate", "User-Agent": "servicenow-oauth-aws"}
@@ -115,8 +147,20 @@ def retry_policy(
 
 
 def build_session(*, pool_connections: int = 64, pool_maxsize: int = 16, **retry: Any) -> PoolManager:
-    """One pooled session (a urllib3 pool manager) with `retry_policy(**retry)`."""
-    return PoolManager(num_pools=pool_connections, maxsize=pool_maxsize, retries=retry_policy(**retry), headers=HEADERS)
+    """One pooled session (a urllib3 pool manager) with `retry_policy(**retry)`, whose connections obey the
+    deadline of the request that uses them."""
+    return watched(
+        PoolManager(num_pools=pool_connections, maxsize=pool_maxsize, retries=retry_policy(**retry), headers=HEADERS)
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer from the instance, read within the size and time bounds (`core.bounded`)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
 
 
 def new_code_verifier() -> str:
@@ -152,17 +196,17 @@ def grant_form(app: OAuthApp, grant: GrantType, **values: str | None) -> dict[st
     return form
 
 
-def _json_body(response: BaseHTTPResponse) -> Any:
+def _json_body(response: Answer) -> Any:
     content_type = response.headers.get("Content-Type", "")
     if "json" not in content_type.lower():
         return None
     try:
-        return response.json()
-    except ValueError:
+        return json.loads(response.body.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
         return None
 
 
-def _retry_after(response: BaseHTTPResponse) -> float | None:
+def _retry_after(response: Answer) -> float | None:
     """Seconds from a numeric Retry-After, within 0..1 day (anything else is ignored, not trusted)."""
     try:
         seconds = float(response.headers.get("Retry-After", ""))
@@ -171,7 +215,7 @@ def _retry_after(response: BaseHTTPResponse) -> float | None:
     return seconds if 0 <= seconds <= 86_400 else None
 
 
-def classify_failure(app: OAuthApp, grant: str, response: BaseHTTPResponse) -> ProviderError:
+def classify_failure(app: OAuthApp, grant: str, response: Answer) -> ProviderError:
     """Map a non-success answer to its error class; the body's text is never copied into the message."""
     status = response.status
     body = _json_body(response)
@@ -199,35 +243,81 @@ def classify_failure(app: OAuthApp, grant: str, response: BaseHTTPResponse) -> P
     return InstanceUnavailable(app.host, grant, f"unexpected HTTP {status} from the token endpoint; check instanceUrl")
 
 
-def parse_token(app: OAuthApp, grant: str, response: BaseHTTPResponse, received_at: datetime) -> Token:
-    """Turn a 200 JSON answer into a `Token`, or raise the classified error."""
-    body = _json_body(response)
-    if response.status != 200 or not isinstance(body, Mapping):
-        raise classify_failure(app, grant, response)
-    access_token = body.get("access_token")
-    try:
-        expires_in = int(body.get("expires_in", 0))
-    except (TypeError, ValueError):
-        expires_in = 0
-    if not isinstance(access_token, str) or not access_token or expires_in <= 0:
-        raise InstanceUnavailable(app.host, grant, "token endpoint answered 200 without an access token or expiry")
-    refresh_token = body.get("refresh_token")
-    return Token(
-        access_token=access_token,
-        token_type=str(body.get("token_type") or "Bearer"),
-        access_token_expires_at=received_at + timedelta(seconds=expires_in),
-        scope=str(body["scope"]) if body.get("scope") else None,
-        refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
+def _unusable(app: OAuthApp, grant: str, what: str) -> TransientProviderError:
+    """A 200 whose tokens cannot be right: nothing is stored. ServiceNow may have processed the grant (a rotated
+    refresh token in an answer we refuse is lost like one in a lost answer), so it counts as `maybe_processed`."""
+    return TransientProviderError(
+        app.host,
+        grant,
+        f"token endpoint answered 200 with {what}; nothing was stored, retry later",
+        maybe_processed=True,
     )
 
 
-def _reason(exc: HTTPError) -> HTTPError | Exception | None:
+def _token_field(app: OAuthApp, grant: str, body: Mapping[str, Any], name: str, *, required: bool) -> str | None:
+    value = body.get(name)
+    if value is None or (value == "" and not required):
+        if required:
+            raise _unusable(app, grant, f"no {name}")
+        return None
+    if not isinstance(value, str):
+        raise _unusable(app, grant, f"a {name} that is not a string ({type(value).__name__})")
+    if len(value) > MAX_TOKEN_CHARS:
+        raise _unusable(app, grant, f"a {name} of {len(value):,} characters (at most {MAX_TOKEN_CHARS:,} are stored)")
+    if not _TOKEN_CHARS.match(value):
+        raise _unusable(app, grant, f"a {name} holding characters no token has (space, control or non-ASCII)")
+    return value
+
+
+def _expires_in(app: OAuthApp, grant: str, value: Any) -> int:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)  # some gateways quote numbers
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _unusable(app, grant, f"an expires_in that is not a whole number ({type(value).__name__})")
+    if not 0 < value <= MAX_EXPIRES_IN:
+        raise _unusable(app, grant, f"an expires_in of {value} s (expected 1 s to {MAX_EXPIRES_IN:,} s)")
+    return value
+
+
+def parse_token(app: OAuthApp, grant: str, response: Answer, received_at: datetime) -> Token:
+    """Turn a 200 JSON answer into a `Token`, or raise the classified error. An answer that cannot be right is
+    refused with what was wrong, never the value."""
+    body = _json_body(response)
+    if response.status != 200 or not isinstance(body, Mapping):
+        raise classify_failure(app, grant, response)
+    access_token = _token_field(app, grant, body, "access_token", required=True)
+    assert access_token is not None
+    refresh_token = _token_field(app, grant, body, "refresh_token", required=False)
+    expires_in = _expires_in(app, grant, body.get("expires_in"))
+    token_type = body.get("token_type") or "Bearer"
+    if not isinstance(token_type, str) or not _TOKEN_TYPE.match(token_type):
+        raise _unusable(app, grant, "a token_type that is not a short word")
+    scope = body.get("scope")
+    if scope is not None and (not isinstance(scope, str) or not _SCOPE_CHARS.match(scope)):
+        raise _unusable(app, grant, "a scope that is not up to 1,024 printable characters")
+    return Token(
+        access_token=access_token,
+        token_type=token_type,
+        access_token_expires_at=received_at + timedelta(seconds=expires_in),
+        scope=scope or None,
+        refresh_token=refresh_token,
+    )
+
+
+def _reason(exc: Exception) -> BaseException | None:
     """The failure itself: urllib3 wraps it in a MaxRetryError once its retries are spent."""
     return exc.reason if isinstance(exc, MaxRetryError) else exc
 
 
 class ServiceNowClient:
-    """Calls one ServiceNow endpoint set through an injected session; tests point it at the emulator."""
+    """Calls one ServiceNow endpoint set through an injected session; tests point it at the emulator.
+
+    Every request ends by `request_seconds` (connects, retries, waits and the whole answer); within a `budget`,
+    token requests also end by the budget's end, so one refresh attempt cannot outlast its share of the Lambda's
+    time whatever the instance does. A revocation is cleanup that must not be skipped: only its own deadline applies.
+    """
 
     def __init__(
         self,
@@ -236,16 +326,36 @@ class ServiceNowClient:
         single_shot: PoolManager | None = None,
         clock: Clock = utc_now,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+        request_seconds: float = REQUEST_DEADLINE_SECONDS,
     ) -> None:
         self._session = session
         # Never re-sends what may have reached ServiceNow (built once, beside the retrying session).
         self._single_shot = single_shot or build_session(replay=False)
         self._clock = clock
         self._timeout = timeout
+        self.request_seconds = request_seconds
+        self._budget = threading.local()
 
-    def _post(
-        self, session: PoolManager, app: OAuthApp, path: str, grant: str, form: dict[str, str]
-    ) -> BaseHTTPResponse:
+    @contextmanager
+    def budget(self, seconds: float) -> Iterator[None]:
+        """Token requests this thread sends within the block end by `seconds` from now, all together."""
+        outer = getattr(self._budget, "end", None)
+        end = time.monotonic() + seconds
+        self._budget.end = end if outer is None else min(outer, end)
+        try:
+            yield
+        finally:
+            self._budget.end = outer
+
+    def _seconds_for(self, grant: str) -> float:
+        if grant == "revoke":
+            return min(self.request_seconds, REVOKE_DEADLINE_SECONDS)
+        end: float | None = getattr(self._budget, "end", None)
+        if end is None:
+            return self.request_seconds
+        return min(self.request_seconds, end - time.monotonic())
+
+    def _post(self, session: PoolManager, app: OAuthApp, path: str, grant: str, form: dict[str, str]) -> Answer:
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
         return self._send(session, app, grant, "POST", f"{app.instance_url}{path}", urlencode(form).encode(), headers)
 
@@ -258,34 +368,72 @@ class ServiceNowClient:
         url: str,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> BaseHTTPResponse:
-        try:
-            return session.urlopen(
-                method,
-                url,
-                body=body,
-                headers={**session.headers, **(headers or {})},
-                timeout=Timeout(connect=self._timeout[0], read=self._timeout[1]),
-                redirect=False,
+    ) -> Answer:
+        seconds = self._seconds_for(grant)
+        if seconds <= 0:
+            raise TransientProviderError(
+                app.host, grant, "not sent: this attempt's time for token requests is spent; retry later"
             )
-        except ValueError as exc:
+        with Deadline(seconds) as deadline:
+            try:
+                answer = self._exchange(session, method, url, body, headers)
+            except AnswerTooLarge:
+                raise TransientProviderError(
+                    app.host,
+                    grant,
+                    f"answer larger than {MAX_ANSWER_BYTES // 1024} KiB (after decompression) refused; retry later",
+                    maybe_processed=True,
+                ) from None
+            except (HTTPError, ValueError) as exc:
+                if deadline.expired:
+                    raise self._late(app, grant, deadline) from None
+                raise self._transport_failure(app, grant, exc) from None
+            if deadline.expired:
+                # Even a "whole" answer: one cut off by the deadline may look complete (no Content-Length).
+                raise self._late(app, grant, deadline)
+            return answer
+
+    @staticmethod
+    def _late(app: OAuthApp, grant: str, deadline: Deadline) -> TransientProviderError:
+        return TransientProviderError(
+            app.host,
+            grant,
+            f"no whole answer within {deadline.seconds:.0f} s (the request's deadline); retry later",
+            maybe_processed=True,
+        )
+
+    def _exchange(
+        self, session: PoolManager, method: str, url: str, body: bytes | None, headers: Mapping[str, str] | None
+    ) -> Answer:
+        response: BaseHTTPResponse = session.urlopen(
+            method,
+            url,
+            body=body,
+            headers={**session.headers, **(headers or {})},
+            timeout=Timeout(connect=self._timeout[0], read=self._timeout[1]),
+            redirect=False,
+            preload_content=False,
+        )
+        content = read_bounded(response)
+        return Answer(response.status, response.headers, content)
+
+    @staticmethod
+    def _transport_failure(app: OAuthApp, grant: str, exc: Exception) -> TransientProviderError:
+        if isinstance(exc, ValueError):
             # http.client refused to build the request (a header value with CR/LF, a character it cannot encode;
             # its message would hold the value, a token), or urllib3 could not parse an answer's Retry-After on a
             # retrying session (never used for a refresh token that rotates).
-            raise TransientProviderError(
+            return TransientProviderError(
                 app.host, grant, f"could not send the request or read its answer ({type(exc).__name__}); retry later"
-            ) from None
-        except HTTPError as exc:  # urllib3's base class: every transport failure, after its retries
-            reason = _reason(exc)
-            if isinstance(reason, ConnectTimeoutError):
-                # No connection was made (NewConnectionError is a ConnectTimeoutError too): nothing was sent.
-                raise TransientProviderError(
-                    app.host, grant, f"could not connect ({type(reason).__name__}); retry later"
-                ) from None
-            what = "timed out" if isinstance(reason, ReadTimeoutError) else f"connection lost ({type(reason).__name__})"
-            raise TransientProviderError(
-                app.host, grant, f"{what} after the request was sent; retry later", maybe_processed=True
-            ) from None
+            )
+        reason = _reason(exc)  # urllib3's HTTPError: every transport failure, after its retries
+        if isinstance(reason, ConnectTimeoutError):
+            # No connection was made (NewConnectionError is a ConnectTimeoutError too): nothing was sent.
+            return TransientProviderError(app.host, grant, f"could not connect ({type(reason).__name__}); retry later")
+        what = "timed out" if isinstance(reason, ReadTimeoutError) else f"connection lost ({type(reason).__name__})"
+        return TransientProviderError(
+            app.host, grant, f"{what} after the request was sent; retry later", maybe_processed=True
+        )
 
     def _grant(self, app: OAuthApp, grant: GrantType, *, replay: bool = True, **values: str | None) -> Token:
         session = self._session if replay else self._single_shot

@@ -37,7 +37,9 @@ settings = load_settings()
 store = build_store(settings)
 monitor = build_monitor(settings, store.client, logger)
 state_key = CachedSecret(store.client, settings.state_key_secret_id, max_age=300)
-servicenow = ServiceNowClient(build_session())
+# A person waits on this page and the function has 15 s (template.yaml): each request to the instance (the code
+# exchange, the user check, a revocation) ends within 6 s, whole answer included, whatever the instance sends.
+servicenow = ServiceNowClient(build_session(), request_seconds=6.0)
 
 # Upstream failures the person can do nothing about in this request get 5xx; their own request, 4xx.
 _STATUS: list[tuple[type[Exception], int, str]] = [
