@@ -7,7 +7,7 @@ cut off between ServiceNow's answer and the write (a rotated refresh token would
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +22,7 @@ from core.store import AWSCURRENT, StoredConnection, error_code
 __all__ = ["BATCH_READ_SIZE", "LISTING", "LIST_PAGE_SIZE", "Sweep", "from_listing"]
 LIST_PAGE_SIZE = 100  # ListSecrets' maximum per page
 BATCH_READ_SIZE = 20  # BatchGetSecretValue's maximum per call
+REPORT_SECONDS = 10.0  # what the sweep keeps, whatever its threads do, to report and return
 LISTING = "(listing)"  # the outcome of a listing that stopped part-way (the connections not listed wait)
 
 
@@ -191,8 +192,7 @@ class Sweep:
                 return Outcome(read.connection.name, "deferred")
             return self.refresher.safe_refresh(read)
 
-        with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-            refreshed = list(pool.map(refresh_in_time, due))
+        refreshed = self._refresh_all(due, refresh_in_time, max_workers, time_left)
         deferred = [outcome.connection for outcome in refreshed if outcome.result == "deferred"]
         if deferred and fan_out is not None:
             unqueued = set(fan_out(deferred))
@@ -201,6 +201,37 @@ class Sweep:
                 for o in refreshed
             ]
         return outcomes + refreshed
+
+    def _refresh_all(
+        self,
+        due: list[StoredConnection],
+        refresh: Callable[[StoredConnection], Outcome],
+        max_workers: int,
+        time_left: Callable[[], float] | None,
+    ) -> list[Outcome]:
+        """Each due connection refreshed on the pool. With `time_left`, the sweep stops waiting REPORT_SECONDS
+        before its end whatever a thread is doing, so it always reports: every request to an instance has a hard
+        deadline and an attempt ends within ATTEMPT_WORST_SECONDS, so this wall stands only for what those cannot
+        reach (a TLS handshake the server drip-feeds); such a refresh is reported failed and left to finish."""
+        pool = ThreadPoolExecutor(max_workers=max(1, max_workers))
+        futures = [pool.submit(refresh, read) for read in due]
+        pending = set(futures)
+        while pending:  # the remaining time is asked once a second, and only while a refresh is still running
+            pending = wait(pending, timeout=None if time_left is None else 1.0).not_done
+            if pending and time_left is not None and time_left() <= REPORT_SECONDS:
+                break
+        pool.shutdown(wait=False, cancel_futures=True)
+        return [
+            future.result()
+            if future.done() and not future.cancelled()
+            else Outcome(
+                read.connection.name,
+                "failed",
+                failure="transient",
+                detail="did not finish before the sweep had to report; the next sweep tries again",
+            )
+            for read, future in zip(due, futures, strict=True)
+        ]
 
     def _queued(self, overflow: list[StoredConnection], unqueued: list[str]) -> list[Outcome]:
         now, left = self.refresher.clock(), set(unqueued)
