@@ -31,6 +31,7 @@ from core.health import Health
 from core.jwt_bearer import KmsSigner
 from core.lifecycle import RefreshPolicy, needs_person
 from core.monitor import Monitor
+from core.redaction import quiet_libraries
 from core.refresh import NEXT_CLIENT_SECRET, Refresher
 from core.revoke import revoke_connection
 from core.secret import Connection, parse_connection
@@ -538,6 +539,7 @@ def parser() -> argparse.ArgumentParser:
 def main(
     argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr, stdin: TextIO = sys.stdin
 ) -> int:
+    quiet_libraries()  # an operator's logging.basicConfig(level=DEBUG) must not print botocore's secret bodies
     args = parser().parse_args(argv)
     try:
         return int(args.run(args, out, stdin))

@@ -26,9 +26,13 @@ import pytest
 import requests
 from botocore.config import Config
 
+from core.redaction import quiet_libraries
 from local.servicenow_emulator import ServiceNowEmulator, press_consent  # noqa: F401 (re-exported for tests)
 
 REGION = "us-east-1"
+# The libraries' loggers kept at WARNING, as every entry point keeps them (handlers.runtime.build_logger,
+# admin.cli.main); tests/test_debug_logs.py proves each entry point does so in a fresh interpreter at root DEBUG.
+quiet_libraries()
 
 
 def free_port() -> int:
@@ -183,9 +187,7 @@ def rebind(handler: logging.StreamHandler, stream: Any) -> Any:  # type: ignore[
 @pytest.fixture
 def leak_check(emulator: ServiceNowEmulator, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
     """Fail the test if a secret value appears in any log record, captured output or recorded exception."""
-    caplog.set_level(logging.DEBUG)
-    for noisy in ("botocore", "boto3", "urllib3"):  # wire-level debug logs are off in Lambda too
-        caplog.set_level(logging.WARNING, logger=noisy)
+    caplog.set_level(logging.DEBUG)  # the root at DEBUG, as Lambda's ApplicationLogLevel DEBUG sets it
     seen_exceptions: list[BaseException] = []
     yield seen_exceptions
     out, err = capfd.readouterr()

@@ -8,6 +8,7 @@ anything token-shaped (long, mixed-case, alphanumeric runs), keeping UUIDs, ARNs
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -22,6 +23,9 @@ SECRET_KEYS = frozenset(
         "authorization", "state", "signature", "SecretString", "SecretBinary", "key",
     )
 )  # fmt: skip
+# Libraries whose DEBUG lines carry secret values past any formatter of ours: botocore writes every request and
+# answer body (SecretString, GetSecretValue's answer), urllib3 and requests every URL (a callback's code and state).
+LIBRARY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "requests", "aws_lambda_powertools")
 _KEY_NAMES = "|".join(sorted((re.escape(k) for k in SECRET_KEYS), key=len, reverse=True))
 # "clientSecret": "…"  /  clientSecret=…  /  Authorization: Bearer …
 _KEY_VALUE = re.compile(
@@ -61,6 +65,14 @@ def redact(value: Any) -> Any:
         return value
     # Anything else (an exception object in Powertools' stack_trace, a datetime) is written as str().
     return redact_text(str(value))
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' loggers at WARNING whatever the root logger's level. Lambda's `ApplicationLogLevel:
+    DEBUG` (the first thing an operator tries) sets the root logger to DEBUG, and their records reach the runtime's
+    own handler, never our redacting formatter. Every handler and the CLI call this before any AWS call."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class RedactingFormatter(LambdaPowertoolsFormatter):

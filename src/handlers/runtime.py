@@ -10,7 +10,7 @@ from aws_lambda_powertools import Logger
 from botocore.config import Config
 
 from core.clock import utc_now
-from core.redaction import RedactingFormatter
+from core.redaction import RedactingFormatter, quiet_libraries
 from core.store import ConnectionStore
 
 if TYPE_CHECKING:
@@ -27,7 +27,9 @@ KMS_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 2}, conne
 
 
 def build_logger() -> Logger:
-    """Every handler logs through Powertools with the redacting formatter: no secret value reaches a log."""
+    """Every handler logs through Powertools with the redacting formatter, and the libraries' loggers stay at
+    WARNING at any root level: no secret value reaches a log."""
+    quiet_libraries()
     return Logger(logger_formatter=RedactingFormatter())
 
 
