@@ -428,6 +428,7 @@ def assert_headers_safe(answer: dict[str, Any]) -> None:
     for name, value in headers.items():
         assert "\r" not in str(value) and "\n" not in str(value), f"CR/LF in response header {name}"
     assert headers.get("Content-Security-Policy", "").startswith("default-src 'none'"), headers
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], headers  # no page may be framed
     assert headers.get("X-Content-Type-Options") == "nosniff", headers
     assert headers.get("Cache-Control") == "no-store", headers
 
