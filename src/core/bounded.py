@@ -14,19 +14,24 @@ cannot be stored and is refused; urllib3 (2.6 or later) decodes gzip and deflate
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
 from contextlib import suppress
 from types import TracebackType
+from typing import Any
 
 from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ConnectTimeoutError
 
 # Secrets Manager's limit for a whole secret value: a larger answer could never be stored.
 MAX_ANSWER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # status line and headers together
 
 _current = threading.local()
+_OWNERS = threading.Lock()  # which deadline a connection serves: taken by a request, checked by a timer
 
 
 class AnswerTooLarge(Exception):
@@ -40,8 +45,7 @@ class Deadline:
         self.seconds = max(0.0, seconds)
         self.ends = time.monotonic() + self.seconds
         self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
+        self._connections: list[_Watched] = []
         self._over = False
         self._timer = threading.Timer(self.seconds, self._expire)
         self._timer.daemon = True
@@ -55,34 +59,36 @@ class Deadline:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self._timer.cancel()
-        with self._lock:
-            self._over = True  # a timer firing now shuts nothing: the sockets may serve the next request
-            self._sockets.clear()
+        with _OWNERS:
+            self._over = True  # a timer firing now shuts nothing: the connections may serve the next request
+            self._connections.clear()
         _current.deadline = self._outer
 
-    def watch(self, sock: socket.socket | None) -> None:
-        if sock is None:
-            return
-        with self._lock:
+    def watch(self, connection: _Watched) -> None:
+        """`connection` now serves this deadline's request (until another request takes it from the pool)."""
+        with _OWNERS:
+            connection.owner = self
             if self._over:
                 return
             if self.expired:
-                _shut(sock)  # a retry after the end: it fails at once
-            elif all(sock is not known for known in self._sockets):
-                self._sockets.append(sock)
+                _shut(connection.sock)  # a retry after the end: it fails at once
+            elif all(connection is not known for known in self._connections):
+                self._connections.append(connection)
 
     def _expire(self) -> None:
-        with self._lock:
+        with _OWNERS:
             if self._over:
                 return
             self.expired = True
-            for sock in self._sockets:
-                _shut(sock)
+            for connection in self._connections:
+                if connection.owner is self:  # back in the pool, it may serve another request now: not ours
+                    _shut(connection.sock)
 
 
-def _shut(sock: socket.socket) -> None:
-    with suppress(OSError):  # already closed
-        sock.shutdown(socket.SHUT_RDWR)
+def _shut(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def remaining() -> float | None:
@@ -93,32 +99,74 @@ def remaining() -> float | None:
     return 0.0 if deadline.expired else max(0.0, deadline.ends - time.monotonic())
 
 
-def _watch(sock: socket.socket | None) -> None:
-    deadline: Deadline | None = getattr(_current, "deadline", None)
-    if deadline is not None:
-        deadline.watch(sock)
-
-
 class _Watched:
-    """Hands the connection's socket to the current thread's deadline, on connect and on each reuse."""
+    """Hands the connection to the current thread's deadline on each use (a kept-alive connection serves many
+    requests, one at a time: only the deadline of the request it serves may shut it), and connects within the
+    time that deadline leaves."""
 
     sock: socket.socket | None
+    timeout: float | None
+    owner: Deadline | None = None
+
+    def _claim(self) -> None:
+        deadline: Deadline | None = getattr(_current, "deadline", None)
+        with _OWNERS:
+            self.owner = deadline
+        if deadline is not None:
+            deadline.watch(self)
 
     def connect(self) -> None:
+        self._claim()
+        left = remaining()
+        if left is not None:
+            if left <= 0:
+                raise ConnectTimeoutError(self, "the request's deadline passed before it could connect")
+            self.timeout = left if self.timeout is None else min(self.timeout, left)
         super().connect()  # type: ignore[misc]
-        _watch(self.sock)
+        self._claim()  # now with its socket
 
     def request(self, *args: object, **kwargs: object) -> None:
-        _watch(self.sock)  # a kept-alive connection (None before its first connect, which watches it)
+        self._claim()
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
+class _BoundedHeaders(http.client.HTTPResponse):
+    """http.client reads up to 100 header lines of 64 KiB each (6.5 MB, ~50 MiB of Python objects); a token
+    answer's header section is well under 1 KiB, so it is refused beyond MAX_HEADER_BYTES."""
+
+    def begin(self) -> None:
+        raw = self.fp
+        self.fp = _Limited(raw, MAX_HEADER_BYTES)  # type: ignore[assignment]
+        try:
+            super().begin()
+        finally:
+            if self.fp is not None:
+                self.fp = raw
+
+
+class _Limited:
+    """The status line and headers of an answer, read through a byte budget."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self._raw, self._left = raw, limit
+
+    def readline(self, size: int = -1) -> bytes:
+        line: bytes = self._raw.readline(size)
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong(f"header section over {MAX_HEADER_BYTES} bytes")
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
 class _WatchedHTTPConnection(_Watched, HTTPConnection):
-    pass
+    response_class = _BoundedHeaders
 
 
 class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
-    pass
+    response_class = _BoundedHeaders
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):
