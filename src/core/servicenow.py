@@ -62,15 +62,16 @@ REQUEST_DEADLINE_SECONDS = 30.0
 # A revocation is cleanup after a lost race or a failed consent: never skipped for a spent budget, but short.
 REVOKE_DEADLINE_SECONDS = 15.0
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_SAFE_ERROR_CODE = re.compile(r"^[a-z_]{1,40}$")
+_SAFE_ERROR_CODE = re.compile(r"[a-z_]{1,40}")  # with fullmatch
 # What a token answer may hold: RFC 6749's token characters (printable ASCII, no space), within a length that fits
 # a secret with room for the rest (ServiceNow's tokens are ~90 characters, its JWT access tokens ~1-2 KB), and a
 # lifetime of 1 s to a year (ServiceNow's default is 1,800 s; a longer one would stop refreshes for its length).
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_EXPIRES_IN = 366 * 86_400
-_TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")
-_SCOPE_CHARS = re.compile(r"^[\x20-\x7e]{0,1024}$")
-_TOKEN_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # each used with fullmatch: `$` would let a final newline through
+_SCOPE_CHARS = re.compile(r"[\x20-\x7e]{0,1024}")
+_TOKEN_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
+_UNREADABLE = object()  # a JSON answer that does not parse
 
 
 class _BoundedRetry(Retry):
@@ -196,14 +197,16 @@ def grant_form(app: OAuthApp, grant: GrantType, **values: str | None) -> dict[st
     return form
 
 
-def _json_body(response: Answer) -> Any:
+def _json_body(response: Answer, unreadable: Any = None) -> Any:
+    """The parsed JSON answer; None when it is not JSON, `unreadable` when it says JSON and does not parse (not
+    UTF-8, invalid, a number of thousands of digits, nesting deep enough to exhaust the parser's recursion)."""
     content_type = response.headers.get("Content-Type", "")
     if "json" not in content_type.lower():
         return None
     try:
         return json.loads(response.body.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
-        return None
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return unreadable
 
 
 def _retry_after(response: Answer) -> float | None:
@@ -233,7 +236,7 @@ def classify_failure(app: OAuthApp, grant: str, response: Answer) -> ProviderErr
     if status in (400, 401, 403) and isinstance(body, Mapping):
         code = str(body.get("error", ""))
         described = str(body.get("error_description", ""))
-        shown = "/".join(c for c in (code, described) if _SAFE_ERROR_CODE.match(c)) or "error"
+        shown = "/".join(c for c in (code, described) if _SAFE_ERROR_CODE.fullmatch(c)) or "error"
         return CredentialRejected(
             app.host,
             grant,
@@ -264,14 +267,14 @@ def _token_field(app: OAuthApp, grant: str, body: Mapping[str, Any], name: str, 
         raise _unusable(app, grant, f"a {name} that is not a string ({type(value).__name__})")
     if len(value) > MAX_TOKEN_CHARS:
         raise _unusable(app, grant, f"a {name} of {len(value):,} characters (at most {MAX_TOKEN_CHARS:,} are stored)")
-    if not _TOKEN_CHARS.match(value):
+    if not _TOKEN_CHARS.fullmatch(value):
         raise _unusable(app, grant, f"a {name} holding characters no token has (space, control or non-ASCII)")
     return value
 
 
 def _expires_in(app: OAuthApp, grant: str, value: Any) -> int:
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)  # some gateways quote numbers
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
+        value = int(value)  # some gateways quote numbers (a longer one is out of range anyway)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -284,18 +287,22 @@ def _expires_in(app: OAuthApp, grant: str, value: Any) -> int:
 def parse_token(app: OAuthApp, grant: str, response: Answer, received_at: datetime) -> Token:
     """Turn a 200 JSON answer into a `Token`, or raise the classified error. An answer that cannot be right is
     refused with what was wrong, never the value."""
-    body = _json_body(response)
-    if response.status != 200 or not isinstance(body, Mapping):
+    if response.status != 200 or "json" not in response.headers.get("Content-Type", "").lower():
         raise classify_failure(app, grant, response)
+    body = _json_body(response, unreadable=_UNREADABLE)
+    if body is _UNREADABLE:
+        raise _unusable(app, grant, "a JSON body that does not parse")
+    if not isinstance(body, Mapping):
+        raise _unusable(app, grant, f"a JSON {type(body).__name__} instead of an object")
     access_token = _token_field(app, grant, body, "access_token", required=True)
     assert access_token is not None
     refresh_token = _token_field(app, grant, body, "refresh_token", required=False)
     expires_in = _expires_in(app, grant, body.get("expires_in"))
     token_type = body.get("token_type") or "Bearer"
-    if not isinstance(token_type, str) or not _TOKEN_TYPE.match(token_type):
+    if not isinstance(token_type, str) or not _TOKEN_TYPE.fullmatch(token_type):
         raise _unusable(app, grant, "a token_type that is not a short word")
     scope = body.get("scope")
-    if scope is not None and (not isinstance(scope, str) or not _SCOPE_CHARS.match(scope)):
+    if scope is not None and (not isinstance(scope, str) or not _SCOPE_CHARS.fullmatch(scope)):
         raise _unusable(app, grant, "a scope that is not up to 1,024 printable characters")
     return Token(
         access_token=access_token,
