@@ -527,6 +527,75 @@ def failure_cost(hours: int = 24) -> list[Row]:
     ]
 
 
+_HOSTILE_SWEEP = """
+import json, resource, sys, time
+sys.path[:0] = ["src", "."]
+import handlers.refresh as handler
+class Context:
+    function_name, memory_limit_in_mb, aws_request_id = "refresh", 512, "bench"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:refresh"
+    def get_remaining_time_in_millis(self):
+        return 240_000
+started = time.perf_counter()
+counts = handler.lambda_handler({}, Context())
+print(json.dumps([counts, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+
+
+def hostile(world: Any, *, bomb_mb: int = 400, drip: float = 0.2) -> list[Row]:
+    """A sweep of 5 ordinary connections beside one hostile instance, in its own process as Lambda runs it (the
+    deployed deadlines, 16 threads): peak RSS beside a gzip bomb and the sweep's time beside a drip-fed answer,
+    each beside the same sweep with a sixth ordinary connection instead, measured in the same run."""
+    from benchmarks.world import emulator, populate, secretsmanager
+
+    def sweep(kind: str | None) -> tuple[dict[str, int], float, float]:
+        world.reset()
+        ordinary, other = emulator(), emulator()
+        try:
+            sm = secretsmanager()
+            populate(sm, ordinary, 5, due=5, now=datetime.now(UTC), name="ok")
+            populate(sm, other, 1, due=1, now=datetime.now(UTC), name="hostile")
+            if kind == "bomb":
+                other.inject("bomb", size=bomb_mb << 20, count=10)
+            elif kind == "drip":
+                other.inject("drip", delay=drip, count=10)
+            done = subprocess.run(
+                [sys.executable, "-c", _HOSTILE_SWEEP],
+                cwd=ROOT,
+                env={**os.environ, "POWERTOOLS_METRICS_DISABLED": "true"},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            counts, seconds, max_rss_kib = json.loads(done.stdout.strip().splitlines()[-1])
+            return counts, seconds, max_rss_kib / 1024
+        finally:
+            ordinary.stop()
+            other.stop()
+
+    calm, bomb, dripped = sweep(None), sweep("bomb"), sweep("drip")
+    smallest = min(int(m) for m in re.findall(r"MemorySize: (\d+)", (ROOT / "template.yaml").read_text()))
+    reference = f"6 ordinary connections: {calm[2]:.0f} MiB peak, {calm[1]:.2f} s; {calm[0]}"
+    return [
+        Row(
+            "Hostile instance",
+            f"sweep of 5 ordinary connections beside one gzip bomb ({bomb_mb} MB inflated): peak RSS",
+            f"{bomb[2]:.0f} MiB ({bomb[2] - calm[2]:+.0f} MiB); {bomb[0]}",
+            reference,
+            f"<= {smallest} MiB (the smallest function) and 5 refreshed",
+            bomb[2] <= smallest and bomb[0].get("refreshed") == 5,
+        ),
+        Row(
+            "Hostile instance",
+            f"sweep of 5 ordinary connections beside one drip-fed answer (a byte every {drip} s): wall time",
+            f"{dripped[1]:.1f} s; {dripped[0]}",
+            reference,
+            "<= 75 s (one attempt's budget; the sweep has 240 s) and 5 refreshed",
+            dripped[1] <= 75 and dripped[0].get("refreshed") == 5,
+        ),
+    ]
+
+
 def package_size() -> list[Row]:
     """`sam build` artifact per function (Lambda's own boto3 excluded) beside requests + Powertools alone, and
     what `make build` adds: the bytecode."""
@@ -911,6 +980,8 @@ def main(argv: list[str] | None = None) -> int:
             progress("dashboard", started)
             rows += monthly_cost(100, 0.1)
             progress("cost", started)
+            rows += hostile(world)
+            progress("hostile instance", started)
             rows += failure_cost() + package_size()
     finally:
         world.stop()
