@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -282,7 +283,7 @@ def test_the_dashboard_shows_only_this_stack_and_its_widget_can_only_list(transl
     for name in re.findall(r"\$\{([A-Za-z0-9]+)\.Arn\}", body_template):
         assert name in resources, f"the dashboard names {name}, which the stack does not have"
         values[f"{name}.Arn"] = f"arn:aws:test:::{name}"
-    values["AWS::Region"] = "us-east-1"
+    values["AWS::Region"], values["AWS::StackName"] = "us-east-1", "oauth-prod"
     body = json.loads(re.sub(r"\$\{([^}]+)\}", lambda m: values[m.group(1)], body_template))
     alarms = {r for r, v in resources.items() if v["Type"] == "AWS::CloudWatch::Alarm"}
     [alarm_widget] = [w for w in body["widgets"] if w["type"] == "alarm"]
@@ -293,6 +294,10 @@ def test_the_dashboard_shows_only_this_stack_and_its_widget_can_only_list(transl
     assert {"Refreshed", "FailedRejected", "MinAccessTokenSecondsLeft", "MinRefreshTokenDaysLeft"} <= metrics
     assert {m[0] for w in body["widgets"] if w["type"] == "metric" for m in w["properties"]["metrics"]} == {
         "ServiceNowOAuth"
+    }
+    # Only this stack's metrics (its name is the `service` dimension), never another stack's in the account.
+    assert {tuple(m[2:4]) for w in body["widgets"] if w["type"] == "metric" for m in w["properties"]["metrics"]} == {
+        ("service", "oauth-prod")
     }
     role = resources["DashboardFunctionRole"]["Properties"]
     assert role.get("Policies", []) == [], "no inline rights beyond the managed policies"
@@ -357,3 +362,70 @@ def test_readers_in_other_accounts_decrypt_only_through_secrets_manager(translat
     assert pattern.match("111122223333,arn:aws:iam::444455556666:role/reader")
     for bad in ("*", "arn:aws:iam::111122223333:user/bob", "11112222333", "111122223333,*"):
         assert not pattern.match(bad), bad
+
+
+def resolve(value: Any, stack: str, parameters: dict[str, str] | None = None) -> Any:
+    """`value` as CloudFormation would resolve it in a stack named `stack`: pseudo parameters and !Sub, and every
+    other resource's name as that stack's own (physical names are per stack)."""
+    parameters = {"AWS::StackName": stack, "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
+                  "AWS::Partition": "aws", **(parameters or {})}  # fmt: skip
+    if isinstance(value, list):
+        return [resolve(item, stack, parameters) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"Ref"}:
+        return parameters.get(value["Ref"], f"{stack}-{value['Ref']}")
+    if set(value) == {"Fn::GetAtt"}:
+        return f"{stack}-{'.'.join(value['Fn::GetAtt'])}"
+    if set(value) == {"Fn::Sub"}:
+        text = value["Fn::Sub"] if isinstance(value["Fn::Sub"], str) else value["Fn::Sub"][0]
+        return re.sub(r"\$\{([^}]+)\}", lambda m: str(parameters.get(m.group(1), f"{stack}-{m.group(1)}")), text)
+    if set(value) == {"Fn::FindInMap"}:
+        return value  # a period, not a name
+    return {key: resolve(item, stack, parameters) for key, item in value.items()}
+
+
+def test_two_stacks_in_one_account_share_no_alarm_metric_and_no_rule_pattern(translated: dict[str, Any]) -> None:
+    """Staging and prod side by side in one account and region: each stack's alarms watch only its own metrics, and
+    its rule forwards only its own events (the stack name is in the `service` dimension and in the source)."""
+
+    def watched(stack: str) -> tuple[set[str], list[Any]]:
+        resources = resolve(translated["Resources"], stack)
+        metrics = {
+            json.dumps([p["Namespace"], p["MetricName"], p.get("Dimensions")], sort_keys=True)
+            for p in (r["Properties"] for r in resources.values() if r["Type"] == "AWS::CloudWatch::Alarm")
+        }
+        rules = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Events::Rule"]
+        patterns = [rule["EventPattern"] for rule in rules if "EventPattern" in rule]  # not the schedule
+        return metrics, patterns
+
+    staging, prod = watched("oauth-staging"), watched("oauth-prod")
+    assert staging[0] and not staging[0] & prod[0]
+    sources = [set(pattern["source"]) for pattern in staging[1] + prod[1]]
+    assert len(sources) == 2 and not sources[0] & sources[1]
+    # What the functions are told to send and emit is what the other stack's alarms and rules do not watch.
+    variables = resolve(translated["Resources"]["RefreshFunction"]["Properties"]["Environment"]["Variables"], "x")
+    assert variables["POWERTOOLS_SERVICE_NAME"] == "x" and variables["EVENT_SOURCE"] == "servicenow-oauth.x"
+    assert {"source": ["servicenow-oauth.x"]}.items() <= resolve(
+        translated["Resources"]["AttentionEventsRule"]["Properties"]["EventPattern"], "x"
+    ).items()
+
+
+def test_a_stopped_refresher_and_an_expiring_access_token_each_raise_an_alarm(translated: dict[str, Any]) -> None:
+    """Silence is an alarm: both watch a figure every sweep emits (tests/test_refresh_handlers.py shows it on moto),
+    and treat its absence as breaching, so a refresher that stops running is heard within three intervals."""
+    resources, mapping = translated["Resources"], translated["Mappings"]["SweepInterval"]
+    silent = resources["RefresherSilentAlarm"]["Properties"]
+    expiring = resources["AccessTokenExpiringAlarm"]["Properties"]
+    for alarm, metric in ((silent, "SweepsCompleted"), (expiring, "MinAccessTokenSecondsLeft")):
+        assert alarm["Namespace"] == "ServiceNowOAuth" and alarm["MetricName"] == metric
+        assert alarm["TreatMissingData"] == "breaching" and alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+        assert alarm["Period"] == {"Fn::FindInMap": ["SweepInterval", {"Ref": "RefreshIntervalMinutes"}, "Seconds"]}
+        assert alarm["ComparisonOperator"] == "LessThanThreshold"
+    interval = translated["Parameters"]["RefreshIntervalMinutes"]
+    minutes = range(interval["MinValue"], interval["MaxValue"] + 1)
+    assert {int(key): value["Seconds"] for key, value in mapping.items()} == {m: 60 * m for m in minutes}
+    assert silent["Threshold"] == 1 and silent["EvaluationPeriods"] == silent["DatapointsToAlarm"] == 3
+    # 15 minutes at the default interval: a silent refresher is heard while the last tokens still live (30 min).
+    assert 3 * mapping[str(interval["Default"])]["Seconds"] <= 900
+    assert expiring["Threshold"] == 60

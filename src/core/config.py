@@ -30,6 +30,8 @@ class Settings:
     failure_backoff_max_seconds: int = 3600
     failure_alert_after_seconds: int = 3600
     event_bus_name: str = "default"
+    # The stack's own source, so two stacks in one account and region never take each other's events.
+    event_source: str = "servicenow-oauth"
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -63,4 +65,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         failure_backoff_max_seconds=_int(env, "FAILURE_BACKOFF_MAX_SECONDS", 3600),
         failure_alert_after_seconds=_int(env, "FAILURE_ALERT_AFTER_SECONDS", 3600),
         event_bus_name=env.get("EVENT_BUS_NAME") or "default",
+        event_source=env.get("EVENT_SOURCE") or "servicenow-oauth",
     )

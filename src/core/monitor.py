@@ -1,6 +1,6 @@
 """After every attempt: record the connection's health in its tags, and announce each change once.
 
-Events go to EventBridge (source `servicenow-oauth`, schema in docs/events.md) only on a change of
+Events go to EventBridge (source `servicenow-oauth.<stack>`, schema in docs/events.md) only on a change of
 state: authorized, recovered, reauthorization required, refresh token expiring, failing for longer
 than the alert threshold, client secret promoted. Which of them were already sent is part of the
 health tags, so a connection that stays broken produces one event, and one more when it recovers.
@@ -31,7 +31,7 @@ from core.health import HEALTH_TAGS, Health
 from core.lifecycle import Outcome, RefreshPolicy, advance, event_state
 from core.store import StoredConnection
 
-SOURCE = "servicenow-oauth"
+SOURCE = "servicenow-oauth"  # the default; a deployed stack sends its own (EVENT_SOURCE, template.yaml)
 DETAIL_TYPES = {
     "authorized": "ServiceNow Connection Authorized",
     "recovered": "ServiceNow Connection Recovered",
@@ -54,6 +54,7 @@ class Monitor:
         clock: Callable[[], datetime],
         policy: RefreshPolicy,
         bus: str = "default",
+        source: str = SOURCE,
         logger: Any = None,
     ) -> None:
         self.secretsmanager = secretsmanager
@@ -61,6 +62,7 @@ class Monitor:
         self.clock = clock
         self.policy = policy
         self.bus = bus
+        self.source = source
         self.logger = logger
         # arn -> (the health its tags hold, None where they could not be read; the health they should hold):
         # tag writes that failed.
@@ -188,7 +190,7 @@ class Monitor:
         }
         entries = [
             {
-                "Source": SOURCE,
+                "Source": self.source,
                 "DetailType": DETAIL_TYPES[kind],
                 "Detail": json.dumps({**detail, "change": kind}),
                 "EventBusName": self.bus,

@@ -70,6 +70,7 @@ def build_monitor(settings: Settings, secretsmanager: Any, logger: Any = None) -
         clock=utc_now,
         policy=RefreshPolicy.from_settings(settings),
         bus=settings.event_bus_name,
+        source=settings.event_source,
         logger=logger,
     )
 
