@@ -157,3 +157,31 @@ def test_a_worker_short_of_time_starts_no_refresh_and_hands_the_record_back(
     assert response == {"batchItemFailures": [{"itemIdentifier": "m-b"}]}
     assert emulator.token_requests() == before + 1
     assert expiry(secretsmanager, "a") > datetime.now(UTC) + timedelta(minutes=20)
+
+
+def emitted(out: str) -> dict[str, Any]:
+    """The metrics of the EMF blob a handler printed."""
+    [blob] = [json.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
+    names = {m["Name"] for m in blob["_aws"]["CloudWatchMetrics"][0]["Metrics"]}
+    return {name: blob[name] for name in names}
+
+
+def test_every_sweep_emits_the_figures_the_silence_alarms_watch(
+    env: None, secretsmanager: Any, emulator: ServiceNowEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RefresherSilentAlarm and AccessTokenExpiringAlarm treat a missing figure as breaching, so every sweep sends
+    both, with no connection at all too; a connection waiting for a person does not pin the least time at 0."""
+    import handlers.refresh
+
+    handler = importlib.reload(handlers.refresh)
+    assert handler.lambda_handler({}, FakeContext()) == {}
+    figures = emitted(capsys.readouterr().out)
+    assert figures["SweepsCompleted"] == [1.0] and figures["MinAccessTokenSecondsLeft"] == [86_400.0]
+
+    add_due_connection(secretsmanager, emulator, "live")
+    unconsented = {"instanceUrl": emulator.url, "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET}
+    secretsmanager.create_secret(Name=f"{PREFIX}waiting", SecretString=json.dumps(unconsented))
+    counts = handler.lambda_handler({}, FakeContext())
+    assert counts == {"refreshed": 1, "needs_person": 1}
+    figures = emitted(capsys.readouterr().out)
+    assert figures["SweepsCompleted"] == [1.0] and 1700 < figures["MinAccessTokenSecondsLeft"][0] <= 1800

@@ -23,6 +23,7 @@ _METRIC_BY_RESULT = {
     "reauthorization_required": "ReauthorizationRequired",
     "invalid": "InvalidConnectionSecret",
 }
+NO_LIVE_TOKEN_SECONDS = 86_400  # MinAccessTokenSecondsLeft when no connection should hold a live token
 _METRIC_BY_FAILURE = {
     "unavailable": "FailedUnavailable",
     "rate_limited": "FailedRateLimited",
@@ -66,9 +67,20 @@ def report_outcomes(
         metrics.add_metric(name="ConnectionsFailing", unit=MetricUnit.Count, value=failing)
     expiring = [outcome for outcome in outcomes if outcome.refresh_token_expiring]
     metrics.add_metric(name="RefreshTokenExpiring", unit=MetricUnit.Count, value=len(expiring))
-    access_left = [(o.access_token_expires_at - now).total_seconds() for o in outcomes if o.access_token_expires_at]
-    if access_left:
-        metrics.add_metric(name="MinAccessTokenSecondsLeft", unit=MetricUnit.Seconds, value=max(0.0, min(access_left)))
+    # The least access-token time left among the connections that should hold a live one (not those waiting for a
+    # person: ReauthorizationRequired speaks for them). A whole sweep always emits it, a day when none should, so
+    # that its absence means the sweep stopped (AccessTokenExpiringAlarm treats missing data as breaching).
+    access_left = [
+        (o.access_token_expires_at - now).total_seconds()
+        for o in outcomes
+        if o.access_token_expires_at and o.result not in ("needs_person", "reauthorization_required", "invalid")
+    ]
+    if access_left or whole_sweep:
+        least = max(0.0, min(access_left)) if access_left else float(NO_LIVE_TOKEN_SECONDS)
+        metrics.add_metric(name="MinAccessTokenSecondsLeft", unit=MetricUnit.Seconds, value=least)
+    if whole_sweep:
+        # One per completed sweep, connections or not: RefresherSilentAlarm fires when none arrives.
+        metrics.add_metric(name="SweepsCompleted", unit=MetricUnit.Count, value=1)
     refresh_left = [(o.refresh_token_expires_at - now).total_seconds() for o in outcomes if o.refresh_token_expires_at]
     if refresh_left:
         metrics.add_metric(
