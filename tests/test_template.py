@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from uuid import NAMESPACE_URL, uuid5
 
 import pytest
 
@@ -198,29 +199,85 @@ def test_each_condition_reaches_a_person_once(translated: dict[str, Any]) -> Non
         if resource["Type"] != "AWS::CloudWatch::Alarm":
             continue
         properties = resource["Properties"]
-        event = by_metric.get(properties["MetricName"])
+        event = by_metric.get(properties.get("MetricName", ""))
         assert bool(properties.get("AlarmActions")) != (event in forwarded), name
     alarmed = {
         r["Properties"]["Dimensions"][0]["Value"]["Ref"]
         for r in resources.values()
-        if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "Errors"
+        if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"].get("MetricName") == "Errors"
     }
     assert {"RefreshFunction", "WorkerFunction", "RotationFunction"} <= alarmed
     # The one path of the three conditions the rule forwards is watched itself.
-    watched = {r["Properties"]["MetricName"] for r in resources.values() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    watched = {r["Properties"].get("MetricName") for r in resources.values() if r["Type"] == "AWS::CloudWatch::Alarm"}
     assert {"FailedInvocations", "ChangeEventsNotPublished"} <= watched
     # Health that lives only in a container's memory (tag writes refused) is a condition a person must hear of.
     assert {"HealthTagsNotWritten", "SecretWriteFailed"} <= watched
     assert any(
-        r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "InvalidConnectionSecret"
+        r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"].get("MetricName") == "InvalidConnectionSecret"
         for r in resources.values()
     )
 
 
-def test_a_failed_first_create_leaves_no_secret_behind_to_block_the_retry() -> None:
-    for name, resource in load_template()["Resources"].items():
-        if resource["Type"] == "AWS::SecretsManager::Secret":
-            assert resource.get("DeletionPolicy") == "RetainExceptOnCreate", name
+def test_a_failed_first_create_leaves_no_secret_or_key_behind() -> None:
+    """A failed first create must not leave a secret whose name blocks the retry, nor keys billed at $1 a month."""
+    resources = load_template()["Resources"]
+    for name, resource in resources.items():
+        if resource["Type"] in ("AWS::SecretsManager::Secret", "AWS::KMS::Key"):
+            assert resource.get("DeletionPolicy") in ("RetainExceptOnCreate", "Delete"), name
+    # The keys the connections depend on outlive the stack; the signing key of the stack's own links does not.
+    assert resources["SecretsKey"]["DeletionPolicy"] == resources["JwtSigningKmsKey"]["DeletionPolicy"]
+    assert resources["SecretsKey"]["DeletionPolicy"] == "RetainExceptOnCreate"
+
+
+def test_a_stack_deleted_and_deployed_again_under_its_name_needs_no_hand_step(translated: dict[str, Any]) -> None:
+    """The state key's name carries the stack's id (new on each create, the same across updates): a redeploy under
+    the same name does not collide with the old secret, which Secrets Manager keeps through its recovery window."""
+    state = translated["Resources"]["StateKeySecret"]
+    names = {resolve(state["Properties"]["Name"], "oauth", {"AWS::StackId": stack_id}) for stack_id in (
+        "arn:aws:cloudformation:us-east-1:123456789012:stack/oauth/1b2c3d4e-aaaa-bbbb-cccc-000000000001",
+        "arn:aws:cloudformation:us-east-1:123456789012:stack/oauth/9f8e7d6c-aaaa-bbbb-cccc-000000000002",
+    )}  # fmt: skip
+    assert names == {"oauth-state-key-1b2c3d4e", "oauth-state-key-9f8e7d6c"}
+    assert state["DeletionPolicy"] == "Delete"
+
+
+def test_parameters_that_cannot_work_together_are_refused_at_deploy(translated: dict[str, Any]) -> None:
+    """CloudFormation Rules refuse the combinations that were silently ignored or broke an update: a certificate
+    issuer for a key the stack did not create, consumers with no customer-managed key to decrypt."""
+    rules = translated["Rules"]
+    issuer = rules["JwtCertificateIssuerNeedsTheCreatedKey"]
+    assert issuer["RuleCondition"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "JwtCertificateIssuerArn"}, ""]}]}
+    assert issuer["Assertions"][0]["Assert"] == {"Fn::Equals": [{"Ref": "JwtSigningKey"}, "create"]}
+    consumers = rules["ConsumersNeedACustomerManagedKey"]
+    assert consumers["RuleCondition"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "ConsumerPrincipals"}, ""]}]}
+    assert consumers["Assertions"][0]["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "SecretsKmsKeyArn"}, ""]}]}
+    # Multi-Region keys are keys too.
+    mrk = "arn:aws:kms:eu-west-1:111122223333:key/mrk-1234abcd12ab34cd56ef1234567890ab"
+    single = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    for parameter in ("SecretsKmsKeyArn", "ReplicaKmsKeyArns", "JwtSigningKey"):
+        pattern = re.compile(translated["Parameters"][parameter]["AllowedPattern"])
+        assert pattern.match(mrk) and pattern.match(single), parameter
+    assert re.compile(translated["Parameters"]["ReplicaKmsKeyArns"]["AllowedPattern"]).match(f"{mrk},{single}")
+
+
+def test_every_function_logs_to_its_own_group_made_before_it(translated: dict[str, Any]) -> None:
+    """Never a group Lambda makes on its own (no retention): each function names the stack's group for it."""
+    resources = translated["Resources"]
+    functions = [name for name, r in resources.items() if r["Type"] == "AWS::Lambda::Function"]
+    assert len(functions) == 5
+    for name in functions:
+        group = resources[name]["Properties"]["LoggingConfig"]["LogGroup"]
+        assert group == {"Ref": f"{name}Logs"}, name
+        assert resources[f"{name}Logs"]["Properties"]["RetentionInDays"] == 90
+
+
+def test_every_new_dead_letter_notifies(translated: dict[str, Any]) -> None:
+    """The alarm watches the queue's growth: one on its size went to ALARM once and stayed there, silent."""
+    alarm = translated["Resources"]["DeadLetterAlarm"]["Properties"]
+    [expression] = [m for m in alarm["Metrics"] if m.get("ReturnData")]
+    assert expression["Expression"] == "DIFF(FILL(visible, 0))"
+    receives = translated["Resources"]["RefreshQueue"]["Properties"]["RedrivePolicy"]["maxReceiveCount"]
+    assert f"failed {receives} times" in alarm["AlarmDescription"]
 
 
 def test_timeouts_fit_the_worst_case_refresh(translated: dict[str, Any]) -> None:
@@ -247,7 +304,7 @@ def test_only_the_refreshing_functions_may_sign_with_the_jwt_key(translated: dic
     the three functions that refresh (and an optional named certificate issuer), nobody through IAM or grants."""
     resources = translated["Resources"]
     key = resources["JwtSigningKmsKey"]
-    assert key["Condition"] == "CreateJwtKey" and key["DeletionPolicy"] == "Retain"
+    assert key["Condition"] == "CreateJwtKey" and key["DeletionPolicy"] == "RetainExceptOnCreate"
     assert key["Properties"]["KeySpec"] == "RSA_2048" and key["Properties"]["KeyUsage"] == "SIGN_VERIFY"
     statements = key["Properties"]["KeyPolicy"]["Statement"]
     signing = [s for s in statements if "kms:Sign" in json.dumps(s["Action"]) or s["Action"] in ("kms:*", "*")]
@@ -337,23 +394,22 @@ def test_the_shared_rights_have_one_home(translated: dict[str, Any]) -> None:
 
 def test_readers_in_other_accounts_decrypt_only_through_secrets_manager(translated: dict[str, Any]) -> None:
     """ConsumerPrincipals get kms:Decrypt on the stack's secrets key only via Secrets Manager in this region; the
-    key exists only when consumers are named without a key of the operator's own."""
+    key exists when SecretsKmsKeyArn=create, whatever ConsumerPrincipals says (clearing them keeps it)."""
     resources = translated["Resources"]
     key = resources["SecretsKey"]
-    assert key["Condition"] == "CreateSecretsKey" and key["DeletionPolicy"] == "Retain"
+    assert key["Condition"] == "CreateSecretsKey" and key["DeletionPolicy"] == "RetainExceptOnCreate"
     assert key["Properties"]["EnableKeyRotation"] is True
-    [consumers] = [
-        s for s in key["Properties"]["KeyPolicy"]["Statement"] if s["Sid"] == "ConsumersDecryptThroughSecretsManager"
-    ]
+    [optional] = [s for s in key["Properties"]["KeyPolicy"]["Statement"] if "Fn::If" in s]
+    assert optional["Fn::If"][0] == "HasConsumers" and optional["Fn::If"][2] == {"Ref": "AWS::NoValue"}
+    consumers = optional["Fn::If"][1]
+    assert consumers["Sid"] == "ConsumersDecryptThroughSecretsManager"
     assert consumers["Principal"] == {"AWS": {"Fn::Split": [",", {"Ref": "ConsumerPrincipals"}]}}
     assert sorted(consumers["Action"]) == ["kms:Decrypt", "kms:DescribeKey"]
     assert consumers["Condition"] == {
         "StringEquals": {"kms:ViaService": {"Fn::Sub": "secretsmanager.${AWS::Region}.amazonaws.com"}}
     }
     conditions = translated["Conditions"]
-    assert conditions["CreateSecretsKey"] == {
-        "Fn::And": [{"Condition": "HasConsumers"}, {"Fn::Not": [{"Condition": "HasSecretsKmsKey"}]}]
-    }
+    assert conditions["CreateSecretsKey"] == {"Fn::Equals": [{"Ref": "SecretsKmsKeyArn"}, "create"]}
     # The state key and the functions use whichever key is in force.
     assert "SecretsKey" in json.dumps(resources["StateKeySecret"]["Properties"]["KmsKeyId"])
     import re
@@ -368,7 +424,9 @@ def resolve(value: Any, stack: str, parameters: dict[str, str] | None = None) ->
     """`value` as CloudFormation would resolve it in a stack named `stack`: pseudo parameters and !Sub, and every
     other resource's name as that stack's own (physical names are per stack)."""
     parameters = {"AWS::StackName": stack, "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
-                  "AWS::Partition": "aws", **(parameters or {})}  # fmt: skip
+                  "AWS::Partition": "aws",
+                  "AWS::StackId": f"arn:aws:cloudformation:::stack/{stack}/{uuid5(NAMESPACE_URL, stack)}",
+                  **(parameters or {})}  # fmt: skip
     if isinstance(value, list):
         return [resolve(item, stack, parameters) for item in value]
     if not isinstance(value, dict):
@@ -378,8 +436,15 @@ def resolve(value: Any, stack: str, parameters: dict[str, str] | None = None) ->
     if set(value) == {"Fn::GetAtt"}:
         return f"{stack}-{'.'.join(value['Fn::GetAtt'])}"
     if set(value) == {"Fn::Sub"}:
-        text = value["Fn::Sub"] if isinstance(value["Fn::Sub"], str) else value["Fn::Sub"][0]
-        return re.sub(r"\$\{([^}]+)\}", lambda m: str(parameters.get(m.group(1), f"{stack}-{m.group(1)}")), text)
+        text, local = (value["Fn::Sub"], {}) if isinstance(value["Fn::Sub"], str) else value["Fn::Sub"]
+        known = {**parameters, **{k: resolve(v, stack, parameters) for k, v in local.items()}}
+        return re.sub(r"\$\{([^}]+)\}", lambda m: str(known.get(m.group(1), f"{stack}-{m.group(1)}")), text)
+    if set(value) == {"Fn::Split"}:
+        delimiter, text = value["Fn::Split"]
+        return str(resolve(text, stack, parameters)).split(delimiter)
+    if set(value) == {"Fn::Select"}:
+        index, items = value["Fn::Select"]
+        return resolve(items, stack, parameters)[int(index)]
     if set(value) == {"Fn::FindInMap"}:
         return value  # a period, not a name
     return {key: resolve(item, stack, parameters) for key, item in value.items()}
@@ -391,10 +456,10 @@ def test_two_stacks_in_one_account_share_no_alarm_metric_and_no_rule_pattern(tra
 
     def watched(stack: str) -> tuple[set[str], list[Any]]:
         resources = resolve(translated["Resources"], stack)
-        metrics = {
-            json.dumps([p["Namespace"], p["MetricName"], p.get("Dimensions")], sort_keys=True)
-            for p in (r["Properties"] for r in resources.values() if r["Type"] == "AWS::CloudWatch::Alarm")
-        }
+        alarms = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+        stats = [p for p in alarms if "MetricName" in p]
+        stats += [m["MetricStat"]["Metric"] for p in alarms for m in p.get("Metrics", []) if "MetricStat" in m]
+        metrics = {json.dumps([p["Namespace"], p["MetricName"], p.get("Dimensions")], sort_keys=True) for p in stats}
         rules = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Events::Rule"]
         patterns = [rule["EventPattern"] for rule in rules if "EventPattern" in rule]  # not the schedule
         return metrics, patterns
