@@ -143,8 +143,8 @@ class ConnectionAccess:
         if account_of(principal) != account_of_secret(described["ARN"]) and uses_default_key(described):
             raise AccessError(
                 f"connection {connection!r}: its secret is encrypted with the AWS managed key aws/secretsmanager, "
-                "which other accounts cannot use. Deploy the stack with ConsumerPrincipals (it creates a "
-                "customer-managed key) or SecretsKmsKeyArn, re-encrypt the secret with `aws secretsmanager "
+                "which other accounts cannot use. Deploy the stack with SecretsKmsKeyArn=create (or your own "
+                "customer-managed key), re-encrypt the secret with `aws secretsmanager "
                 "update-secret --secret-id <secret> --kms-key-id <the stack's SecretsKmsKeyArn output>`, and grant "
                 "again; nothing was changed"
             )

@@ -144,9 +144,18 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         raise CliError(f"{error}; nothing was created") from None
     try:
         readers = [reader for principal in consumers for reader in access.grant(name, stored.arn, principal)]
-    except AccessError as error:
-        _undo_create(store, stored.arn, replicas)  # a connection without the readers asked for is not what was asked
-        raise CliError(f"{error}; the new secret was deleted again, so nothing was created") from None
+    except (AccessError, BotoCoreError, ClientError) as error:
+        # A connection without the readers asked for is not what was asked: whatever refused the grant (our check,
+        # GetResourcePolicy denied to the operator, throttling past retries), the secret this command made goes.
+        why = str(error) if isinstance(error, AccessError) else f"AWS said: {error}"
+        try:
+            _undo_create(store, stored.arn, replicas)
+        except (BotoCoreError, ClientError) as undo:
+            raise CliError(
+                f"{why}; the new secret could not be deleted again (AWS said: {undo}): delete {stored.arn} "
+                "(aws secretsmanager delete-secret --force-delete-without-recovery) before adding it again"
+            ) from None
+        raise CliError(f"{why}; the new secret was deleted again, so nothing was created") from None
     out.write(f"created connection {name} ({connection.host}), status pending_authorization\n")
     if replicas:
         states = {
@@ -320,9 +329,11 @@ def _change_readers(args: argparse.Namespace, out: TextIO, *, revoke: bool) -> i
     name = validate_name(args.name)
     access = ConnectionAccess(store.client)
     try:
-        arn = store.client.describe_secret(SecretId=store.secret_id(name))["ARN"]
         principal = args.principal.strip()
-        if not (revoke and principal in access.readers(arn)):  # a deleted role shows as its unique id: revocable
+        if not revoke:
+            principal = parse_principal(principal)  # refused before any call (a revoke may name a deleted role's id)
+        arn = store.client.describe_secret(SecretId=store.secret_id(name))["ARN"]
+        if revoke and principal not in access.readers(arn):  # a deleted role shows as its unique id: revocable
             principal = parse_principal(principal)
         readers = access.revoke(name, arn, principal) if revoke else access.grant(name, arn, principal)
     except AccessError as error:

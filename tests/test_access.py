@@ -290,3 +290,30 @@ def test_a_deleted_readers_unique_id_can_be_revoked(aws_calls: list[Any]) -> Non
     )
     assert run("connections", "revoke-access", "prod", stale)[0] == 0
     assert sm.get_resource_policy(SecretId=SECRET).get("ResourcePolicy") is None
+
+
+@pytest.mark.parametrize("operation", ["GetResourcePolicy", "PutResourcePolicy"])
+def test_a_grant_refused_by_aws_itself_leaves_no_half_made_connection(aws_calls: list[Any], operation: str) -> None:
+    """Found by review (#26): only our own AccessError cleaned up; an AWS refusal of the grant (GetResourcePolicy
+    denied to the operator, throttling past retries) left the secret, and the next add said "already exists"."""
+
+    def deny(**_: Any) -> Any:
+        body = {"Error": {"Code": "AccessDeniedException", "Message": f"not authorized to perform {operation}"}}
+        return AWSResponse("http://test", 400, {}, None), body
+
+    handler_id = f"before-call.secrets-manager.{operation}"
+    boto3.DEFAULT_SESSION.events.register(handler_id, deny)  # type: ignore[union-attr]
+    code, out, err = add("--consumer", ROLE, "--kms-key-id", cmk())
+    assert code == 2 and "AccessDeniedException" in err and "nothing was created" in err, (out, err)
+    assert secrets() == []
+    boto3.DEFAULT_SESSION.events.unregister(handler_id, deny)  # type: ignore[union-attr]
+    code, out, err = add("--consumer", ROLE, "--kms-key-id", cmk())
+    assert code == 0 and secrets() == [SECRET], (out, err)
+
+
+def test_a_malformed_principal_is_refused_before_any_call(aws_calls: list[Any]) -> None:
+    """admin/access.py promises it; `connections grant` described the secret first."""
+    assert add()[0] == 0
+    aws_calls.clear()
+    code, _, err = run("connections", "grant", "prod", "*")
+    assert code == 2 and aws_calls == [], (err, aws_calls)
