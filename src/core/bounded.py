@@ -169,11 +169,28 @@ class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
     response_class = _BoundedHeaders
 
 
-class _WatchedHTTPPool(HTTPConnectionPool):
+class _Handing:
+    """A connection belongs to a request from the moment the pool hands it out until it is put back: a deadline
+    that ends while another thread holds it, or while it waits idle in the pool, never shuts it."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        connection = super()._get_conn(timeout)  # type: ignore[misc]
+        if isinstance(connection, _Watched):
+            connection._claim()
+        return connection
+
+    def _put_conn(self, conn: Any) -> None:
+        if isinstance(conn, _Watched):
+            with _OWNERS:
+                conn.owner = None
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _WatchedHTTPPool(_Handing, HTTPConnectionPool):
     ConnectionCls = _WatchedHTTPConnection
 
 
-class _WatchedHTTPSPool(HTTPSConnectionPool):
+class _WatchedHTTPSPool(_Handing, HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
