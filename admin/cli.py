@@ -447,18 +447,19 @@ def cmd_revoke(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
 
 
 def cmd_smoke(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
-    from admin.smoke import smoke
+    from admin.smoke import Clients, smoke
 
-    return smoke(
-        args.stack,
+    clients = Clients(
         cloudformation=boto3.client("cloudformation"),
         # One attempt that may take the sweep's whole 240 s: a retried read timeout would start a second sweep.
         lambda_client=boto3.client("lambda", config=Config(read_timeout=300, retries={"total_max_attempts": 1})),
         cloudwatch=boto3.client("cloudwatch"),
         sns=boto3.client("sns"),
+        events=boto3.client("events"),
+        secretsmanager=boto3.client("secretsmanager"),
         http=requests.Session(),  # one attempt per check (smoke's own timeouts)
-        out=out,
     )
+    return smoke(args.stack, clients, out=out)
 
 
 def parser() -> argparse.ArgumentParser:
