@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -95,7 +96,14 @@ class Sweep:
         """A connection whose secret could not be read this sweep: a transient failure, retried by the next."""
         code = error_code(error)
         name = self.refresher.store.name_of(entry["Name"]) or entry["Name"]
-        return Outcome(name, "failed", failure="transient", detail=f"could not read the secret ({code})")
+        # The expiry the listing's tags hold: a fleet whose secrets cannot be read still shows its tokens dying.
+        return Outcome(
+            name,
+            "failed",
+            failure="transient",
+            detail=f"could not read the secret ({code})",
+            access_token_expires_at=Health.from_tags(entry.get("Tags")).access_expires,
+        )
 
     def _adopt(self, read: StoredConnection, stages: dict[str, Any]) -> StoredConnection:
         """Take up tokens an earlier write left in a candidate version; on an AWS error go on with `read`
@@ -189,7 +197,7 @@ class Sweep:
 
         def refresh_in_time(read: StoredConnection) -> Outcome:
             if time_left is not None and not time_for_a_refresh(time_left()):
-                return Outcome(read.connection.name, "deferred")
+                return Outcome(read.connection.name, "deferred", access_token_expires_at=_expiry(read))
             return self.refresher.safe_refresh(read)
 
         refreshed = self._refresh_all(due, refresh_in_time, max_workers, time_left)
@@ -229,6 +237,7 @@ class Sweep:
                 "failed",
                 failure="transient",
                 detail="did not finish before the sweep had to report; the next sweep tries again",
+                access_token_expires_at=_expiry(read),
             )
             for read, future in zip(due, futures, strict=True)
         ]
@@ -245,9 +254,15 @@ class Sweep:
                 detail="could not be queued for refresh (SQS refused or timed out); the next sweep tries again",
             )
             if read.connection.name in left
-            else Outcome(read.connection.name, "queued")
+            else Outcome(read.connection.name, "queued", access_token_expires_at=_expiry(read))
             for read in overflow
         ]
+
+
+def _expiry(read: StoredConnection) -> datetime | None:
+    """Every outcome of a connection the sweep read carries its access token's expiry, whatever it did with it
+    (queued, deferred, cut off): AccessTokenExpiringAlarm reads the least of them."""
+    return read.connection.access_token_expires_at
 
 
 def from_listing(entry: dict[str, Any], decision: str, name: str) -> Outcome:
