@@ -69,6 +69,7 @@ def smoke(
     for key in sorted(outputs):
         out.write(f"  {key} = {outputs[key]}\n")
     started = clock()
+    rule: dict[str, float] = {}  # the rule's counts before the test event (earlier deliveries are not ours)
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("parameters", lambda: _parameters(outputs)),
         ("callback", lambda: _callback(clients.http, outputs)),
@@ -79,7 +80,7 @@ def smoke(
         ("rotation", lambda: _rotation(clients.lambda_client, outputs)),
         ("dashboard", lambda: _dashboard(clients.lambda_client, outputs)),
         ("alarm path", lambda: _alarm_sent(clients, stack, outputs)),
-        ("event path", lambda: _event_sent(clients, outputs, clock)),
+        ("event path", lambda: _event_sent(clients, outputs, started, clock, rule)),
     ]
     results = [_run(name, check) for name, check in checks]
     # Both notifications travel at once; their delivery shows in the alarm's history and the rule's metrics.
@@ -89,13 +90,14 @@ def smoke(
     ]
     while waiting:
         for index in list(waiting):
-            verdict = _delivered(clients, stack, outputs, results[index].name, started, clock, final=False)
+            verdict = _verdict(clients, stack, outputs, results[index].name, started, clock, rule, final=False)
             if verdict is not None:
                 results[index] = verdict
                 waiting.remove(index)
         if waiting and time.monotonic() >= deadline:
             for index in waiting:
-                results[index] = _delivered(clients, stack, outputs, results[index].name, started, clock, final=True)
+                verdict = _verdict(clients, stack, outputs, results[index].name, started, clock, rule, final=True)
+                results[index] = verdict or Check(results[index].name, False, "no verdict")
             waiting = []
         elif waiting:
             sleep(10)
@@ -258,8 +260,12 @@ def _alarm_sent(clients: Clients, stack: str, outputs: dict[str, str]) -> Check:
     return Check("alarm path", True, f"{alarm} set to ALARM; subscribers: {where}")
 
 
-def _event_sent(clients: Clients, outputs: dict[str, str], clock: Callable[[], datetime]) -> Check:
-    """One event the attention rule forwards, labelled as a test, naming no connection."""
+def _event_sent(
+    clients: Clients, outputs: dict[str, str], started: datetime, clock: Callable[[], datetime], rule: dict[str, float]
+) -> Check:
+    """One event the attention rule forwards, labelled as a test, naming no connection. The rule's counts in the
+    window are read first, so the delivery of some earlier event is never taken for this one's."""
+    rule.update(_rule_counts(clients, outputs, started, clock))
     detail = {"change": "smoke_test", "connection": None, "note": "a test from make smoke; no connection changed"}
     answer = clients.events.put_events(
         Entries=[
@@ -277,35 +283,11 @@ def _event_sent(clients: Clients, outputs: dict[str, str], clock: Callable[[], d
     return Check("event path", True, "test event sent")
 
 
-def _delivered(
-    clients: Clients,
-    stack: str,
-    outputs: dict[str, str],
-    name: str,
-    started: datetime,
-    clock: Callable[[], datetime],
-    *,
-    final: bool,
-) -> Check | None:
-    """The verdict on one notification path once AWS shows it (None: not yet; `final`: say it never showed)."""
-    if name == "alarm path":
-        alarm = f"{stack}-{TEST_ALARM}"
-        items = clients.cloudwatch.describe_alarm_history(
-            AlarmName=alarm, HistoryItemType="Action", StartDate=started - timedelta(seconds=5), EndDate=clock()
-        ).get("AlarmHistoryItems", [])
-        for item in items:
-            summary = item.get("HistorySummary", "")
-            if summary.startswith("Failed"):
-                try:
-                    reason = json.loads(item.get("HistoryData") or "{}").get("error", summary)
-                except ValueError:
-                    reason = summary
-                return Check(name, False, f"{alarm}: the topic refused the notification: {reason}")
-            if summary.startswith("Successfully executed action"):
-                return Check(name, True, f"{alarm}: notification delivered to the topic ({summary})")
-        if final:
-            return Check(name, False, f"{alarm}: no notification action in its history after waiting")
-        return None
+def _rule_counts(
+    clients: Clients, outputs: dict[str, str], started: datetime, clock: Callable[[], datetime]
+) -> dict[str, float]:
+    """The attention rule's Invocations and FailedInvocations since the minute smoke started (EventBridge publishes
+    them by the minute, so the start's own minute is in)."""
     rule = _output(outputs, "AttentionEventsRuleName")
     figures = {}
     for metric in ("Invocations", "FailedInvocations"):
@@ -313,20 +295,78 @@ def _delivered(
             Namespace="AWS/Events",
             MetricName=metric,
             Dimensions=[{"Name": "RuleName", "Value": rule}],
-            StartTime=started - timedelta(minutes=1),
+            StartTime=started.replace(second=0, microsecond=0),
             EndTime=clock() + timedelta(minutes=1),
             Period=60,
             Statistics=["Sum"],
         ).get("Datapoints", [])
-        figures[metric] = sum(point.get("Sum", 0) for point in points)
-    if figures["FailedInvocations"]:
+        figures[metric] = float(sum(point.get("Sum", 0) for point in points))
+    return figures
+
+
+def _verdict(
+    clients: Clients,
+    stack: str,
+    outputs: dict[str, str],
+    name: str,
+    started: datetime,
+    clock: Callable[[], datetime],
+    rule: dict[str, float],
+    *,
+    final: bool,
+) -> Check | None:
+    """The verdict on one notification path once AWS shows it (None: not yet; `final`: say it never showed).
+    Anything raised (an output missing, AWS refusing a read) is a failed check, not a crash hiding the others."""
+    try:
+        if name == "alarm path":
+            return _alarm_delivered(clients, stack, started, clock, final=final)
+        return _event_delivered(clients, outputs, started, clock, rule, final=final)
+    except Exception as error:  # AWS's words carry no secret
+        return Check(name, False, f"could not read the delivery: {type(error).__name__}: {error}")
+
+
+def _alarm_delivered(
+    clients: Clients, stack: str, started: datetime, clock: Callable[[], datetime], *, final: bool
+) -> Check | None:
+    name, alarm = "alarm path", f"{stack}-{TEST_ALARM}"
+    items = clients.cloudwatch.describe_alarm_history(
+        AlarmName=alarm, HistoryItemType="Action", StartDate=started - timedelta(seconds=5), EndDate=clock()
+    ).get("AlarmHistoryItems", [])
+    for item in items:
+        summary = item.get("HistorySummary", "")
+        if summary.startswith("Failed"):
+            try:
+                reason = json.loads(item.get("HistoryData") or "{}").get("error", summary)
+            except ValueError:
+                reason = summary
+            return Check(name, False, f"{alarm}: the topic refused the notification: {reason}")
+        if summary.startswith("Successfully executed action"):
+            return Check(name, True, f"{alarm}: notification delivered to the topic ({summary})")
+    if final:
+        return Check(name, False, f"{alarm}: no notification action in its history after waiting")
+    return None
+
+
+def _event_delivered(
+    clients: Clients,
+    outputs: dict[str, str],
+    started: datetime,
+    clock: Callable[[], datetime],
+    before: dict[str, float],
+    *,
+    final: bool,
+) -> Check | None:
+    name, rule = "event path", _output(outputs, "AttentionEventsRuleName")
+    now = _rule_counts(clients, outputs, started, clock)
+    failed, delivered = (now[metric] - before.get(metric, 0.0) for metric in ("FailedInvocations", "Invocations"))
+    if failed:
         return Check(
             name,
             False,
-            f"rule {rule} could not deliver the test event to the topic ({figures['FailedInvocations']:.0f} failed "
-            "invocations): check the topic's key and access policies",
+            f"rule {rule} could not deliver the test event to the topic ({failed:.0f} failed invocations): check the "
+            "topic's key and access policies",
         )
-    if figures["Invocations"]:
+    if delivered:
         return Check(name, True, f"rule {rule} delivered the test event to the topic")
     if final:
         return Check(name, False, f"rule {rule}: no delivery of the test event after waiting")

@@ -59,6 +59,7 @@ class World:
         }
         self.broken: dict[str, str] = {}  # function name -> the error type its invocation raises instead
         self.alarm_history: list[dict[str, Any]] | None = None  # None: a delivered notification
+        self.rule_outcome: str | None = "Invocations"  # what EventBridge publishes once the test event is matched
         self.invoked: list[tuple[str, Any]] = []
         self.outputs = {
             "CallbackUrl": f"{api.url}/callback",
@@ -88,10 +89,9 @@ class World:
             AlarmActions=[self.topic],
         )
         self.clients["sns"].subscribe(TopicArn=self.topic, Protocol="email", Endpoint="ops@example.com")
-        events = self.clients["events"].meta.events
         self.clients["lambda"].meta.events.register("before-call.lambda.Invoke", self._invoke)
         self.clients["cloudwatch"].meta.events.register("before-call.cloudwatch.DescribeAlarmHistory", self._history)
-        assert events is not None
+        self.clients["events"].meta.events.register("before-call.events.PutEvents", self._matched)
 
     def deploy(self, **changed: Any) -> None:
         self.outputs.update(changed)
@@ -132,7 +132,14 @@ class World:
             items = [{"HistoryItemType": "Action", "HistorySummary": f"Successfully executed action {self.topic}"}]
         return AWSResponse("http://monitoring", 200, {}, None), {"AlarmHistoryItems": items}
 
-    def rule_delivered(self, metric: str = "Invocations") -> None:
+    def _matched(self, params: dict[str, Any], **_: Any) -> None:
+        """The attention rule's pattern matched the test event: the rule's metric, as AWS publishes it."""
+        [entry] = json.loads(params["body"])["Entries"]
+        pattern = {"source": f"servicenow-oauth.{STACK}", "detail-type": TEST_DETAIL_TYPE}
+        if self.rule_outcome and entry["Source"] == pattern["source"] and entry["DetailType"] == pattern["detail-type"]:
+            self.rule_delivered(self.rule_outcome)
+
+    def rule_delivered(self, metric: str = "Invocations", when: datetime | None = None) -> None:
         """What EventBridge publishes for the rule a minute after it matched the test event."""
         self.clients["cloudwatch"].put_metric_data(
             Namespace="AWS/Events",
@@ -141,7 +148,7 @@ class World:
                     "MetricName": metric,
                     "Dimensions": [{"Name": "RuleName", "Value": RULE}],
                     "Value": 1,
-                    "Timestamp": datetime.now(UTC),
+                    "Timestamp": when or datetime.now(UTC),
                 }
             ],
         )
@@ -193,7 +200,6 @@ def line(report: str, check: str) -> str:
 def test_a_healthy_deploy_passes_every_check_and_changes_no_connection(world: World, leak_check: list) -> None:
     world.add_connection("prod", Health(status="active", instance="acme.service-now.com", grant="refresh_token"))
     before = world.clients["secretsmanager"].describe_secret(SecretId=f"{PREFIX}prod")["VersionIdsToStages"]
-    world.rule_delivered()
     code, report = world.run()
     leak_check.append(report)
     for check in ("parameters", "callback", "authorize route", "refresher", "connections", "worker", "rotation",
@@ -215,7 +221,6 @@ def test_a_healthy_deploy_passes_every_check_and_changes_no_connection(world: Wo
 
 def test_a_notification_the_topic_refuses_fails_with_the_reason(world: World) -> None:
     """A broken key or topic policy: the alarm history says the action failed, and why."""
-    world.rule_delivered()
     reason = "Failed to execute action arn:aws:sns:us-east-1:123456789012:smoke-AlarmTopic"
     data = json.dumps({"actionState": "Failed", "error": "KMS key is not accessible (AccessDenied)"})
     world.alarm_history = [{"HistoryItemType": "Action", "HistorySummary": reason, "HistoryData": data}]
@@ -227,11 +232,31 @@ def test_a_notification_the_topic_refuses_fails_with_the_reason(world: World) ->
 
 
 def test_an_event_path_that_does_not_deliver_fails(world: World) -> None:
-    code, report = world.run()  # the rule published nothing
+    world.rule_outcome = None  # the rule never matched (disabled, or its pattern lost the test's detail-type)
+    code, report = world.run()
     assert code == 1 and "no delivery of the test event" in line(report, "event path")
-    world.rule_delivered("FailedInvocations")
+    world.rule_outcome = "FailedInvocations"  # matched, and the topic refused it (a key or topic policy)
     code, report = world.run()
     assert code == 1 and "could not deliver the test event" in line(report, "event path")
+
+
+def test_an_earlier_delivery_by_the_rule_is_not_taken_for_the_test_events(world: World) -> None:
+    """Found by review: the rule had delivered some other event 50 s before smoke started, and smoke counted it."""
+    world.rule_delivered("Invocations", when=datetime.now(UTC) - timedelta(seconds=50))
+    world.rule_outcome = None
+    code, report = world.run()
+    assert code == 1 and "no delivery of the test event" in line(report, "event path"), report
+
+
+def test_an_output_missing_at_the_wait_fails_its_check_and_hides_no_other(world: World) -> None:
+    """Found by review: the wait for deliveries ran outside the per-check guard, so an output missing there (a
+    stack from an older template) raised out of smoke and no FAIL line was printed at all."""
+    world.broken["smoke-worker"] = "Runtime.ImportModuleError"
+    world.deploy(AttentionEventsRuleName=None)
+    code, report = world.run()
+    assert code == 1
+    assert line(report, "worker").startswith("FAIL") and line(report, "event path").startswith("FAIL")
+    assert "AttentionEventsRuleName" in line(report, "event path")
 
 
 def test_the_test_event_is_labelled_and_goes_to_the_stacks_own_source(world: World) -> None:
@@ -249,7 +274,6 @@ def test_the_test_event_is_labelled_and_goes_to_the_stacks_own_source(world: Wor
 
 
 def test_a_connection_that_is_not_active_fails_the_smoke(world: World) -> None:
-    world.rule_delivered()
     world.add_connection("prod", Health(status="active"))
     world.add_connection("erp", Health(status="reauthorization_required", needs_person=True))
     world.add_connection("hr", Health(status="active"), unreachable=True)
@@ -273,7 +297,6 @@ def test_a_connection_that_is_not_active_fails_the_smoke(world: World) -> None:
     ],
 )
 def test_a_function_that_does_not_run_fails_its_check(world: World, function: str, error: str, check: str) -> None:
-    world.rule_delivered()
     world.broken[function] = error
     code, report = world.run()
     assert code == 1 and line(report, check).startswith("FAIL") and error in line(report, check), report
@@ -281,7 +304,6 @@ def test_a_function_that_does_not_run_fails_its_check(world: World, function: st
 
 
 def test_a_broken_route_and_mismatched_replica_keys_fail(world: World) -> None:
-    world.rule_delivered()
     key = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     world.deploy(ApiUrl=f"{world.api.url}/not-the-api", ReplicaRegions="eu-west-1,eu-central-1", ReplicaKmsKeyArns=key)
     code, report = world.run()
@@ -292,7 +314,6 @@ def test_a_broken_route_and_mismatched_replica_keys_fail(world: World) -> None:
 
 def test_smoke_fails_loudly_where_the_deploy_is_incomplete(world: World) -> None:
     """No confirmed subscriber on the topic, the callback URL pointing elsewhere, an output missing."""
-    world.rule_delivered()
     for subscription in world.clients["sns"].list_subscriptions_by_topic(TopicArn=world.topic)["Subscriptions"]:
         world.clients["sns"].unsubscribe(SubscriptionArn=subscription["SubscriptionArn"])
     world.deploy(CallbackUrl=f"{world.api.url}/not-the-callback", RefreshFunctionName=None)
