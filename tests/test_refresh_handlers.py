@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
 from core.clock import to_iso
 from core.servicenow import OAuthApp, ServiceNowClient, build_session
@@ -185,3 +186,32 @@ def test_every_sweep_emits_the_figures_the_silence_alarms_watch(
     assert counts == {"refreshed": 1, "needs_person": 1}
     figures = emitted(capsys.readouterr().out)
     assert figures["SweepsCompleted"] == [1.0] and 1700 < figures["MinAccessTokenSecondsLeft"][0] <= 1800
+
+
+def test_a_record_failing_on_its_last_delivery_is_announced_by_name(
+    env: None, aws: str, secretsmanager: Any, emulator: ServiceNowEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review (#26): the DeadLetter alarm notifies only on its change to ALARM, so dead letters arriving
+    period after period reached nobody. The worker announces each record it fails on the last delivery SQS makes
+    (the queue's maxReceiveCount) with an event naming the connection; earlier deliveries announce nothing."""
+    sqs = boto3.client("sqs", endpoint_url=aws, region_name=REGION)
+    events = boto3.client("events", endpoint_url=aws, region_name=REGION)
+    inbox = sqs.create_queue(QueueName="inbox")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events.put_rule(Name="dead", EventPattern=json.dumps({"detail-type": ["ServiceNow Refresh Dead-Lettered"]}))
+    events.put_targets(Rule="dead", Targets=[{"Id": "inbox", "Arn": arn}])
+    monkeypatch.setenv("MAX_RECEIVE_COUNT", "5")
+    add_due_connection(secretsmanager, emulator, "prod")
+    import handlers.worker
+
+    worker = importlib.reload(handlers.worker)
+    template = json.loads((EVENTS / "sqs-refresh.json").read_text())["Records"][0]
+    short = FakeContext(remaining_ms=30_000)  # too little time for a refresh: the record fails (NotStarted)
+    for receives in ("4", "5"):
+        record = copy.deepcopy(template)
+        record["attributes"]["ApproximateReceiveCount"] = receives
+        with pytest.raises(BatchProcessingError):  # a batch whose every record failed fails the invocation
+            worker.lambda_handler({"Records": [record]}, short)
+    [message] = sqs.receive_message(QueueUrl=inbox, MaxNumberOfMessages=10, WaitTimeSeconds=1)["Messages"]
+    detail = json.loads(message["Body"])["detail"]
+    assert detail == {"change": "dead_lettered", "connection": "prod", "reason": "NotStarted"}

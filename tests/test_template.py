@@ -272,12 +272,19 @@ def test_every_function_logs_to_its_own_group_made_before_it(translated: dict[st
 
 
 def test_every_new_dead_letter_notifies(translated: dict[str, Any]) -> None:
-    """The alarm watches the queue's growth: one on its size went to ALARM once and stayed there, silent."""
-    alarm = translated["Resources"]["DeadLetterAlarm"]["Properties"]
+    """The worker announces each record it fails on its last delivery (the rule forwards it, naming the
+    connection); the alarm, for those it never saw, watches the queue's growth (one on its size went to ALARM once
+    and stayed there, silent). tests/test_refresh_handlers.py shows the worker's event on moto."""
+    resources = translated["Resources"]
+    alarm = resources["DeadLetterAlarm"]["Properties"]
     [expression] = [m for m in alarm["Metrics"] if m.get("ReturnData")]
     assert expression["Expression"] == "DIFF(FILL(visible, 0))"
-    receives = translated["Resources"]["RefreshQueue"]["Properties"]["RedrivePolicy"]["maxReceiveCount"]
+    receives = resources["RefreshQueue"]["Properties"]["RedrivePolicy"]["maxReceiveCount"]
     assert f"failed {receives} times" in alarm["AlarmDescription"]
+    worker = resources["WorkerFunction"]["Properties"]["Environment"]["Variables"]
+    assert int(worker["MAX_RECEIVE_COUNT"]) == receives
+    forwarded = resources["AttentionEventsRule"]["Properties"]["EventPattern"]["detail-type"]
+    assert "ServiceNow Refresh Dead-Lettered" in forwarded
 
 
 def test_timeouts_fit_the_worst_case_refresh(translated: dict[str, Any]) -> None:

@@ -40,6 +40,7 @@ DETAIL_TYPES = {
     "failing": "ServiceNow Connection Failing",
     "client_secret_promoted": "ServiceNow Client Secret Promoted",
     "jwt_key_promoted": "ServiceNow JWT Signing Key Promoted",
+    "dead_lettered": "ServiceNow Refresh Dead-Lettered",
 }
 
 
@@ -206,6 +207,27 @@ class Monitor:
         failed = int(answer.get("FailedEntryCount") or 0)
         if failed:
             self._warn("some change events were not accepted", None)
+        return failed
+
+    def dead_lettered(self, connection: str | None, reason: str) -> int:
+        """A queued refresh that failed for the last time SQS will deliver it (it moves to the dead-letter queue):
+        one event each, naming the connection, so every dead letter reaches a person (an alarm on the queue notifies
+        only on its change to ALARM). Returns 1 if EventBridge did not take it."""
+        if self.events is None:
+            return 0
+        detail = {"change": "dead_lettered", "connection": connection, "reason": reason}
+        entry = {
+            "Source": self.source,
+            "DetailType": DETAIL_TYPES["dead_lettered"],
+            "Detail": json.dumps(detail),
+            "EventBusName": self.bus,
+            "Time": self.clock(),
+        }
+        try:
+            failed = int(self.events.put_events(Entries=[entry]).get("FailedEntryCount") or 0)
+        except (ClientError, BotoCoreError) as error:
+            self._warn("dead-letter event not published", error)
+            return 1
         return failed
 
     def _warn(self, message: str, error: Exception | None) -> None:

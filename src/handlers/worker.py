@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 logger = build_logger()
 metrics = Metrics()
 processor = BatchProcessor(event_type=EventType.SQS)
-refresher = build_refresher(load_settings(), logger)
+settings = load_settings()
+refresher = build_refresher(settings, logger)
 
 
 class NotStarted(Exception):
@@ -31,6 +32,22 @@ class NotStarted(Exception):
 
 
 def refresh_record(record: SQSRecord, lambda_context: LambdaContext) -> Outcome | None:
+    """`_refresh_record`; a record failing on the last delivery SQS makes is announced before it is dead-lettered."""
+    try:
+        return _refresh_record(record, lambda_context)
+    except Exception as error:
+        if int(record.attributes.approximate_receive_count) >= settings.max_receive_count:
+            try:
+                name: str | None = connection_from_message(record.body)
+            except ValueError:
+                name = None  # a malformed message: announced without a name
+            if refresher.monitor is not None:
+                refresher.monitor.dead_lettered(name, type(error).__name__)
+            logger.error("queued refresh dead-lettered", extra={"connection": name, "reason": type(error).__name__})
+        raise
+
+
+def _refresh_record(record: SQSRecord, lambda_context: LambdaContext) -> Outcome | None:
     """Re-read the connection (the queue holds only its name) and refresh it if still due.
 
     Provider failures (and anything unexpected during the refresh) are outcomes, not exceptions: they back off
