@@ -10,11 +10,14 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.awsrequest import AWSResponse
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.health import Health
 from core.servicenow import build_session
@@ -316,3 +319,22 @@ def test_5_in_the_default_mode_one_server_error_is_retried_within_the_sweep(
     deployed.clock.advance(1500)
     assert deployed.sweep() == {"refreshed": 1}  # a lost answer too: re-sent, same refresh token back
     assert deployed.document()["refreshToken"] and deployed.token_is_live()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(interval=st.integers(min_value=5, max_value=20), leeway=st.integers(min_value=60, max_value=1700))
+def test_no_access_token_lapses_between_sweeps_at_any_interval_and_leeway(interval: int, leeway: int) -> None:
+    """Found while closing #26: a token with more than the leeway left is not due, so with RefreshIntervalMinutes
+    above the leeway (20 min against 600 s) it died before the next sweep, and every sweep-time reading of
+    AccessTokenExpiring stayed above its threshold. Any pair the template allows keeps a live token."""
+    from core.config import Settings
+    from core.lifecycle import RefreshPolicy
+
+    policy = RefreshPolicy.from_settings(Settings(refresh_leeway_seconds=leeway, refresh_interval_minutes=interval))
+    start = datetime(2026, 11, 22, tzinfo=UTC)
+    expires, moment = start + timedelta(seconds=1799), start
+    for _ in range(12):  # two hours of sweeps, each up to a minute late (schedule jitter, a long sweep)
+        moment += policy.interval + timedelta(seconds=60)
+        assert expires > moment, f"a token lapsed between sweeps ({interval} min, leeway {leeway} s)"
+        if expires - moment <= policy.leeway:
+            expires = moment + timedelta(seconds=1799)

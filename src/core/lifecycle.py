@@ -72,6 +72,9 @@ TRANSITIONS: dict[Result, State] = {
 }
 
 
+LEEWAY_MARGIN = timedelta(minutes=2)  # a sweep's own duration and the schedule's jitter
+
+
 @dataclass(frozen=True)
 class RefreshPolicy:
     """When a connection is due, when to warn, and how to back off and alert after failures."""
@@ -84,10 +87,13 @@ class RefreshPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RefreshPolicy:
+        interval = timedelta(minutes=settings.refresh_interval_minutes)
         return cls(
-            leeway=timedelta(seconds=settings.refresh_leeway_seconds),
+            # A token not due at one sweep must still live at the next: never less than an interval and a margin
+            # (RefreshLeewaySeconds 600 with RefreshIntervalMinutes 20 let tokens lapse between sweeps).
+            leeway=max(timedelta(seconds=settings.refresh_leeway_seconds), interval + LEEWAY_MARGIN),
             refresh_warning=timedelta(days=settings.refresh_token_warning_days),
-            interval=timedelta(minutes=settings.refresh_interval_minutes),
+            interval=interval,
             backoff_cap=timedelta(seconds=settings.failure_backoff_max_seconds),
             alert_after=timedelta(seconds=settings.failure_alert_after_seconds),
         )
