@@ -423,3 +423,21 @@ def test_a_failing_revoke_does_not_fail_the_consent(
     if failure != "unexpected":
         assert revoke_requests(stack), "the revoke was never attempted"
     assert stack.emulator.token_info(replaced)["active"] is True  # the revoke failed: best effort only
+
+
+@pytest.mark.parametrize("fault", [{"fault": "drip", "delay": 0.3}, {"fault": "slow", "delay": 1.5}], ids=str)
+def test_a_code_exchange_cut_off_says_to_start_again_not_to_retry(stack: Stack, fault: dict, leak_check: list) -> None:
+    """Found by review (#29): an exchange whose answer the deadline cut off (drip-fed, or merely slower than the
+    deadline) is lost: the code is spent and ServiceNow may hold tokens the stack never saw (README, Security). The
+    page said "retry later"; it now says the answer was lost and to start again from a new authorize link. The
+    deployed deadline is 10 s, as long as the read timeout gave a slow instance before."""
+    assert stack.handler.servicenow.request_seconds == 10.0
+    stack.create_connection()
+    stack.handler.servicenow.request_seconds = 1.0  # the deployed 10 s, shortened for the test's sake
+    redirect = press_consent(stack.start())
+    stack.emulator.inject(fault["fault"], delay=fault["delay"], count=1)
+    page = stack.get("/callback", redirect)
+    leak_check.append(page["body"])
+    assert page["statusCode"] == 503 and "ServiceNow&#x27;s answer was lost" in page["body"], page["body"]
+    assert "start again from a new authorize link" in page["body"]
+    assert "refreshToken" not in stack.document()  # nothing stored: still pending, so the sweep asks nobody

@@ -21,6 +21,7 @@ from core.errors import (
     RateLimited,
     SecretFormatError,
     ServiceNowOAuthError,
+    TransientProviderError,
 )
 from core.pages import SECURITY_HEADERS, authorized_page, error_page
 from core.servicenow import ServiceNowClient, build_session
@@ -37,9 +38,11 @@ settings = load_settings()
 store = build_store(settings)
 monitor = build_monitor(settings, store.client, logger)
 state_key = CachedSecret(store.client, settings.state_key_secret_id, max_age=300)
-# A person waits on this page and the function has 15 s (template.yaml): each request to the instance (the code
-# exchange, the user check, a revocation) ends within 6 s, whole answer included, whatever the instance sends.
-servicenow = ServiceNowClient(build_session(), request_seconds=6.0)
+# Each request to the instance (the code exchange, the user check, a revocation) ends within 10 s, whole answer
+# included, whatever the instance sends: as long as the 10 s read timeout gave a slow instance before, since an
+# exchange cut off is lost (its code is spent, and ServiceNow may hold tokens the stack never saw). The function
+# has 29 s (template.yaml): the exchange, the user check and the writes; a revocation only after a failure.
+servicenow = ServiceNowClient(build_session(), request_seconds=10.0)
 
 # Upstream failures the person can do nothing about in this request get 5xx; their own request, 4xx.
 _STATUS: list[tuple[type[Exception], int, str]] = [
@@ -124,11 +127,16 @@ def refused(error: ServiceNowOAuthError) -> Answer:
     else:
         status, title = next(((code, text) for kind, code, text in _STATUS if isinstance(error, kind)), (status, title))
     connection = getattr(error, "connection", None)
+    message = str(error)
+    if isinstance(error, TransientProviderError) and error.maybe_processed and error.grant == "authorization_code":
+        # Not "retry later": the code is single-use and may be spent, with tokens issued for it that never arrived.
+        title = "ServiceNow's answer was lost"
+        message += "; the authorization code may already be spent: start again from a new authorize link"
     reason = getattr(error, "reason", None) or getattr(error, "kind", None) or type(error).__name__
     logger.warning("consent refused", extra={"connection": connection, "reason": reason, "status": status})
     metrics.add_metric(name="ConsentRefused", unit=MetricUnit.Count, value=1)
     headers = {"Retry-After": "60"} if status == 503 else None
-    return _html(status, error_page(title, str(error), connection), headers)
+    return _html(status, error_page(title, message, connection), headers)
 
 
 def unexpected(error: Exception) -> Answer:
