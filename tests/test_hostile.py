@@ -177,11 +177,17 @@ def test_answers_larger_than_a_secret_are_refused_before_they_are_read(emulator:
 
 
 class SplitContext(FakeContext):
-    """The sweep's threads see time to start a refresh; the sweep itself, 9 s left once it waits for them (below
-    the 10 s it keeps to report): a hang no deadline reaches meets the sweep's wall without minutes of waiting."""
+    """The sweep's threads see time to start a refresh; the sweep itself, waiting for them (it asks once a second),
+    sees plenty for its first 5 s (the ordinary refreshes end, even on a loaded machine), then 9 s left: below the
+    10 s it keeps to report, so a hang no deadline reaches meets the sweep's wall without minutes of waiting."""
+
+    asked = 0
 
     def get_remaining_time_in_millis(self) -> int:
-        return 9_000 if threading.current_thread() is threading.main_thread() else 200_000
+        if threading.current_thread() is not threading.main_thread():
+            return 200_000
+        SplitContext.asked += 1
+        return 200_000 if SplitContext.asked <= 5 else 9_000
 
 
 def test_a_refresh_no_deadline_reaches_is_reported_when_the_sweep_must_end(
@@ -206,4 +212,5 @@ def test_a_refresh_no_deadline_reaches_is_reported_when_the_sweep_must_end(
         if health(secretsmanager, "hostile").consecutive_failures:
             break
         threading.Event().wait(0.1)
-    assert health(secretsmanager, "hostile").failure_class == "transient"
+    # Cut mid-answer by the stop: as a lost connection, or (cut in its headers) as a page that is not the token API.
+    assert health(secretsmanager, "hostile").failure_class in ("transient", "unavailable")
