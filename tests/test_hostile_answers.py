@@ -215,3 +215,20 @@ def test_a_huge_header_section_is_refused_before_it_fills_memory(serve: Callable
     finally:
         tracemalloc.stop()
     assert peak < 16 * MIB, f"peak Python allocation {peak / MIB:.1f} MiB for a 6 MB header section"
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [b"HTTP/1.1 200 OK\r\nContent-Type: applica", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"],
+    ids=["inside a header", "before the blank line"],
+)
+def test_an_answer_cut_inside_its_header_section_may_have_been_processed(
+    serve: Callable[[bytes], RawServer], wire: bytes
+) -> None:
+    """Found while closing #29: http.client ends a header section at end of file, so an answer cut there read as a
+    whole 200 with no body, "a non-JSON page" (hibernating), which says nothing was processed. ServiceNow answered
+    200: it processed the grant, and a rotated refresh token in the lost answer must be marked unseen."""
+    server = serve(wire)
+    with pytest.raises(TransientProviderError) as failed:
+        _refresh(server.url)
+    assert failed.value.maybe_processed, str(failed.value)

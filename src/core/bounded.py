@@ -145,13 +145,17 @@ class _BoundedHeaders(http.client.HTTPResponse):
 
 
 class _Limited:
-    """The status line and headers of an answer, read through a byte budget."""
+    """The status line and headers of an answer, read through a byte budget, to their blank line."""
 
     def __init__(self, raw: Any, limit: int) -> None:
         self._raw, self._left = raw, limit
 
     def readline(self, size: int = -1) -> bytes:
         line: bytes = self._raw.readline(size)
+        if not line:
+            # http.client would end the header section at end of file and read the rest as a whole answer (a 200
+            # with no body looks like a page that is not the token API): a cut answer is a lost one.
+            raise http.client.RemoteDisconnected("the answer ended before its header section did")
         self._left -= len(line)
         if self._left < 0:
             raise http.client.LineTooLong(f"header section over {MAX_HEADER_BYTES} bytes")
