@@ -332,9 +332,10 @@ def test_no_access_token_lapses_between_sweeps_at_any_interval_and_leeway(interv
 
     policy = RefreshPolicy.from_settings(Settings(refresh_leeway_seconds=leeway, refresh_interval_minutes=interval))
     start = datetime(2026, 11, 22, tzinfo=UTC)
+    late, long = timedelta(seconds=60), timedelta(seconds=240)  # a sweep starting late, and running its 240 s
     expires, moment = start + timedelta(seconds=1799), start
-    for _ in range(12):  # two hours of sweeps, each up to a minute late (schedule jitter, a long sweep)
-        moment += policy.interval + timedelta(seconds=60)
-        assert expires > moment, f"a token lapsed between sweeps ({interval} min, leeway {leeway} s)"
+    for _ in range(12):  # two hours of sweeps, each deciding at its start and refreshing as late as its end
+        moment += policy.interval + late
+        assert expires > moment + long, f"a token lapsed between sweeps ({interval} min, leeway {leeway} s)"
         if expires - moment <= policy.leeway:
-            expires = moment + timedelta(seconds=1799)
+            expires = moment + long + timedelta(seconds=1799)

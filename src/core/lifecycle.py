@@ -72,7 +72,8 @@ TRANSITIONS: dict[Result, State] = {
 }
 
 
-LEEWAY_MARGIN = timedelta(minutes=2)  # a sweep's own duration and the schedule's jitter
+# A sweep may reach a connection up to its 240 s timeout after it starts, and start a minute late.
+LEEWAY_MARGIN = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class RefreshPolicy:
     def from_settings(cls, settings: Settings) -> RefreshPolicy:
         interval = timedelta(minutes=settings.refresh_interval_minutes)
         return cls(
-            # A token not due at one sweep must still live at the next: never less than an interval and a margin
+            # A token not due at one sweep must still live when the next reaches it: an interval and a margin
             # (RefreshLeewaySeconds 600 with RefreshIntervalMinutes 20 let tokens lapse between sweeps).
             leeway=max(timedelta(seconds=settings.refresh_leeway_seconds), interval + LEEWAY_MARGIN),
             refresh_warning=timedelta(days=settings.refresh_token_warning_days),
