@@ -189,25 +189,7 @@ class Monitor:
             "accessTokenExpiresAt": to_iso(new.access_expires) if new.access_expires else None,
             "refreshTokenExpiresAt": to_iso(new.refresh_expires) if new.refresh_expires else None,
         }
-        entries = [
-            {
-                "Source": self.source,
-                "DetailType": DETAIL_TYPES[kind],
-                "Detail": json.dumps({**detail, "change": kind}),
-                "EventBusName": self.bus,
-                "Time": self.clock(),
-            }
-            for kind in kinds
-        ]
-        try:
-            answer = self.events.put_events(Entries=entries)
-        except (ClientError, BotoCoreError) as error:
-            self._warn("change events not published", error)
-            return len(entries)
-        failed = int(answer.get("FailedEntryCount") or 0)
-        if failed:
-            self._warn("some change events were not accepted", None)
-        return failed
+        return self._put([{**detail, "change": kind} for kind in kinds], "change events")
 
     def dead_lettered(self, connection: str | None, reason: str) -> int:
         """A queued refresh that failed for the last time SQS will deliver it (it moves to the dead-letter queue):
@@ -215,19 +197,31 @@ class Monitor:
         only on its change to ALARM). Returns 1 if EventBridge did not take it."""
         if self.events is None:
             return 0
-        detail = {"change": "dead_lettered", "connection": connection, "reason": reason}
-        entry = {
-            "Source": self.source,
-            "DetailType": DETAIL_TYPES["dead_lettered"],
-            "Detail": json.dumps(detail),
-            "EventBusName": self.bus,
-            "Time": self.clock(),
-        }
+        return self._put(
+            [{"change": "dead_lettered", "connection": connection, "reason": reason}], "dead-letter events"
+        )
+
+    def _put(self, details: list[dict[str, Any]], what: str) -> int:
+        """One PutEvents for these details (each names its `change`); how many EventBridge did not take."""
+        assert self.events is not None  # the callers return 0 without an events client
+        entries = [
+            {
+                "Source": self.source,
+                "DetailType": DETAIL_TYPES[detail["change"]],
+                "Detail": json.dumps(detail),
+                "EventBusName": self.bus,
+                "Time": self.clock(),
+            }
+            for detail in details
+        ]
         try:
-            failed = int(self.events.put_events(Entries=[entry]).get("FailedEntryCount") or 0)
+            answer = self.events.put_events(Entries=entries)
         except (ClientError, BotoCoreError) as error:
-            self._warn("dead-letter event not published", error)
-            return 1
+            self._warn(f"{what} not published", error)
+            return len(entries)
+        failed = int(answer.get("FailedEntryCount") or 0)
+        if failed:
+            self._warn(f"some {what} were not accepted", None)
         return failed
 
     def _warn(self, message: str, error: Exception | None) -> None:
