@@ -52,7 +52,7 @@ class Deadline:
         self._outer: Deadline | None = None
 
     def __enter__(self) -> Deadline:
-        self._outer = getattr(_current, "deadline", None)
+        self._outer = _deadline()
         _current.deadline = self
         self._timer.start()
         return self
@@ -91,9 +91,15 @@ def _shut(sock: socket.socket | None) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+def _deadline() -> Deadline | None:
+    """The deadline of the request this thread is sending, if any."""
+    deadline: Deadline | None = getattr(_current, "deadline", None)
+    return deadline
+
+
 def remaining() -> float | None:
     """Seconds left before the current thread's deadline (0 once it has passed), or None outside one."""
-    deadline: Deadline | None = getattr(_current, "deadline", None)
+    deadline = _deadline()
     if deadline is None:
         return None
     return 0.0 if deadline.expired else max(0.0, deadline.ends - time.monotonic())
@@ -109,11 +115,12 @@ class _Watched:
     owner: Deadline | None = None
 
     def _claim(self) -> None:
-        deadline: Deadline | None = getattr(_current, "deadline", None)
-        with _OWNERS:
-            self.owner = deadline
+        deadline = _deadline()
         if deadline is not None:
-            deadline.watch(self)
+            deadline.watch(self)  # owner, under the lock
+            return
+        with _OWNERS:
+            self.owner = None
 
     def connect(self) -> None:
         self._claim()

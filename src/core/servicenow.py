@@ -197,11 +197,14 @@ def grant_form(app: OAuthApp, grant: GrantType, **values: str | None) -> dict[st
     return form
 
 
+def _is_json(response: Answer) -> bool:
+    return "json" in response.headers.get("Content-Type", "").lower()
+
+
 def _json_body(response: Answer, unreadable: Any = None) -> Any:
     """The parsed JSON answer; None when it is not JSON, `unreadable` when it says JSON and does not parse (not
     UTF-8, invalid, a number of thousands of digits, nesting deep enough to exhaust the parser's recursion)."""
-    content_type = response.headers.get("Content-Type", "")
-    if "json" not in content_type.lower():
+    if not _is_json(response):
         return None
     try:
         return json.loads(response.body.decode("utf-8"))
@@ -287,7 +290,7 @@ def _expires_in(app: OAuthApp, grant: str, value: Any) -> int:
 def parse_token(app: OAuthApp, grant: str, response: Answer, received_at: datetime) -> Token:
     """Turn a 200 JSON answer into a `Token`, or raise the classified error. An answer that cannot be right is
     refused with what was wrong, never the value."""
-    if response.status != 200 or "json" not in response.headers.get("Content-Type", "").lower():
+    if response.status != 200 or not _is_json(response):
         raise classify_failure(app, grant, response)
     body = _json_body(response, unreadable=_UNREADABLE)
     if body is _UNREADABLE:
