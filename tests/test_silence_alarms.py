@@ -26,6 +26,11 @@ def add_expired_connection(secretsmanager: Any, emulator: ServiceNowEmulator, na
     secretsmanager.put_secret_value(SecretId=f"{PREFIX}{name}", SecretString=json.dumps(value))
 
 
+@pytest.mark.parametrize(
+    ("fan_out_above", "remaining_ms"),
+    [("0", 240_000), (None, 60_000)],
+    ids=["FanOutAbove=0 queues every due connection", "a sweep short of time defers it to the queue"],
+)
 def test_a_sweep_that_queues_an_expired_connection_reports_it_expired(
     env: None,  # noqa: F811
     aws: str,
@@ -33,41 +38,23 @@ def test_a_sweep_that_queues_an_expired_connection_reports_it_expired(
     emulator: ServiceNowEmulator,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    fan_out_above: str | None,
+    remaining_ms: int,
 ) -> None:
-    """FanOutAbove=0 (allowed by the template): the sweep queues every due connection. The one it queued has had
-    no access token for an hour, yet the sweep's MinAccessTokenSecondsLeft says 86,400 ("none should hold one"),
-    so AccessTokenExpiringAlarm stays OK for as long as the worker does not get to it (throttled, failing)."""
+    """The sweep queues a connection that has had no access token for an hour (FanOutAbove=0, allowed by the
+    template, or too little time left): its "queued" outcome carried no expiry, so the figure said 86,400 ("none
+    should hold one") and AccessTokenExpiringAlarm stayed OK for as long as the worker did not get to it."""
     sqs = boto3.client("sqs", endpoint_url=aws, region_name=REGION)
     monkeypatch.setenv("REFRESH_QUEUE_URL", sqs.create_queue(QueueName="refresh")["QueueUrl"])
-    monkeypatch.setenv("FAN_OUT_ABOVE", "0")
+    if fan_out_above is not None:
+        monkeypatch.setenv("FAN_OUT_ABOVE", fan_out_above)
     add_expired_connection(secretsmanager, emulator, "dead")
     import handlers.refresh
 
     handler = importlib.reload(handlers.refresh)
-    assert handler.lambda_handler({}, FakeContext()) == {"queued": 1}
+    assert handler.lambda_handler({}, FakeContext(remaining_ms=remaining_ms)) == {"queued": 1}
     figures = emitted(capsys.readouterr().out)
     assert figures["SweepsCompleted"] == [1.0]
-    assert figures["MinAccessTokenSecondsLeft"][0] < 60, figures["MinAccessTokenSecondsLeft"]
-
-
-def test_a_sweep_short_of_time_that_defers_an_expired_connection_reports_it_expired(
-    env: None,  # noqa: F811
-    aws: str,
-    secretsmanager: Any,
-    emulator: ServiceNowEmulator,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """Default FanOutAbove: a sweep short of time hands its due connections to the queue ("queued" outcomes carry
-    no expiry), so the expired connection is left out of the minimum and the figure is 86,400."""
-    sqs = boto3.client("sqs", endpoint_url=aws, region_name=REGION)
-    monkeypatch.setenv("REFRESH_QUEUE_URL", sqs.create_queue(QueueName="refresh")["QueueUrl"])
-    add_expired_connection(secretsmanager, emulator, "dead")
-    import handlers.refresh
-
-    handler = importlib.reload(handlers.refresh)
-    assert handler.lambda_handler({}, FakeContext(remaining_ms=60_000)) == {"queued": 1}
-    figures = emitted(capsys.readouterr().out)
     assert figures["MinAccessTokenSecondsLeft"][0] < 60, figures["MinAccessTokenSecondsLeft"]
 
 
