@@ -9,8 +9,6 @@ import contextlib
 import hashlib
 import importlib
 import json
-import socket
-import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,66 +20,25 @@ from core.servicenow import OAuthApp, ServiceNowClient, build_session
 from local.servicenow_emulator import ServiceNowEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.test_callback import FakeContext
+from tests.test_hostile_deadlines import Server
 from tests.test_refresh_handlers import PREFIX, add_due_connection, env  # noqa: F401 (fixture)
 
 TOKEN = "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z-review-token"
 MIB = 1024 * 1024
 
 
-class RawServer:
-    """Answers every request on 127.0.0.1 with the same prebuilt raw bytes (status line, headers, body)."""
-
-    def __init__(self, wire: bytes) -> None:
-        self.wire = wire
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        try:
-            conn.settimeout(5)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, rest = data.partition(b"\r\n\r\n")
-            length = next(
-                (
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                ),
-                0,
-            )
-            while len(rest) < length:
-                rest += conn.recv(65536)
-            conn.sendall(self.wire)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-
 @pytest.fixture
-def serve() -> Iterator[Callable[[bytes], RawServer]]:
-    servers: list[RawServer] = []
+def serve() -> Iterator[Callable[[bytes], Server]]:
+    """Servers that answer every request with the same raw bytes (status line, headers, body), then hang up."""
+    servers: list[Server] = []
 
-    def start(wire: bytes) -> RawServer:
-        servers.append(RawServer(wire))
+    def start(wire: bytes) -> Server:
+        servers.append(Server(lambda body: (0.0, wire), close_after=True))
         return servers[-1]
 
     yield start
     for server in servers:
-        server.sock.close()
+        server.close()
 
 
 def _json_wire(status: int, body: bytes, extra: bytes = b"") -> bytes:
@@ -153,7 +110,7 @@ def test_a_quoted_expires_in_of_5000_digits_is_a_transient_refusal(emulator: Ser
         _refresh(emulator.url)
 
 
-def test_a_numeric_expires_in_of_5000_digits_is_a_transient_refusal(serve: Callable[[bytes], RawServer]) -> None:
+def test_a_numeric_expires_in_of_5000_digits_is_a_transient_refusal(serve: Callable[[bytes], Server]) -> None:
     """json.loads refuses the 5,000-digit number (ValueError), `_json_body` turns that into None and the 200 is
     reported as InstanceUnavailable "non-JSON page (hibernating, maintenance or wrong URL)"."""
     body = b'{"access_token": "%s", "token_type": "Bearer", "expires_in": %s}' % (TOKEN.encode(), b"9" * 5000)
@@ -164,9 +121,7 @@ def test_a_numeric_expires_in_of_5000_digits_is_a_transient_refusal(serve: Calla
 
 # ---------------------------------------------------------------- 3. deep nesting: RecursionError escapes
 @pytest.mark.parametrize("status", [200, 400, 500])
-def test_a_deeply_nested_answer_is_refused_as_a_provider_error(
-    serve: Callable[[bytes], RawServer], status: int
-) -> None:
+def test_a_deeply_nested_answer_is_refused_as_a_provider_error(serve: Callable[[bytes], Server], status: int) -> None:
     """60 KB of brackets (inside the 64 KiB bound): json.loads raises RecursionError, not a ValueError, so
     `_json_body` (used by parse_token and classify_failure alike) lets it escape."""
     body = b'{"access_token": "%s", "expires_in": 1800, "x": %s%s}' % (TOKEN.encode(), b"[" * 30000, b"]" * 30000)
@@ -177,7 +132,7 @@ def test_a_deeply_nested_answer_is_refused_as_a_provider_error(
     assert not isinstance(raised.value, RecursionError), "RecursionError escaped the client"
 
 
-def test_a_deeply_nested_table_api_answer_is_refused_as_a_provider_error(serve: Callable[[bytes], RawServer]) -> None:
+def test_a_deeply_nested_table_api_answer_is_refused_as_a_provider_error(serve: Callable[[bytes], Server]) -> None:
     server = serve(_json_wire(200, b"[" * 30000 + b"]" * 30000))
     client = ServiceNowClient(build_session(retries=0))
     try:
@@ -191,7 +146,7 @@ def test_a_deeply_nested_table_api_answer_is_refused_as_a_provider_error(serve: 
 # ---------------------------------------------------------------- 4. a 200 JSON answer that is not an object
 @pytest.mark.parametrize("body", [b"[]", b'"x"', b"null"])
 def test_a_200_json_answer_that_is_not_an_object_is_a_transient_refusal(
-    serve: Callable[[bytes], RawServer], body: bytes
+    serve: Callable[[bytes], Server], body: bytes
 ) -> None:
     """It holds no access_token (refused as transient when the object lacks one), yet is raised as
     InstanceUnavailable ("unexpected HTTP 200" / "non-JSON page")."""
@@ -201,7 +156,7 @@ def test_a_200_json_answer_that_is_not_an_object_is_a_transient_refusal(
 
 
 # ---------------------------------------------------------------- 5. the header section is not bounded
-def test_a_huge_header_section_is_refused_before_it_fills_memory(serve: Callable[[bytes], RawServer]) -> None:
+def test_a_huge_header_section_is_refused_before_it_fills_memory(serve: Callable[[bytes], Server]) -> None:
     """95 headers of 65,000 bytes (6 MB; http.client's own limits are 100 lines of 64 KiB): nothing bounds them,
     the answer is accepted and the client peaks near 47 MiB of Python allocations."""
     pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 65000) for i in range(95))
@@ -223,7 +178,7 @@ def test_a_huge_header_section_is_refused_before_it_fills_memory(serve: Callable
     ids=["inside a header", "before the blank line"],
 )
 def test_an_answer_cut_inside_its_header_section_may_have_been_processed(
-    serve: Callable[[bytes], RawServer], wire: bytes
+    serve: Callable[[bytes], Server], wire: bytes
 ) -> None:
     """Found while closing #29: http.client ends a header section at end of file, so an answer cut there read as a
     whole 200 with no body, "a non-JSON page" (hibernating), which says nothing was processed. ServiceNow answered

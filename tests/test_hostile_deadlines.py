@@ -16,10 +16,12 @@ from core.servicenow import OAuthApp, ServiceNowClient, build_session
 
 
 class Server:
-    """A tiny keep-alive HTTP/1.1 server; `decide(body)` returns (delay, raw answer bytes or None to hang)."""
+    """A tiny keep-alive HTTP/1.1 server; `decide(body)` returns (delay, raw answer bytes or None to hang). With
+    `close_after`, it hangs up after each answer (an answer without Content-Length ends there, a cut one is cut)."""
 
-    def __init__(self, decide) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, decide, *, close_after: bool = False) -> None:  # type: ignore[no-untyped-def]
         self.decide = decide
+        self.close_after = close_after
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -65,6 +67,8 @@ class Server:
                     self.stop.wait(60)
                     return
                 conn.sendall(answer)
+                if self.close_after:
+                    return
         except OSError:
             return
         finally:
