@@ -531,13 +531,10 @@ _HOSTILE_SWEEP = """
 import json, sys, time
 sys.path[:0] = ["src", "."]
 import handlers.refresh as handler
-class Context:
-    function_name, memory_limit_in_mb, aws_request_id = "refresh", 512, "bench"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:refresh"
-    def get_remaining_time_in_millis(self):
-        return 240_000
+from local.api import LocalLambdaContext
+context = LocalLambdaContext("bench", function_name="refresh", memory_limit_in_mb=512, timeout_seconds=240)
 started = time.perf_counter()
-counts = handler.lambda_handler({}, Context())
+counts = handler.lambda_handler({}, context)
 # VmHWM, this process's own peak: ru_maxrss after fork and exec can carry the parent's (the bench's) peak.
 peak_kib = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1])
 print(json.dumps([counts, time.perf_counter() - started, peak_kib]))

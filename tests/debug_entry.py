@@ -21,17 +21,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from local.api import LocalLambdaContext
+
 EVENTS = Path(__file__).resolve().parent.parent / "events"
 
 
-class Context:
-    function_name = "debug"
-    memory_limit_in_mb = 256
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:debug"
-    aws_request_id = "0f5bd1a5-7d3c-4a5e-9d5b-6c1f8e2a9b10"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 240_000
+def context() -> LocalLambdaContext:
+    """A fresh invocation's context, with the sweep's 240 s."""
+    return LocalLambdaContext(aws_request_id="debug-entry", function_name="debug", timeout_seconds=240)
 
 
 def unpin() -> None:
@@ -56,10 +53,10 @@ def consent(module: Any, name: str, link: dict[str, str]) -> None:
     from local.servicenow_emulator import press_consent
 
     started = module.lambda_handler(
-        http_event("authorize.json", f"/connections/{name}/authorize", link, name), Context()
+        http_event("authorize.json", f"/connections/{name}/authorize", link, name), context()
     )
     redirect = press_consent(started["headers"]["Location"])
-    answer = module.lambda_handler(http_event("callback.json", "/callback", redirect), Context())
+    answer = module.lambda_handler(http_event("callback.json", "/callback", redirect), context())
     print(json.dumps({"status": answer["statusCode"]}))
 
 
@@ -83,7 +80,7 @@ def main() -> int:
     if "consent" in spec:
         consent(module, spec["name"], spec["consent"])
     for event in spec.get("events", []):
-        print(json.dumps(module.lambda_handler(event, Context()), default=str)[:200])
+        print(json.dumps(module.lambda_handler(event, context()), default=str)[:200])
     print(f"ROOT-LEVEL {logging.getLogger().getEffectiveLevel()}")  # the entry point did not raise it
     return 0
 
