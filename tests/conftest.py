@@ -195,3 +195,46 @@ def leak_check(emulator: ServiceNowEmulator, caplog: pytest.LogCaptureFixture, c
     haystacks += [str(record.args) for record in caplog.records]
     leaked = [value[:4] + "…" for value in secret_values(emulator) if any(value in text for text in haystacks)]
     assert not leaked, f"secret values leaked into logs/output/exceptions (prefixes): {leaked}"
+
+
+# ------------------------------------------------------------------ every AWS call recorded (tests/permissions.py)
+import permissions  # noqa: E402
+
+permissions.install()
+
+
+@pytest.fixture(scope="session")
+def permission_checker() -> permissions.Checker:
+    from local.template_check import translate
+
+    return permissions.Checker(translate())
+
+
+@pytest.fixture(autouse=True)
+def _aws_calls_recorded(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every AWS call the code under test made in this test is allowed by the role that made it
+    (tests/permissions.py: the role from the SAM-translated template, the operator's and consumers' in docs/)."""
+    permissions.RECORDER.take()
+    permissions.RECORDER.lookup.cache.clear()
+    yield
+    calls = [call for call in permissions.RECORDER.take() if call.actor != permissions.SETUP]
+    if not calls:
+        return
+    checker = request.getfixturevalue("permission_checker")
+    verdicts = [verdict for call in calls for verdict in checker.verdicts(call)]
+    permissions.LEDGER.add(verdicts)
+    denied = sorted({str(v) for v in verdicts if not v.decision.allowed})
+    if os.environ.get("PERMISSIONS_DUMP"):
+        with open(os.environ["PERMISSIONS_DUMP"], "a") as dump:
+            dump.writelines(f"{request.node.nodeid}\t{line}\n" for line in denied)
+        return
+    assert not denied, "AWS calls the role that made them does not allow:\n" + "\n".join(denied)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    ledger = permissions.LEDGER
+    if ledger.actors:
+        terminalreporter.write_line(
+            f"AWS authorizations checked: {sum(ledger.actors.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(ledger.actors.items()))}); denied: {ledger.denied}"
+        )

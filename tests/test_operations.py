@@ -13,7 +13,7 @@ import pytest
 
 from admin.cli import main as cli
 from core.health import Health
-from core.monitor import Monitor
+from core.monitor import SOURCE, Monitor
 from core.refresh import Refresher, RefreshPolicy
 from core.sweep import Sweep
 from local.servicenow_emulator import ServiceNowEmulator
@@ -35,7 +35,7 @@ class Ops(World):
         queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue, AttributeNames=["QueueArn"])["Attributes"][
             "QueueArn"
         ]
-        self.events.put_rule(Name="all-changes", EventPattern=json.dumps({"source": ["servicenow-oauth"]}))
+        self.events.put_rule(Name="all-changes", EventPattern=json.dumps({"source": [SOURCE]}))
         self.events.put_targets(Rule="all-changes", Targets=[{"Id": "queue", "Arn": queue_arn}])
         self.received: list[dict[str, Any]] = []
 
@@ -223,7 +223,7 @@ def test_events_and_tags_carry_no_secrets(ops: Ops) -> None:
     secrets |= set(ops.emulator.secret_values())
     assert not [s for s in secrets if s and len(s) >= 8 and any(s in t for t in texts)]
     for event in ops.received:
-        assert event["source"] == "servicenow-oauth" and event["detail"]["connection"] == "prod"
+        assert event["source"] == SOURCE and event["detail"]["connection"] == "prod"
 
 
 def test_backoff_doubles_from_the_interval_up_to_the_cap() -> None:

@@ -33,14 +33,14 @@ from tests.conftest import REGION, register_rotation_lambda
 from tests.test_callback import FakeContext, Stack
 from tests.test_callback import stack as callback_stack  # noqa: F401 (the fixture, under a name of its own)
 
-STACK = "smoke"
+STACK = "servicenow-oauth"  # samconfig.toml's, the stack docs/operator-policy.json names
 PREFIX = "servicenow-oauth/"
 RULE = "smoke-AttentionEventsRule"
 HANDLERS = {
-    "smoke-refresh": "refresh",
-    "smoke-worker": "worker",
-    "smoke-rotation": "rotation",
-    "smoke-dashboard": "dashboard",
+    f"{STACK}-RefreshFunction-AbC123": "refresh",
+    f"{STACK}-WorkerFunction-AbC123": "worker",
+    f"{STACK}-RotationFunction-AbC123": "rotation",
+    f"{STACK}-DashboardFunction-AbC123": "dashboard",
 }
 
 
@@ -65,10 +65,10 @@ class World:
             "CallbackUrl": f"{api.url}/callback",
             "ApiUrl": api.url,
             "AlarmTopicArn": {"Ref": "AlarmTopic"},
-            "RefreshFunctionName": "smoke-refresh",
-            "WorkerFunctionName": "smoke-worker",
-            "RotationFunctionArn": self.functions["smoke-rotation"],
-            "DashboardFunctionName": "smoke-dashboard",
+            "RefreshFunctionName": f"{STACK}-RefreshFunction-AbC123",
+            "WorkerFunctionName": f"{STACK}-WorkerFunction-AbC123",
+            "RotationFunctionArn": self.functions[f"{STACK}-RotationFunction-AbC123"],
+            "DashboardFunctionName": f"{STACK}-DashboardFunction-AbC123",
             "ConnectionSecretPrefix": PREFIX,
             "AttentionEventsRuleName": RULE,
             "EventSource": f"servicenow-oauth.{STACK}",
@@ -251,7 +251,7 @@ def test_an_earlier_delivery_by_the_rule_is_not_taken_for_the_test_events(world:
 def test_an_output_missing_at_the_wait_fails_its_check_and_hides_no_other(world: World) -> None:
     """Found by review: the wait for deliveries ran outside the per-check guard, so an output missing there (a
     stack from an older template) raised out of smoke and no FAIL line was printed at all."""
-    world.broken["smoke-worker"] = "Runtime.ImportModuleError"
+    world.broken[f"{STACK}-WorkerFunction-AbC123"] = "Runtime.ImportModuleError"
     world.deploy(AttentionEventsRuleName=None)
     code, report = world.run()
     assert code == 1
@@ -290,10 +290,10 @@ def test_a_connection_that_is_not_active_fails_the_smoke(world: World) -> None:
 @pytest.mark.parametrize(
     ("function", "error", "check"),
     [
-        ("smoke-refresh", "Runtime.ImportModuleError", "refresher"),
-        ("smoke-worker", "Runtime.ImportModuleError", "worker"),
-        ("smoke-rotation", "AccessDeniedException", "rotation"),
-        ("smoke-dashboard", "Sandbox.Timedout", "dashboard"),
+        (f"{STACK}-RefreshFunction-AbC123", "Runtime.ImportModuleError", "refresher"),
+        (f"{STACK}-WorkerFunction-AbC123", "Runtime.ImportModuleError", "worker"),
+        (f"{STACK}-RotationFunction-AbC123", "AccessDeniedException", "rotation"),
+        (f"{STACK}-DashboardFunction-AbC123", "Sandbox.Timedout", "dashboard"),
     ],
 )
 def test_a_function_that_does_not_run_fails_its_check(world: World, function: str, error: str, check: str) -> None:

@@ -31,7 +31,7 @@ class Settings:
     failure_alert_after_seconds: int = 3600
     event_bus_name: str = "default"
     # The stack's own source, so two stacks in one account and region never take each other's events.
-    event_source: str = "servicenow-oauth"
+    event_source: str = "servicenow-oauth.servicenow-oauth"  # samconfig.toml's stack; template.yaml sets each own
     # The refresh queue's maxReceiveCount (template.yaml states both): the worker's last try at a record.
     max_receive_count: int = 5
 
@@ -67,6 +67,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         failure_backoff_max_seconds=_int(env, "FAILURE_BACKOFF_MAX_SECONDS", 3600),
         failure_alert_after_seconds=_int(env, "FAILURE_ALERT_AFTER_SECONDS", 3600),
         event_bus_name=env.get("EVENT_BUS_NAME") or "default",
-        event_source=env.get("EVENT_SOURCE") or "servicenow-oauth",
+        event_source=env.get("EVENT_SOURCE") or Settings.event_source,
         max_receive_count=max(1, _int(env, "MAX_RECEIVE_COUNT", 5)),
     )

@@ -31,7 +31,9 @@ from core.health import HEALTH_TAGS, Health
 from core.lifecycle import Outcome, RefreshPolicy, advance, event_state
 from core.store import StoredConnection
 
-SOURCE = "servicenow-oauth"  # the default; a deployed stack sends its own (EVENT_SOURCE, template.yaml)
+# What the default stack (samconfig.toml's stack_name) sends; every deployed stack sends its own (EVENT_SOURCE in
+# template.yaml), the one source its functions' IAM condition allows (ConnectionWriterPolicy's ChangeEvents).
+SOURCE = "servicenow-oauth.servicenow-oauth"
 DETAIL_TYPES = {
     "authorized": "ServiceNow Connection Authorized",
     "recovered": "ServiceNow Connection Recovered",

@@ -1,0 +1,228 @@
+"""The permission checker (tests/permissions.py) can say no: each way a call is denied in AWS is denied here.
+
+Every test's AWS calls are checked by the autouse fixture in conftest.py; these tests prove the checker fails
+where IAM would: an action missing from a role, a Deny, a condition the request does not meet, a key policy
+that does not name the caller, a reader in another account, and the operator's policy too.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+import permissions
+from permissions import ACCOUNT, Checker, Policy, Request, decide
+from tests.test_callback import FakeContext
+from tests.test_refresh_handlers import add_due_connection
+
+EVENTS = Path(__file__).resolve().parent.parent / "events"
+SECRET = f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:servicenow-oauth/prod-AbCdEf"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/app"
+
+
+def allow(action: Any, resource: Any = "*", **extra: Any) -> dict[str, Any]:
+    return {"Effect": "Allow", "Action": action, "Resource": resource, **extra}
+
+
+def allowed(statements: list[dict[str, Any]], action: str, resource: str = SECRET, **context: str) -> bool:
+    request = Request(ROLE, action, resource, tuple(sorted(context.items())))
+    return decide(request, [Policy.of("p", {"Statement": statements})]).allowed
+
+
+# ------------------------------------------------------------------------------------------------ the evaluator
+def test_an_explicit_deny_wins_over_any_allow() -> None:
+    deny = {"Effect": "Deny", "Action": "secretsmanager:*", "Resource": "*"}
+    assert allowed([allow("secretsmanager:GetSecretValue")], "secretsmanager:GetSecretValue")
+    assert not allowed([allow("secretsmanager:GetSecretValue"), deny], "secretsmanager:GetSecretValue")
+
+
+def test_actions_match_without_case_and_resources_with_it() -> None:
+    assert allowed([allow("SecretsManager:getsecretvalue")], "secretsmanager:GetSecretValue")
+    assert not allowed([allow("secretsmanager:GetSecretValue", SECRET.upper())], "secretsmanager:GetSecretValue")
+
+
+def test_wildcards_are_iams_not_fnmatchs() -> None:
+    """? is one character, * any run; [ and ] are literal (fnmatch would read a character class)."""
+    assert allowed([allow("secretsmanager:Get*", "arn:aws:secretsmanager:*:*:secret:servicenow-oauth/*")],
+                   "secretsmanager:GetSecretValue")  # fmt: skip
+    assert allowed([allow("*", "arn:*:secret:servicenow-oauth/prod-??????")], "kms:Decrypt")
+    assert not allowed([allow("*", "arn:*:secret:servicenow-oauth/prod-?????")], "kms:Decrypt")
+    assert not allowed([allow("*", "arn:*:secret:servicenow-oauth/[p]rod-*")], "kms:Decrypt")
+
+
+def test_not_action_and_not_resource() -> None:
+    everything_but = {"Effect": "Allow", "NotAction": "secretsmanager:Put*", "Resource": "*"}
+    assert allowed([everything_but], "secretsmanager:GetSecretValue")
+    assert not allowed([everything_but], "secretsmanager:PutSecretValue")
+    elsewhere = {"Effect": "Allow", "Action": "*", "NotResource": "arn:*:secret:servicenow-oauth/*"}
+    assert not allowed([elsewhere], "secretsmanager:GetSecretValue")
+    assert allowed([elsewhere], "secretsmanager:GetSecretValue", SECRET.replace("servicenow-oauth", "other"))
+
+
+@pytest.mark.parametrize(
+    ("condition", "context", "expected"),
+    [
+        ({"StringEquals": {"events:source": "servicenow-oauth.prod"}}, {"events:source": "servicenow-oauth.prod"}, True),
+        ({"StringEquals": {"events:source": "servicenow-oauth.prod"}}, {"events:source": "servicenow-oauth.dev"}, False),
+        ({"StringEquals": {"events:source": "servicenow-oauth.prod"}}, {}, False),
+        ({"StringLike": {"kms:ViaService": "secretsmanager.*.amazonaws.com"}},
+         {"kms:ViaService": "secretsmanager.eu-west-1.amazonaws.com"}, True),
+        ({"StringLike": {"kms:ViaService": "secretsmanager.*.amazonaws.com"}}, {"kms:ViaService": "s3.amazonaws.com"}, False),
+        ({"ArnLike": {"aws:SourceArn": "arn:aws:cloudwatch:*:1:alarm:prod-*"}},
+         {"aws:SourceArn": "arn:aws:cloudwatch:us-east-1:1:alarm:prod-X"}, True),
+        ({"ArnLike": {"aws:SourceArn": "arn:aws:cloudwatch:*:1:alarm:prod-*"}},
+         {"aws:SourceArn": "arn:aws:cloudwatch:us-east-1:2:alarm:prod-X"}, False),
+        ({"ArnEquals": {"aws:SourceArn": "arn:aws:sns:us-east-1:1:t"}}, {"aws:SourceArn": "arn:aws:sns:us-east-1:1:t"}, True),
+        ({"StringEqualsIfExists": {"aws:ResourceAccount": "1"}}, {}, True),
+        ({"StringEqualsIfExists": {"aws:ResourceAccount": "1"}}, {"aws:ResourceAccount": "2"}, False),
+        ({"Null": {"aws:ResourceTag/owner": "true"}}, {}, True),
+        ({"Null": {"aws:ResourceTag/owner": "true"}}, {"aws:ResourceTag/owner": "x"}, False),
+        # Two keys are AND, two values of one key OR.
+        ({"StringEquals": {"a": ["1", "2"], "b": "3"}}, {"a": "2", "b": "3"}, True),
+        ({"StringEquals": {"a": ["1", "2"], "b": "3"}}, {"a": "2", "b": "4"}, False),
+        # An operator it does not know never grants.
+        ({"NumericLessThan": {"aws:MultiFactorAuthAge": "3600"}}, {"aws:MultiFactorAuthAge": "1"}, False),
+    ],
+)  # fmt: skip
+def test_conditions(condition: dict[str, Any], context: dict[str, str], expected: bool) -> None:
+    assert allowed([allow("*", Condition=condition)], "events:PutEvents", **context) is expected
+
+
+def test_an_unknown_operator_in_a_deny_still_denies() -> None:
+    """A gap in the evaluator never widens access: an Allow it cannot read does not grant, a Deny does deny."""
+    deny = {"Effect": "Deny", "Action": "*", "Resource": "*", "Condition": {"DateLessThan": {"aws:CurrentTime": "x"}}}
+    assert not allowed([allow("*"), deny], "secretsmanager:GetSecretValue")
+
+
+def test_a_key_policy_must_name_the_caller_or_delegate_to_iam() -> None:
+    """KMS: a key policy naming the role is enough; one naming the account needs IAM to allow too; one naming
+    neither denies whatever IAM says (https://docs.aws.amazon.com/kms/latest/developerguide/control-access.html)."""
+    key = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1"
+    request = Request(ROLE, "kms:Sign", key)
+    names_role = Policy.of("key", {"Statement": [{**allow("kms:Sign"), "Principal": {"AWS": ROLE}}]})
+    names_account = Policy.of("key", {"Statement": [{**allow("kms:*"), "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}}]})
+    names_other = Policy.of("key", {"Statement": [{**allow("kms:Sign"), "Principal": {"AWS": ROLE + "-other"}}]})
+    iam = [Policy.of("role", {"Statement": [allow("kms:Sign")]})]
+    assert decide(request, [], key_policy=names_role).allowed
+    assert not decide(request, [], key_policy=names_account).allowed
+    assert decide(request, iam, key_policy=names_account).allowed
+    assert not decide(request, iam, key_policy=names_other).allowed
+
+
+def test_a_reader_in_another_account_needs_both_policies() -> None:
+    secret = SECRET.replace(ACCOUNT, "111122223333")
+    request = Request(ROLE, "secretsmanager:GetSecretValue", secret)
+    iam = [Policy.of("role", {"Statement": [allow("secretsmanager:GetSecretValue")]})]
+    shared = Policy.of("secret", {"Statement": [{**allow("secretsmanager:GetSecretValue"), "Principal": {"AWS": ACCOUNT}}]})
+    assert not decide(request, iam).allowed
+    assert not decide(request, [], resource_policy=shared).allowed
+    assert decide(request, iam, resource_policy=shared).allowed
+
+
+# ------------------------------------------------------------------------------- the checker on real calls
+@pytest.fixture
+def sweep_calls(aws: str, secretsmanager: Any, emulator: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """A real scheduled sweep's recorded calls, on a due connection (the autouse check still runs on them)."""
+    monkeypatch.setenv("SERVICENOW_ALLOWED_HOSTS", "127.0.0.1")
+    monkeypatch.setenv("EVENT_SOURCE", "servicenow-oauth.oauth-prod")
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "oauth-prod")
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "ServiceNowOAuth")
+    add_due_connection(secretsmanager, emulator, "prod")
+    import handlers.refresh
+
+    permissions.RECORDER.take()
+    assert importlib.reload(handlers.refresh).lambda_handler(
+        json.loads((EVENTS / "schedule.json").read_text()), FakeContext()
+    ) == {"refreshed": 1}
+    calls = permissions.RECORDER.take()
+    yield calls
+    for call in calls:  # back for conftest's check with the real template
+        permissions.RECORDER.calls.append(call)
+
+
+def denials(checker: Checker, calls: list[Any]) -> list[str]:
+    return sorted({str(v) for call in calls if call.actor != permissions.SETUP for v in checker.verdicts(call)
+                   if not v.decision.allowed})  # fmt: skip
+
+
+def test_the_real_sweep_is_allowed(permission_checker: Checker, sweep_calls: list[Any]) -> None:
+    assert {call.actor for call in sweep_calls} >= {"RefreshFunction"}
+    operations = {call.operation for call in sweep_calls if call.actor == "RefreshFunction"}
+    assert {"ListSecrets", "BatchGetSecretValue", "PutSecretValue", "UpdateSecretVersionStage"} <= operations
+    assert denials(permission_checker, sweep_calls) == []
+
+
+def test_an_action_missing_from_the_role_is_named(permission_checker: Checker, sweep_calls: list[Any]) -> None:
+    template = copy.deepcopy(permission_checker.translated)
+    [writer] = [s for s in template["Resources"]["ConnectionWriterPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+                if s["Sid"] == "ConnectionSecrets"]  # fmt: skip
+    writer["Action"].remove("secretsmanager:PutSecretValue")
+    [line] = denials(Checker(template), sweep_calls)
+    assert line.startswith("RefreshFunction called secretsmanager:PutSecretValue at src/core/store.py:")
+    assert "secretsmanager:PutSecretValue on arn:aws:secretsmanager:us-east-1:123456789012:secret:servicenow-oauth/prod-" in line
+
+
+def test_a_deny_in_the_role_is_seen(permission_checker: Checker, sweep_calls: list[Any]) -> None:
+    template = copy.deepcopy(permission_checker.translated)
+    template["Resources"]["RefreshFunctionRole"]["Properties"]["Policies"].append(
+        {"PolicyName": "Guardrail", "PolicyDocument": {"Statement": [
+            {"Sid": "NoBatchReads", "Effect": "Deny", "Action": "secretsmanager:BatchGet*", "Resource": "*"}]}}
+    )  # fmt: skip
+    found = denials(Checker(template), sweep_calls)
+    assert found and all("BatchGetSecretValue" in line and "explicitly denied by RefreshFunctionRole/Guardrail/NoBatchReads" in line
+                         for line in found), found  # fmt: skip
+
+
+def test_an_unmet_condition_denies_the_call_aws_makes_for_the_function(
+    permission_checker: Checker, sweep_calls: list[Any], secretsmanager: Any, emulator: Any
+) -> None:
+    """The modelled kms:Decrypt Secrets Manager makes for a secret on a customer-managed key: its condition
+    names the secrets' prefix; a template whose condition names another prefix fails the read."""
+    template = copy.deepcopy(permission_checker.translated)
+    [kms] = [s for s in template["Resources"]["ConnectionWriterPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+             if s["Sid"] == "SecretsKmsKey"]  # fmt: skip
+    kms["Condition"]["StringLike"]["kms:ViaService"] = "s3.*.amazonaws.com"
+    key = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
+    add_due_connection(secretsmanager, emulator, "on-cmk")
+    secretsmanager.update_secret(SecretId="servicenow-oauth/on-cmk", KmsKeyId=key)
+    permissions.RECORDER.take()
+    import handlers.refresh
+
+    importlib.reload(handlers.refresh).lambda_handler(json.loads((EVENTS / "schedule.json").read_text()), FakeContext())
+    calls = permissions.RECORDER.take()
+    assert denials(permission_checker, calls) == []
+    found = denials(Checker(template), calls)
+    assert found and all("kms:Decrypt" in line or "kms:GenerateDataKey" in line for line in found), found
+    assert any("made by AWS on its behalf" in line for line in found)
+    permissions.RECORDER.calls.extend(calls)
+
+
+def test_the_operators_policy_is_what_the_cli_needs(permission_checker: Checker, aws: str) -> None:
+    """docs/operator-policy.json against the CLI's own calls: enough for `connections add`, and an action taken
+    out of it is named."""
+    import io
+
+    from admin.cli import main as cli
+
+    permissions.RECORDER.take()
+    out, err = io.StringIO(), io.StringIO()
+    code = cli(["--allowed-hosts", "*.service-now.com", "connections", "add", "prod", "--instance-url",
+                "https://acme.service-now.com", "--client-id", "c1"], out=out, err=err, stdin=io.StringIO("s3cret-A1\n"))  # fmt: skip
+    assert code == 0, err.getvalue()
+    calls = permissions.RECORDER.take()
+    assert {call.actor for call in calls} == {permissions.OPERATOR}
+    assert denials(permission_checker, calls) == []
+    document = json.loads((permissions.DOCS / "operator-policy.json").read_text())
+    for statement in document["Statement"]:
+        if isinstance(statement["Action"], list) and "secretsmanager:CreateSecret" in statement["Action"]:
+            statement["Action"].remove("secretsmanager:CreateSecret")
+    [line] = denials(Checker(permission_checker.translated, operator_policy=document), calls)
+    assert line.startswith("operator called secretsmanager:CreateSecret at src/core/store.py:") and "no statement allows" in line
+    permissions.RECORDER.calls.extend(calls)
