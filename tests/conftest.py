@@ -18,6 +18,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -221,7 +222,7 @@ def _aws_calls_recorded(request: pytest.FixtureRequest) -> Iterator[None]:
     if not calls:
         return
     checker = request.getfixturevalue("permission_checker")
-    verdicts = [verdict for call in calls for verdict in checker.verdicts(call)]
+    verdicts = [verdict for call in calls + checker.invocations(calls) for verdict in checker.verdicts(call)]
     permissions.LEDGER.add(verdicts)
     denied = sorted({str(v) for v in verdicts if not v.decision.allowed})
     if os.environ.get("PERMISSIONS_DUMP"):
@@ -231,7 +232,48 @@ def _aws_calls_recorded(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not denied, "AWS calls the role that made them does not allow:\n" + "\n".join(denied)
 
 
+_PERMISSIONS_TABLE: dict[str, Any] = {}
+README = Path(__file__).resolve().parent.parent / "README.md"
+TABLE_START, TABLE_END = "<!-- permissions table: written by make test -->", "<!-- end of permissions table -->"
+
+
+def pytest_deselected(items: list[Any]) -> None:
+    _PERMISSIONS_TABLE["partial"] = True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the whole suite, least privilege measured: every statement of every role is used by some test's
+    call or explained (permissions.UNUSED_BECAUSE), and the README's table is this run's."""
+    config = session.config
+    whole = (
+        exitstatus == 0
+        and not _PERMISSIONS_TABLE.get("partial")
+        and not config.option.keyword
+        and not config.option.markexpr
+        and [Path(arg).resolve() for arg in config.args] == [Path(config.rootpath, "tests").resolve()]
+    )
+    if not whole:
+        return
+    from local.template_check import translate
+
+    table, unexplained = permissions.statement_table(permissions.Checker(translate()), permissions.LEDGER.used)
+    table += "\n" + permissions.modelled_table(permissions.LEDGER.modelled)
+    Path(config.rootpath, "test-artifacts").mkdir(exist_ok=True)
+    Path(config.rootpath, "test-artifacts", "permissions.md").write_text(table)
+    text = README.read_text()
+    written = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip() if TABLE_START in text else ""
+    problems = [f"statement used by no test and not explained (permissions.UNUSED_BECAUSE): {u}" for u in unexplained]
+    if written != table.strip():
+        problems.append("README.md's permissions table is not this run's: copy test-artifacts/permissions.md into it")
+    _PERMISSIONS_TABLE["problems"] = problems
+    if problems:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for problem in _PERMISSIONS_TABLE.get("problems", []):
+        terminalreporter.write_line(f"PERMISSIONS FAILED: {problem}", red=True)
     ledger = permissions.LEDGER
     if ledger.actors:
         terminalreporter.write_line(

@@ -67,6 +67,8 @@ class Recorder:
         """What IAM would read from the call, looked up now, while its world (moto) is still there."""
         if call.service == "secretsmanager" and call.operation in FORGETTING:
             self.lookup.forget_secrets()
+        if call.service == "kms" and call.operation in ("PutKeyPolicy", "CreateAlias", "UpdateAlias", "DeleteAlias"):
+            self.lookup.cache = {k: v for k, v in self.lookup.cache.items() if k[0] != "key"}
         if call.actor != SETUP:
             with unrecorded():
                 self._describe(call, endpoint)
@@ -581,6 +583,7 @@ ENTRY_POINTS: dict[str, str] = {
     "core/store.py": "WorkerFunction",
     "core/revoke.py": OPERATOR,
     "core/dashboard.py": "DashboardFunction",
+    "core/jwt_bearer.py": "WorkerFunction",
 }
 # What the explorer's writers (tests/explorer.py) stand for.
 WRITERS = {
@@ -690,8 +693,8 @@ class Lookup:
                 try:
                     arn = kms.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
                     policy = json.loads(kms.get_key_policy(KeyId=arn, PolicyName="default")["Policy"])
-                except Exception:  # noqa: BLE001
-                    arn, policy = key_id, None
+                except Exception:  # noqa: BLE001 (not there yet: asked again next time)
+                    return key_id, None
             self.cache[cache_key] = (arn, policy)
         return self.cache[cache_key]  # type: ignore[no-any-return]
 
@@ -736,7 +739,9 @@ def authorizations(call: Recorded, endpoint: str, lookup: Lookup) -> list[Author
             found.append(_decrypt(arn, key, region, "kms:GenerateDataKey"))
         return found
     if service == "kms":
-        arn, _policy = lookup.key(endpoint, region, params.get("KeyId", "*"))
+        arn, policy = lookup.key(endpoint, region, params.get("KeyId", "*"))
+        if policy is None and call.error is not None:
+            return []  # no such key (an alias not yet made): AWS answers NotFoundException, nothing to authorize
         context = _ctx(**{"kms:SigningAlgorithm": params["SigningAlgorithm"]}) if "SigningAlgorithm" in params else ()
         return [Authorization(action, arn, context, key=arn)]
     if service == "events" and operation == "PutEvents":
@@ -848,9 +853,12 @@ class Checker:
         physical = {}
         if env.get("STATE_KEY_SECRET_ID"):
             physical["StateKeySecret"] = env["STATE_KEY_SECRET_ID_ARN"]
-        if env.get("REFRESH_QUEUE_URL"):
-            physical["RefreshQueue"] = env["REFRESH_QUEUE_URL"]
-            physical["RefreshQueue.QueueName"] = env["REFRESH_QUEUE_URL"].rstrip("/").rsplit("/", 1)[-1]
+        # The queue the sweep sends to is the stack's RefreshQueue (REFRESH_QUEUE_URL: !Ref RefreshQueue); a test
+        # that hands the URL to the code directly rather than through the environment names it in the call.
+        queue = env.get("REFRESH_QUEUE_URL") or (call.params.get("QueueUrl") if call.service == "sqs" else None)
+        if queue:
+            physical["RefreshQueue"] = queue
+            physical["RefreshQueue.QueueName"] = queue.rstrip("/").rsplit("/", 1)[-1]
         base = Deployment(stack, physical=tuple(sorted(physical.items()))).with_parameters(
             ConnectionSecretPrefix=env.get("CONNECTION_SECRET_PREFIX") or "servicenow-oauth/"
         )
@@ -889,6 +897,15 @@ class Checker:
             return template.key_policy("JwtSigningKmsKey")
         document = call.key_policies.get(key or "")
         return Policy.of(f"key {key}", document) if document else Policy.of(f"key {key} (unknown)", {})
+
+    def invocations(self, calls: list[Recorded]) -> list[Recorded]:
+        """What Lambda itself did with the role of each function that ran (`invocation`)."""
+        ran = sorted({(call.actor, call.environment) for call in calls if call.actor in HANDLERS.values()})
+        found = []
+        for actor, environment in ran:
+            probe = Recorded(actor, "lambda", "(invocation)", {}, REGION, environment=environment)
+            found.append(invocation(actor, self.template(self.deployments(probe, Authorization("-", "*"))[0]), environment))
+        return found
 
     def verdicts(self, call: Recorded) -> list[Verdict]:
         found = []
@@ -942,3 +959,63 @@ class Ledger:
 
 
 LEDGER = Ledger()
+
+
+# ------------------------------------------------------- what Lambda does with a function's role, per invocation
+LAMBDA_LOGS = "https://docs.aws.amazon.com/lambda/latest/dg/monitoring-cloudwatchlogs.html"
+LAMBDA_XRAY = "https://docs.aws.amazon.com/lambda/latest/dg/services-xray.html"
+LAMBDA_SQS = "https://docs.aws.amazon.com/lambda/latest/dg/services-sqs-configure.html"
+
+
+def invocation(actor: str, template: Template, environment: tuple[tuple[str, str], ...]) -> Recorded:
+    """The calls Lambda makes with the role of a function that ran: its log lines into its own group, its
+    trace segments (Tracing: Active), and for the worker the SQS event source's polling of the queue."""
+    function = template.translated["Resources"][actor]["Properties"]
+    group = template.resolve(template.translated["Resources"][function["LoggingConfig"]["LogGroup"]["Ref"]])
+    stream = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{group['Properties']['LogGroupName']}:log-stream:2026/12/05/[$LATEST]0f5bd1a5"
+    found = [Authorization(f"logs:{action}", stream, modelled=LAMBDA_LOGS) for action in ("CreateLogStream", "PutLogEvents")]
+    found += [Authorization(f"xray:{action}", "*", modelled=LAMBDA_XRAY) for action in ("PutTraceSegments", "PutTelemetryRecords")]
+    if actor == "WorkerFunction":
+        queue = template.get_att("RefreshQueue", "Arn")
+        found += [Authorization(f"sqs:{action}", queue, modelled=LAMBDA_SQS)
+                  for action in ("ReceiveMessage", "DeleteMessage", "GetQueueAttributes")]  # fmt: skip
+    return Recorded(actor, "lambda", "(invocation)", {}, REGION, where="(Lambda)", environment=environment,
+                    authorizations=found)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ least privilege, measured
+# Statements no test's call uses, each with why it stays. The session's end fails on any other unused one.
+UNUSED_BECAUSE: dict[str, str] = {}
+
+
+def statement_table(checker: Checker, used: dict[str, int]) -> tuple[str, list[str]]:
+    """(a Markdown table of used/total statements per role, the unused statements nobody explained)."""
+    full = Deployment().with_parameters(
+        JwtSigningKey=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        AppFlowConnectorProfiles="snow-prod",
+    )
+    template = checker.template(full)
+    created = checker.template(full.with_parameters(JwtSigningKey="create", JwtCertificateIssuerArn=OPERATOR_ARN))
+    rows: list[tuple[str, list[str]]] = [
+        (f"{actor}Role", [label for policy in template.identity(actor) for label, _ in policy.statements])
+        for actor in HANDLERS.values()
+    ]
+    rows.append(("operator (docs/operator-policy.json)", [label for label, _ in checker.operator.statements]))
+    key = created.key_policy("JwtSigningKmsKey")
+    assert key is not None
+    rows.append(("JwtSigningKmsKey's key policy", [label for label, _ in key.statements]))
+    lines = ["| role or policy | statements used by a test | unused, and why |", "|---|---|---|"]
+    unexplained = []
+    for name, labels in rows:
+        unused = [label for label in labels if not used.get(label)]
+        unexplained += [label for label in unused if label not in UNUSED_BECAUSE]
+        why = "; ".join(f"`{label}`: {UNUSED_BECAUSE.get(label, 'UNEXPLAINED')}" for label in unused) or "-"
+        lines.append(f"| {name} | {len(labels) - len(unused)} of {len(labels)} | {why} |")
+    return "\n".join(lines) + "\n", unexplained
+
+
+def modelled_table(modelled: dict[tuple[str, str], int]) -> str:
+    """The authorizations AWS makes on a caller's behalf, modelled from its documentation (moto makes none)."""
+    lines = ["| modelled authorization | times in this run | AWS documentation |", "|---|---|---|"]
+    lines += [f"| `{action}` | {count} | {page} |" for (action, page), count in sorted(modelled.items())]
+    return "\n".join(lines) + "\n"

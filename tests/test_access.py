@@ -9,7 +9,6 @@ AppFlow. Our own parser refuses wildcards before any call, so the hook is the se
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import json
 from collections.abc import Iterator
@@ -20,7 +19,10 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 
+import permissions
 from admin.cli import main as cli
+from local.template_check import translate
+from permissions import Policy, Request, decide
 from core.consumer import servicenow_session
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "consumer-policies"
@@ -162,47 +164,6 @@ def test_a_replica_is_read_from_its_region_and_only_the_primary_is_written(
 
 
 # ------------------------------------------------------------------------------------------------ the policies
-def allows(policy: dict[str, Any], action: str, resource: str, context: dict[str, str] | None = None) -> bool:
-    """IAM's evaluation for one identity policy: an explicit Deny wins, then an Allow whose action, resource
-    and every condition match; a condition operator this evaluator does not know never matches."""
-    operators = {
-        "StringEquals": lambda have, want: have == want,
-        "StringLike": lambda have, want: have is not None and fnmatch.fnmatchcase(have, want),
-    }
-
-    def matches(statement: dict[str, Any]) -> bool:
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-        if not any(fnmatch.fnmatchcase(action, a) for a in actions):
-            return False
-        if not any(fnmatch.fnmatchcase(resource, r) for r in resources):
-            return False
-        for operator, pairs in statement.get("Condition", {}).items():
-            test = operators.get(operator)
-            for key, wanted in pairs.items():
-                options = wanted if isinstance(wanted, list) else [wanted]
-                if test is None or not any(test((context or {}).get(key), option) for option in options):
-                    return False
-        return True
-
-    statements = policy["Statement"]
-    if any(s["Effect"] == "Deny" and matches(s) for s in statements):
-        return False
-    return any(s["Effect"] == "Allow" and matches(s) for s in statements)
-
-
-def test_the_evaluator_denies_what_iam_denies() -> None:
-    """The check below is only as good as this evaluator: it must say no where IAM says no."""
-    allow = {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": "*"}
-    assert allows({"Statement": [allow]}, "secretsmanager:GetSecretValue", "arn:x")
-    deny = {"Effect": "Deny", "Action": "secretsmanager:*", "Resource": "*"}
-    assert not allows({"Statement": [allow, deny]}, "secretsmanager:GetSecretValue", "arn:x")
-    odd = {**allow, "Condition": {"ArnEquals": {"aws:SourceArn": "arn:y"}}}
-    assert not allows({"Statement": [odd]}, "secretsmanager:GetSecretValue", "arn:x")
-    via = {**allow, "Condition": {"StringEquals": {"kms:ViaService": "secretsmanager.us-east-1.amazonaws.com"}}}
-    assert not allows({"Statement": [via]}, "secretsmanager:GetSecretValue", "arn:x", {"kms:ViaService": "s3"})
-
-
 @pytest.mark.parametrize(
     ("snippet", "region"),
     [("same-account.json", "us-east-1"), ("other-account.json", "us-east-1"), ("replica-region.json", "eu-west-1")],
@@ -210,23 +171,43 @@ def test_the_evaluator_denies_what_iam_denies() -> None:
 def test_each_consumer_policy_allows_exactly_what_the_helper_calls(
     aws_calls: list[Any], snippet: str, region: str
 ) -> None:
-    kms_key = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    assert add("--replica-region", "eu-west-1")[0] == 0
+    """Each README policy, with its example account made this one, on the IAM evaluator the whole suite's calls go
+    through (tests/permissions.py): the helper's real calls are allowed, another connection and a write are not. The
+    reader in another account also needs the secret's resource policy (put by `connections grant`) and the stack's
+    key policy (ConsumerPrincipals), and decrypts only through Secrets Manager."""
+    consumer = ROLE if snippet == "other-account.json" else f"arn:aws:iam::{permissions.ACCOUNT}:role/erp-reader"
+    key = cmk() if snippet == "other-account.json" else None
+    assert add("--replica-region", "eu-west-1", *(["--kms-key-id", key, "--consumer", ROLE] if key else []))[0] == 0
     primary = boto3.client("secretsmanager")
     value = {**json.loads(primary.get_secret_value(SecretId=SECRET)["SecretString"]), "accessToken": "policy-T2"}
     primary.put_secret_value(SecretId=SECRET, SecretString=json.dumps(value))
-    aws_calls.clear()
+    permissions.RECORDER.take()
     servicenow_session(SECRET, region=region)
-    policy = json.loads((DOCS / snippet).read_text())
-    arn = f"arn:aws:secretsmanager:{region}:111122223333:secret:servicenow-oauth/prod-AbCdEf"
-    for _, operation in aws_calls:
-        assert allows(policy, f"secretsmanager:{operation}", arn), (snippet, operation)
-    assert not allows(policy, "secretsmanager:GetSecretValue", arn.replace("/prod-", "/other-")), "one connection only"
-    assert not allows(policy, "secretsmanager:PutSecretValue", arn)
-    if snippet == "other-account.json":
-        via = {"kms:ViaService": "secretsmanager.us-east-1.amazonaws.com"}
-        assert allows(policy, "kms:Decrypt", kms_key, via)
-        assert not allows(policy, "kms:Decrypt", kms_key, {"kms:ViaService": "s3.us-east-1.amazonaws.com"})
+    calls = [call for call in permissions.RECORDER.take() if call.actor == permissions.CONSUMER]
+    identity = [Policy.of(snippet, json.loads((DOCS / snippet).read_text().replace("111122223333", permissions.ACCOUNT)))]
+    shared = primary.get_resource_policy(SecretId=SECRET).get("ResourcePolicy")
+    resource_policy = Policy.of("secret", json.loads(shared)) if shared else None
+    template = permissions.Template(translate(), permissions.Deployment().with_parameters(
+        SecretsKmsKeyArn="create", ConsumerPrincipals=ROLE))  # fmt: skip
+    key_policy = template.key_policy("SecretsKey")
+
+    def decision(action: str, resource: str, **context: str) -> bool:
+        request = Request(consumer, action, resource, tuple(sorted(context.items())))
+        on_key = key_policy if action.startswith("kms:") and key else None
+        return decide(request, identity, resource_policy=resource_policy, key_policy=on_key).allowed
+
+    assert calls and {call.operation for call in calls} == {"GetSecretValue"}
+    for authorization in (a for call in calls for a in call.authorizations):
+        if authorization.modelled and not key:
+            continue  # the AWS managed key: its own policy lets any reader of the secret decrypt in this account
+        resource = key if authorization.action.startswith("kms:") and key else authorization.resource
+        assert decision(authorization.action, resource, **dict(authorization.context)), (snippet, authorization)
+    arn = calls[0].authorizations[0].resource
+    assert not decision("secretsmanager:GetSecretValue", arn.replace("/prod-", "/other-")), "one connection only"
+    assert not decision("secretsmanager:PutSecretValue", arn)
+    if key:
+        assert decision("kms:Decrypt", key, **{"kms:ViaService": "secretsmanager.us-east-1.amazonaws.com"})
+        assert not decision("kms:Decrypt", key, **{"kms:ViaService": "s3.us-east-1.amazonaws.com"})
 
 
 def test_grant_and_revoke_keep_statements_others_put_on_the_secret(aws_calls: list[Any]) -> None:

@@ -226,3 +226,40 @@ def test_the_operators_policy_is_what_the_cli_needs(permission_checker: Checker,
     [line] = denials(Checker(permission_checker.translated, operator_policy=document), calls)
     assert line.startswith("operator called secretsmanager:CreateSecret at src/core/store.py:") and "no statement allows" in line
     permissions.RECORDER.calls.extend(calls)
+
+
+def test_rotation_pushes_to_appflow_with_its_own_role(
+    permission_checker: Checker, secretsmanager: Any, emulator: Any, rotation_lambda: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by this checker: createSecret refreshes through the sweep's path, which pushes the new tokens to the
+    connection's AppFlow profiles, but RotationFunction's role had no AppFlowPushPolicy: every rotation of a
+    connection with profiles was denied the push in AWS. The role without it (as it was) is named."""
+    from botocore.stub import Stubber
+
+    from core.appflow import AppFlowSync
+    from tests.test_rotation import SECRET, connection, start_rotation
+
+    monkeypatch.setenv("SERVICENOW_ALLOWED_HOSTS", "127.0.0.1")
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "servicenow-oauth")
+    import handlers.rotation
+
+    handler = importlib.reload(handlers.rotation)
+    secretsmanager.create_secret(Name=SECRET, SecretString=connection(emulator, appflowConnectorProfiles=["snow-prod"]))
+    token = "5d2c7a64-1b3e-4c8f-9a0d-2e4f6a8b0c1d"
+    start_rotation(secretsmanager, rotation_lambda, token)
+    appflow = boto3.client("appflow", region_name="us-east-1", endpoint_url="https://appflow.invalid")
+    handler.rotation.refresher.appflow = AppFlowSync(appflow, handler.rotation.refresher.store.client)
+    permissions.RECORDER.take()
+    with Stubber(appflow) as stub:
+        stub.add_response("update_connector_profile", {"connectorProfileArn": "arn:aws:appflow:us-east-1:123456789012:connectorprofile/snow-prod"})
+        handler.lambda_handler({"Step": "createSecret", "SecretId": SECRET, "ClientRequestToken": token}, FakeContext())
+        stub.assert_no_pending_responses()
+    calls = permissions.RECORDER.take()
+    assert ("RotationFunction", "UpdateConnectorProfile") in {(call.actor, call.operation) for call in calls}
+    assert denials(permission_checker, calls) == []
+    template = copy.deepcopy(permission_checker.translated)
+    role = template["Resources"]["RotationFunctionRole"]["Properties"]
+    role["ManagedPolicyArns"] = [arn for arn in role["ManagedPolicyArns"] if "AppFlowPushPolicy" not in json.dumps(arn)]
+    found = denials(Checker(template), calls)
+    assert found and all(line.startswith("RotationFunction called appflow:UpdateConnectorProfile") for line in found), found
+    permissions.RECORDER.calls.extend(calls)
