@@ -18,8 +18,8 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -262,7 +262,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     Path(config.rootpath, "test-artifacts").mkdir(exist_ok=True)
     Path(config.rootpath, "test-artifacts", "permissions.md").write_text(table)
     text = README.read_text()
-    written = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip() if TABLE_START in text else ""
+    written = (
+        text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip() if TABLE_START in text else ""
+    )
     problems = [f"statement used by no test and not explained (permissions.UNUSED_BECAUSE): {u}" for u in unexplained]
     if written != table.strip():
         problems.append("README.md's permissions table is not this run's: copy test-artifacts/permissions.md into it")

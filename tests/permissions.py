@@ -79,17 +79,19 @@ class Recorder:
         region = call.region or REGION
         environment = {name: os.environ[name] for name in ENVIRONMENT if os.environ.get(name)}
         if "STATE_KEY_SECRET_ID" in environment:
-            environment["STATE_KEY_SECRET_ID_ARN"] = self.lookup.secret(endpoint, region, environment["STATE_KEY_SECRET_ID"])[0]
+            environment["STATE_KEY_SECRET_ID_ARN"] = self.lookup.secret(
+                endpoint, region, environment["STATE_KEY_SECRET_ID"]
+            )[0]
         call.environment = tuple(sorted(environment.items()))
         call.authorizations = authorizations(call, endpoint, self.lookup)
         if call.service == "appflow":
             name = call.params.get("connectorProfileName", "")
             call.profiles = (name,)
             secret = f"arn:aws:secretsmanager:{region}:{ACCOUNT}:secret:appflow!{ACCOUNT}-{name}-AbCdEf"
+            via = _ctx(**{"aws:CalledVia": "appflow.amazonaws.com"})
             call.authorizations.append(
-                Authorization("secretsmanager:PutSecretValue", secret, _ctx(**{"aws:CalledVia": "appflow.amazonaws.com"}),
-                              secret=secret, modelled=APPFLOW_CREDENTIALS)
-            )  # fmt: skip
+                Authorization("secretsmanager:PutSecretValue", secret, via, secret=secret, modelled=APPFLOW_CREDENTIALS)
+            )
         for authorization in call.authorizations:
             if authorization.key and not authorization.key.endswith(AWS_MANAGED_SECRETS_KEY):
                 policy = self.lookup.key(endpoint, region, authorization.key)[1]
@@ -104,7 +106,6 @@ class Recorder:
         with self.lock:
             taken, self.calls = self.calls, []
         return taken
-
 
 
 @functools.cache
@@ -223,6 +224,7 @@ def _listed(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
+@functools.cache
 def _glob(pattern: str, *, ignore_case: bool = False) -> re.Pattern[str]:
     """IAM's wildcards: * any run of characters, ? exactly one; nothing else is special (unlike fnmatch's [])."""
     body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
@@ -294,7 +296,7 @@ class Request:
 
 
 def _principal_matches(statement: Statement, principal: str) -> str | None:
-    """"direct" when the statement names the caller, "account" when it names the caller's account (which
+    """ "direct" when the statement names the caller, "account" when it names the caller's account (which
     delegates to the caller's own IAM policies), None otherwise."""
     if "NotPrincipal" in statement:
         return None  # never used by this project; refuse to guess
@@ -373,9 +375,9 @@ def decide(
         (p, True) for p in (resource_policy, key_policy) if p is not None
     ]:
         for label, statement in policy.statements:
-            if statement["Effect"] == "Deny" and statement_matches(statement, request):
-                if not with_principal or _principal_matches(statement, request.principal) is not None:
-                    return Decision(False, f"explicitly denied by {label}")
+            named = not with_principal or _principal_matches(statement, request.principal) is not None
+            if statement["Effect"] == "Deny" and named and statement_matches(statement, request):
+                return Decision(False, f"explicitly denied by {label}")
     granted = [label for policy in identity for label in allows(policy, with_principal=False)[0]]
     if key_policy is not None:
         labels, how = allows(key_policy, with_principal=True)
@@ -443,7 +445,9 @@ class Template:
         self.translated = translated
         self.deployment = deployment
         defaults = {k: str(v.get("Default", "")) for k, v in translated.get("Parameters", {}).items()}
-        stack_id = f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{deployment.stack}/4e8b2c1a-0000-1111-2222-333344445555"
+        stack_id = (
+            f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{deployment.stack}/4e8b2c1a-0000-1111-2222-333344445555"
+        )
         self.refs: dict[str, str] = {
             **defaults,
             **dict(deployment.parameters),
@@ -456,6 +460,7 @@ class Template:
         }
         self.physical = dict(deployment.physical)
         self._conditions: dict[str, bool] = {}
+        self._identities: dict[str, list[Policy]] = {}
 
     def condition(self, name: str) -> bool:
         if name not in self._conditions:
@@ -483,7 +488,7 @@ class Template:
             return queue if attribute == "QueueName" else f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue}"
         return f"{self.deployment.stack}-{name}.{attribute}"
 
-    def resolve(self, value: Any) -> Any:  # noqa: C901, PLR0911, PLR0912 (one branch per intrinsic)
+    def resolve(self, value: Any) -> Any:
         if isinstance(value, list):
             items = [self.resolve(item) for item in value]
             return [item for item in items if item is not _NO_VALUE]
@@ -540,8 +545,15 @@ class Template:
 
     def identity(self, function: str) -> list[Policy]:
         """The role's policies: inline, the stack's managed policies it references, and AWS managed ones."""
+        if function not in self._identities:
+            self._identities[function] = self._identity(function)
+        return self._identities[function]
+
+    def _identity(self, function: str) -> list[Policy]:
         role = self.resolve(self.translated["Resources"][f"{function}Role"]["Properties"])
-        policies = [Policy.of(f"{function}Role/{p['PolicyName']}", p["PolicyDocument"]) for p in role.get("Policies", [])]
+        policies = [
+            Policy.of(f"{function}Role/{p['PolicyName']}", p["PolicyDocument"]) for p in role.get("Policies", [])
+        ]
         for arn in role.get("ManagedPolicyArns", []):
             if arn in AWS_MANAGED:
                 policies.append(Policy.of(arn.rsplit("/", 1)[1], AWS_MANAGED[arn]))
@@ -625,20 +637,31 @@ class Authorization:
 
 
 AWS_MANAGED_SECRETS_KEY = "alias/aws/secretsmanager"  # in a key ARN: arn:aws:kms:<region>:<account>:alias/aws/...
+
+
 # https://docs.aws.amazon.com/secretsmanager/latest/userguide/security-encryption.html ("Key policy of the AWS
 # managed key (aws/secretsmanager)"): any principal of the account that Secrets Manager acts for may use it.
 def aws_managed_secrets_key_policy(region: str) -> dict[str, Any]:
     return {"Statement": [{
-        "Sid": "Allow access through AWS Secrets Manager for all principals in the account that are authorized to use AWS Secrets Manager",
+        "Sid": "Allow access through AWS Secrets Manager for all principals in the account that are authorized to use "
+        "AWS Secrets Manager",
         "Effect": "Allow", "Principal": {"AWS": "*"},
-        "Action": ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:CreateGrant", "kms:DescribeKey", "kms:GenerateDataKey*"],
+        "Action": ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:CreateGrant", "kms:DescribeKey",
+                   "kms:GenerateDataKey*"],
         "Resource": "*",
-        "Condition": {"StringEquals": {"kms:CallerAccount": ACCOUNT, "kms:ViaService": f"secretsmanager.{region}.amazonaws.com"}},
+        "Condition": {"StringEquals": {"kms:CallerAccount": ACCOUNT,
+                                       "kms:ViaService": f"secretsmanager.{region}.amazonaws.com"}},
     }]}  # fmt: skip
+
+
 SECRETS_MANAGER_KMS = "https://docs.aws.amazon.com/secretsmanager/latest/userguide/security-encryption.html"
 BATCH_GET = "https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_BatchGetSecretValue.html"
-SQS_BATCH = "https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-api-permissions-reference.html"
-NO_PERMISSION = {("sts", "GetCallerIdentity")}  # https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
+SQS_BATCH = (
+    "https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-api-permissions-reference.html"
+)
+NO_PERMISSION = {
+    ("sts", "GetCallerIdentity")
+}  # https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
 # Writes that carry a secret value: Secrets Manager asks KMS for a data key to encrypt it.
 VALUE_WRITES = {"PutSecretValue", "CreateSecret", "UpdateSecret"}
 # AppFlow keeps a connector profile's credentials in its own secret (appflow!<account>-<profile>-...) and writes
@@ -677,7 +700,7 @@ class Lookup:
             with unrecorded():
                 try:
                     described = self._client(endpoint, "secretsmanager", region).describe_secret(SecretId=secret_id)
-                except Exception:  # noqa: BLE001 (deleted since, or never there: the name's ARN, the managed key)
+                except Exception:
                     self.cache[key] = (secret_arn(secret_id, region), None)
                 else:
                     kms = described.get("KmsKeyId")
@@ -693,7 +716,7 @@ class Lookup:
                 try:
                     arn = kms.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
                     policy = json.loads(kms.get_key_policy(KeyId=arn, PolicyName="default")["Policy"])
-                except Exception:  # noqa: BLE001 (not there yet: asked again next time)
+                except Exception:
                     return key_id, None
             self.cache[cache_key] = (arn, policy)
         return self.cache[cache_key]  # type: ignore[no-any-return]
@@ -704,7 +727,7 @@ class Lookup:
             with unrecorded():
                 try:
                     text = self._client(endpoint, "secretsmanager", region).get_resource_policy(SecretId=arn)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     text = {}
             self.cache[key] = json.loads(text["ResourcePolicy"]) if text.get("ResourcePolicy") else None
         return self.cache[key]  # type: ignore[no-any-return]
@@ -713,7 +736,7 @@ class Lookup:
         self.cache = {k: v for k, v in self.cache.items() if k[0] not in ("secret", "policy")}
 
 
-def authorizations(call: Recorded, endpoint: str, lookup: Lookup) -> list[Authorization]:  # noqa: C901, PLR0912
+def authorizations(call: Recorded, endpoint: str, lookup: Lookup) -> list[Authorization]:
     """What IAM authorizes for one call, with the request context its conditions read."""
     service, operation, params, region = call.service, call.operation, call.params, call.region or REGION
     if (service, operation) in NO_PERMISSION:
@@ -835,7 +858,9 @@ class Checker:
     def __init__(self, translated: dict[str, Any], *, operator_policy: dict[str, Any] | None = None,
                  consumer_policy: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.translated = translated
-        self.operator = Policy.of("operator-policy", operator_policy or json.loads((DOCS / "operator-policy.json").read_text()))
+        self.operator = Policy.of(
+            "operator-policy", operator_policy or json.loads((DOCS / "operator-policy.json").read_text())
+        )
         self.consumer_policy = consumer_policy
         self._templates: dict[Deployment, Template] = {}
 
@@ -849,7 +874,9 @@ class Checker:
         a signing key both as the stack's own (JwtSigningKey=create) and as an existing one (its ARN)."""
         env = dict(call.environment)
         source = env.get("EVENT_SOURCE", "")
-        stack = source.removeprefix("servicenow-oauth.") if source.startswith("servicenow-oauth.") else "servicenow-oauth"
+        stack = (
+            source.removeprefix("servicenow-oauth.") if source.startswith("servicenow-oauth.") else "servicenow-oauth"
+        )
         physical = {}
         if env.get("STATE_KEY_SECRET_ID"):
             physical["StateKeySecret"] = env["STATE_KEY_SECRET_ID_ARN"]
@@ -864,9 +891,11 @@ class Checker:
         )
         if call.service == "appflow" or "appflow!" in authorization.resource:
             base = base.with_parameters(AppFlowConnectorProfiles=",".join(sorted(call.profiles)))
-        if authorization.action == "kms:Sign":
+        if authorization.action in ("kms:Sign", "kms:GetPublicKey"):  # only ever on a JWT signing key
             issuer = {"JwtCertificateIssuerArn": OPERATOR_ARN} if call.actor == OPERATOR else {}
-            own = Deployment(base.stack, base.parameters, base.physical + (("JwtSigningKmsKey.Arn", authorization.resource),))
+            own = Deployment(
+                base.stack, base.parameters, (*base.physical, ("JwtSigningKmsKey.Arn", authorization.resource))
+            )
             return [base.with_parameters(JwtSigningKey=authorization.resource),
                     own.with_parameters(JwtSigningKey="create", **issuer)]  # fmt: skip
         return [base]
@@ -904,7 +933,9 @@ class Checker:
         found = []
         for actor, environment in ran:
             probe = Recorded(actor, "lambda", "(invocation)", {}, REGION, environment=environment)
-            found.append(invocation(actor, self.template(self.deployments(probe, Authorization("-", "*"))[0]), environment))
+            found.append(
+                invocation(actor, self.template(self.deployments(probe, Authorization("-", "*"))[0]), environment)
+            )
         return found
 
     def verdicts(self, call: Recorded) -> list[Verdict]:
@@ -922,11 +953,15 @@ class Checker:
                     "aws:ResourceAccount": parts[4] if len(parts) > 5 and parts[4] else ACCOUNT,
                     **dict(authorization.context),
                 }
-                request = Request(principal, authorization.action, authorization.resource, tuple(sorted(context.items())))
+                request = Request(
+                    principal, authorization.action, authorization.resource, tuple(sorted(context.items()))
+                )
                 decision = decide(
                     request,
                     identity,
-                    resource_policy=Policy.of(f"secret {authorization.secret}", resource_policy) if resource_policy else None,
+                    resource_policy=Policy.of(f"secret {authorization.secret}", resource_policy)
+                    if resource_policy
+                    else None,
                     key_policy=self.key_policy(call, authorization, template) if authorization.key else None,
                 )  # fmt: skip
                 found.append(Verdict(call.actor, f"{call.service}:{call.operation}", authorization, decision,
@@ -942,7 +977,7 @@ class Ledger:
     """What the whole run authorized: which statements were used, which calls were modelled."""
 
     used: dict[str, int] = field(default_factory=dict)
-    modelled: dict[tuple[str, str], int] = field(default_factory=dict)
+    modelled: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     actors: dict[str, int] = field(default_factory=dict)
     denied: int = 0
 
@@ -955,7 +990,7 @@ class Ledger:
                 self.used[label] = self.used.get(label, 0) + 1
             if verdict.authorization.modelled:
                 key = (verdict.authorization.action, verdict.authorization.modelled)
-                self.modelled[key] = self.modelled.get(key, 0) + 1
+                self.modelled.setdefault(key, set()).add(verdict.actor)
 
 
 LEDGER = Ledger()
@@ -972,9 +1007,15 @@ def invocation(actor: str, template: Template, environment: tuple[tuple[str, str
     trace segments (Tracing: Active), and for the worker the SQS event source's polling of the queue."""
     function = template.translated["Resources"][actor]["Properties"]
     group = template.resolve(template.translated["Resources"][function["LoggingConfig"]["LogGroup"]["Ref"]])
-    stream = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{group['Properties']['LogGroupName']}:log-stream:2026/12/05/[$LATEST]0f5bd1a5"
-    found = [Authorization(f"logs:{action}", stream, modelled=LAMBDA_LOGS) for action in ("CreateLogStream", "PutLogEvents")]
-    found += [Authorization(f"xray:{action}", "*", modelled=LAMBDA_XRAY) for action in ("PutTraceSegments", "PutTelemetryRecords")]
+    name = group["Properties"]["LogGroupName"]
+    stream = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{name}:log-stream:2026/12/05/[$LATEST]0f5bd1a5"
+    found = [
+        Authorization(f"logs:{action}", stream, modelled=LAMBDA_LOGS) for action in ("CreateLogStream", "PutLogEvents")
+    ]
+    found += [
+        Authorization(f"xray:{action}", "*", modelled=LAMBDA_XRAY)
+        for action in ("PutTraceSegments", "PutTelemetryRecords")
+    ]
     if actor == "WorkerFunction":
         queue = template.get_att("RefreshQueue", "Arn")
         found += [Authorization(f"sqs:{action}", queue, modelled=LAMBDA_SQS)
@@ -1014,8 +1055,8 @@ def statement_table(checker: Checker, used: dict[str, int]) -> tuple[str, list[s
     return "\n".join(lines) + "\n", unexplained
 
 
-def modelled_table(modelled: dict[tuple[str, str], int]) -> str:
+def modelled_table(modelled: dict[tuple[str, str], set[str]]) -> str:
     """The authorizations AWS makes on a caller's behalf, modelled from its documentation (moto makes none)."""
-    lines = ["| modelled authorization | times in this run | AWS documentation |", "|---|---|---|"]
-    lines += [f"| `{action}` | {count} | {page} |" for (action, page), count in sorted(modelled.items())]
+    lines = ["| modelled authorization | made for | AWS documentation |", "|---|---|---|"]
+    lines += [f"| `{action}` | {', '.join(sorted(who))} | {page} |" for (action, page), who in sorted(modelled.items())]
     return "\n".join(lines) + "\n"

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import permissions
 import pytest
 from botocore.awsrequest import AWSResponse
-
-import permissions
-from admin.cli import main as cli
-from local.template_check import translate
 from permissions import Policy, Request, decide
+
+from admin.cli import main as cli
 from core.consumer import servicenow_session
+from local.template_check import translate
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "consumer-policies"
 HOSTS = ["--allowed-hosts", "127.0.0.1,*.service-now.com"]
@@ -184,7 +184,9 @@ def test_each_consumer_policy_allows_exactly_what_the_helper_calls(
     permissions.RECORDER.take()
     servicenow_session(SECRET, region=region)
     calls = [call for call in permissions.RECORDER.take() if call.actor == permissions.CONSUMER]
-    identity = [Policy.of(snippet, json.loads((DOCS / snippet).read_text().replace("111122223333", permissions.ACCOUNT)))]
+    identity = [
+        Policy.of(snippet, json.loads((DOCS / snippet).read_text().replace("111122223333", permissions.ACCOUNT)))
+    ]
     shared = primary.get_resource_policy(SecretId=SECRET).get("ResourcePolicy")
     resource_policy = Policy.of("secret", json.loads(shared)) if shared else None
     template = permissions.Template(translate(), permissions.Deployment().with_parameters(

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import pytest
-
 import permissions
+import pytest
 from permissions import ACCOUNT, Checker, Policy, Request, decide
+
 from tests.test_callback import FakeContext
 from tests.test_refresh_handlers import add_due_connection
 
@@ -69,17 +69,18 @@ def test_not_action_and_not_resource() -> None:
 @pytest.mark.parametrize(
     ("condition", "context", "expected"),
     [
-        ({"StringEquals": {"events:source": "servicenow-oauth.prod"}}, {"events:source": "servicenow-oauth.prod"}, True),
-        ({"StringEquals": {"events:source": "servicenow-oauth.prod"}}, {"events:source": "servicenow-oauth.dev"}, False),
+        ({"StringEquals": {"events:source": "oauth.prod"}}, {"events:source": "oauth.prod"}, True),
+        ({"StringEquals": {"events:source": "oauth.prod"}}, {"events:source": "oauth.dev"}, False),
         ({"StringEquals": {"events:source": "servicenow-oauth.prod"}}, {}, False),
         ({"StringLike": {"kms:ViaService": "secretsmanager.*.amazonaws.com"}},
          {"kms:ViaService": "secretsmanager.eu-west-1.amazonaws.com"}, True),
-        ({"StringLike": {"kms:ViaService": "secretsmanager.*.amazonaws.com"}}, {"kms:ViaService": "s3.amazonaws.com"}, False),
+        ({"StringLike": {"kms:ViaService": "secretsmanager.*"}}, {"kms:ViaService": "s3.amazonaws.com"}, False),
         ({"ArnLike": {"aws:SourceArn": "arn:aws:cloudwatch:*:1:alarm:prod-*"}},
          {"aws:SourceArn": "arn:aws:cloudwatch:us-east-1:1:alarm:prod-X"}, True),
         ({"ArnLike": {"aws:SourceArn": "arn:aws:cloudwatch:*:1:alarm:prod-*"}},
          {"aws:SourceArn": "arn:aws:cloudwatch:us-east-1:2:alarm:prod-X"}, False),
-        ({"ArnEquals": {"aws:SourceArn": "arn:aws:sns:us-east-1:1:t"}}, {"aws:SourceArn": "arn:aws:sns:us-east-1:1:t"}, True),
+        ({"ArnEquals": {"aws:SourceArn": "arn:aws:sns:us-east-1:1:t"}}, {"aws:SourceArn": "arn:aws:sns:us-east-1:1:t"},
+         True),
         ({"StringEqualsIfExists": {"aws:ResourceAccount": "1"}}, {}, True),
         ({"StringEqualsIfExists": {"aws:ResourceAccount": "1"}}, {"aws:ResourceAccount": "2"}, False),
         ({"Null": {"aws:ResourceTag/owner": "true"}}, {}, True),
@@ -107,7 +108,9 @@ def test_a_key_policy_must_name_the_caller_or_delegate_to_iam() -> None:
     key = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1"
     request = Request(ROLE, "kms:Sign", key)
     names_role = Policy.of("key", {"Statement": [{**allow("kms:Sign"), "Principal": {"AWS": ROLE}}]})
-    names_account = Policy.of("key", {"Statement": [{**allow("kms:*"), "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}}]})
+    names_account = Policy.of(
+        "key", {"Statement": [{**allow("kms:*"), "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}}]}
+    )
     names_other = Policy.of("key", {"Statement": [{**allow("kms:Sign"), "Principal": {"AWS": ROLE + "-other"}}]})
     iam = [Policy.of("role", {"Statement": [allow("kms:Sign")]})]
     assert decide(request, [], key_policy=names_role).allowed
@@ -120,7 +123,9 @@ def test_a_reader_in_another_account_needs_both_policies() -> None:
     secret = SECRET.replace(ACCOUNT, "111122223333")
     request = Request(ROLE, "secretsmanager:GetSecretValue", secret)
     iam = [Policy.of("role", {"Statement": [allow("secretsmanager:GetSecretValue")]})]
-    shared = Policy.of("secret", {"Statement": [{**allow("secretsmanager:GetSecretValue"), "Principal": {"AWS": ACCOUNT}}]})
+    shared = Policy.of(
+        "secret", {"Statement": [{**allow("secretsmanager:GetSecretValue"), "Principal": {"AWS": ACCOUNT}}]}
+    )
     assert not decide(request, iam).allowed
     assert not decide(request, [], resource_policy=shared).allowed
     assert decide(request, iam, resource_policy=shared).allowed
@@ -166,7 +171,10 @@ def test_an_action_missing_from_the_role_is_named(permission_checker: Checker, s
     writer["Action"].remove("secretsmanager:PutSecretValue")
     [line] = denials(Checker(template), sweep_calls)
     assert line.startswith("RefreshFunction called secretsmanager:PutSecretValue at src/core/store.py:")
-    assert "secretsmanager:PutSecretValue on arn:aws:secretsmanager:us-east-1:123456789012:secret:servicenow-oauth/prod-" in line
+    assert (
+        "secretsmanager:PutSecretValue on arn:aws:secretsmanager:us-east-1:123456789012:secret:servicenow-oauth/prod-"
+        in line
+    )
 
 
 def test_a_deny_in_the_role_is_seen(permission_checker: Checker, sweep_calls: list[Any]) -> None:
@@ -176,7 +184,8 @@ def test_a_deny_in_the_role_is_seen(permission_checker: Checker, sweep_calls: li
             {"Sid": "NoBatchReads", "Effect": "Deny", "Action": "secretsmanager:BatchGet*", "Resource": "*"}]}}
     )  # fmt: skip
     found = denials(Checker(template), sweep_calls)
-    assert found and all("BatchGetSecretValue" in line and "explicitly denied by RefreshFunctionRole/Guardrail/NoBatchReads" in line
+    guardrail = "explicitly denied by RefreshFunctionRole/Guardrail/NoBatchReads"
+    assert found and all("BatchGetSecretValue" in line and guardrail in line
                          for line in found), found  # fmt: skip
 
 
@@ -213,8 +222,9 @@ def test_the_operators_policy_is_what_the_cli_needs(permission_checker: Checker,
 
     permissions.RECORDER.take()
     out, err = io.StringIO(), io.StringIO()
-    code = cli(["--allowed-hosts", "*.service-now.com", "connections", "add", "prod", "--instance-url",
-                "https://acme.service-now.com", "--client-id", "c1"], out=out, err=err, stdin=io.StringIO("s3cret-A1\n"))  # fmt: skip
+    argv = ["--allowed-hosts", "*.service-now.com", "connections", "add", "prod", "--instance-url",
+            "https://acme.service-now.com", "--client-id", "c1"]  # fmt: skip
+    code = cli(argv, out=out, err=err, stdin=io.StringIO("s3cret-A1\n"))
     assert code == 0, err.getvalue()
     calls = permissions.RECORDER.take()
     assert {call.actor for call in calls} == {permissions.OPERATOR}
@@ -224,12 +234,19 @@ def test_the_operators_policy_is_what_the_cli_needs(permission_checker: Checker,
         if isinstance(statement["Action"], list) and "secretsmanager:CreateSecret" in statement["Action"]:
             statement["Action"].remove("secretsmanager:CreateSecret")
     [line] = denials(Checker(permission_checker.translated, operator_policy=document), calls)
-    assert line.startswith("operator called secretsmanager:CreateSecret at src/core/store.py:") and "no statement allows" in line
+    assert (
+        line.startswith("operator called secretsmanager:CreateSecret at src/core/store.py:")
+        and "no statement allows" in line
+    )
     permissions.RECORDER.calls.extend(calls)
 
 
 def test_rotation_pushes_to_appflow_with_its_own_role(
-    permission_checker: Checker, secretsmanager: Any, emulator: Any, rotation_lambda: str, monkeypatch: pytest.MonkeyPatch
+    permission_checker: Checker,
+    secretsmanager: Any,
+    emulator: Any,
+    rotation_lambda: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Found by this checker: createSecret refreshes through the sweep's path, which pushes the new tokens to the
     connection's AppFlow profiles, but RotationFunction's role had no AppFlowPushPolicy: every rotation of a
@@ -251,7 +268,10 @@ def test_rotation_pushes_to_appflow_with_its_own_role(
     handler.rotation.refresher.appflow = AppFlowSync(appflow, handler.rotation.refresher.store.client)
     permissions.RECORDER.take()
     with Stubber(appflow) as stub:
-        stub.add_response("update_connector_profile", {"connectorProfileArn": "arn:aws:appflow:us-east-1:123456789012:connectorprofile/snow-prod"})
+        stub.add_response(
+            "update_connector_profile",
+            {"connectorProfileArn": "arn:aws:appflow:us-east-1:123456789012:connectorprofile/snow-prod"},
+        )
         handler.lambda_handler({"Step": "createSecret", "SecretId": SECRET, "ClientRequestToken": token}, FakeContext())
         stub.assert_no_pending_responses()
     calls = permissions.RECORDER.take()
@@ -261,5 +281,46 @@ def test_rotation_pushes_to_appflow_with_its_own_role(
     role = template["Resources"]["RotationFunctionRole"]["Properties"]
     role["ManagedPolicyArns"] = [arn for arn in role["ManagedPolicyArns"] if "AppFlowPushPolicy" not in json.dumps(arn)]
     found = denials(Checker(template), calls)
-    assert found and all(line.startswith("RotationFunction called appflow:UpdateConnectorProfile") for line in found), found
+    assert found and all(line.startswith("RotationFunction called appflow:UpdateConnectorProfile") for line in found), (
+        found
+    )
+    permissions.RECORDER.calls.extend(calls)
+
+
+def test_make_connections_needs_only_the_monitoring_policy(permission_checker: Checker, aws: str) -> None:
+    """MonitoringPolicy says `make connections` needs only it: the CLI's real listing (health from the tags, the
+    readers from a resource policy) is allowed by it alone, with no right to a secret value."""
+    import io
+
+    from admin.cli import main as cli
+
+    hosts = ["--allowed-hosts", "*.service-now.com"]
+    add = [*hosts, "connections", "add", "prod", "--instance-url", "https://acme.service-now.com", "--client-id", "c1"]
+    assert cli(add, out=io.StringIO(), err=io.StringIO(), stdin=io.StringIO("s3cret-A1\n")) == 0
+    reader = {"Sid": "ServiceNowOAuthConsumers", "Effect": "Allow", "Principal": {"AWS": permissions.CONSUMER_ARN},
+              "Action": "secretsmanager:GetSecretValue", "Resource": "*"}  # fmt: skip
+    boto3.client("secretsmanager").put_resource_policy(
+        SecretId="servicenow-oauth/prod", ResourcePolicy=json.dumps({"Version": "2012-10-17", "Statement": [reader]})
+    )
+    permissions.RECORDER.take()
+    out = io.StringIO()
+    assert cli([*hosts, "connections", "list"], out=out, err=io.StringIO()) == 0
+    assert permissions.CONSUMER_ARN in out.getvalue()
+    calls = permissions.RECORDER.take()
+    assert {call.operation for call in calls} >= {"ListSecrets", "GetResourcePolicy", "DescribeSecret"}
+    template = permission_checker.template(permissions.Deployment())
+    monitoring = [policy for policy in template.identity("DashboardFunction") if policy.name == "MonitoringPolicy"]
+    verdicts = []
+    for call in calls:
+        for authorization in call.authorizations:
+            context = tuple(sorted({"aws:ResourceAccount": ACCOUNT, **dict(authorization.context)}.items()))
+            request = Request(permissions.OPERATOR_ARN, authorization.action, authorization.resource, context)
+            decision = decide(request, monitoring)
+            assert decision.allowed, (call.operation, decision.reason)
+            verdicts.append(permissions.Verdict("operator (MonitoringPolicy)", call.operation, authorization,
+                                                decision, template.deployment, call.where))  # fmt: skip
+    permissions.LEDGER.add(verdicts)  # MonitoringPolicy's statements are used by `make connections`
+    secret = next(a.resource for call in calls for a in call.authorizations if a.action.endswith("DescribeSecret"))
+    for action in ("secretsmanager:GetSecretValue", "secretsmanager:PutSecretValue"):
+        assert not decide(Request(permissions.OPERATOR_ARN, action, secret), monitoring).allowed
     permissions.RECORDER.calls.extend(calls)
