@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ class Recorded:
     authorizations: list[Authorization] = field(default_factory=list)
     key_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     resource_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
-    profiles: tuple[str, ...] = ()  # AppFlow connector profiles it names
 
 
 @dataclass
@@ -86,7 +85,6 @@ class Recorder:
         call.authorizations = authorizations(call, endpoint, self.lookup)
         if call.service == "appflow":
             name = call.params.get("connectorProfileName", "")
-            call.profiles = (name,)
             secret = f"arn:aws:secretsmanager:{region}:{ACCOUNT}:secret:appflow!{ACCOUNT}-{name}-AbCdEf"
             via = _ctx(**{"aws:CalledVia": "appflow.amazonaws.com"})
             call.authorizations.append(
@@ -94,7 +92,8 @@ class Recorder:
             )
         for authorization in call.authorizations:
             if authorization.key and not authorization.key.endswith(AWS_MANAGED_SECRETS_KEY):
-                policy = self.lookup.key(endpoint, region, authorization.key)[1]
+                parts = authorization.key.split(":")  # a replica's key is in the replica's region
+                policy = self.lookup.key(endpoint, parts[3] if len(parts) > 5 else region, authorization.key)[1]
                 if policy is not None:
                     call.key_policies[authorization.key] = policy
             if authorization.secret and authorization.secret not in call.resource_policies:
@@ -257,12 +256,14 @@ OPERATORS: dict[str, Callable[[str, str], bool]] = {
 def condition_holds(condition: dict[str, Any], context: Context, *, unknown: bool) -> bool:
     """Every operator and every key must hold (AND); any of a key's values may (OR). A key missing from the
     request does not match (…IfExists: it does; Null tests presence). An operator this evaluator does not know
-    counts as `unknown`: not satisfied for an Allow, satisfied for a Deny, so a gap never widens access."""
+    counts as `unknown`: not satisfied for an Allow, satisfied for a Deny, so a gap never widens access.
+    Condition key names are not case-sensitive (IAM's Condition element), their values are."""
+    context = {key.lower(): value for key, value in context.items()}
     for operator, pairs in condition.items():
         base, if_exists = (operator[:-8], True) if operator.endswith("IfExists") else (operator, False)
         for key, wanted in pairs.items():
             options = [str(option) for option in _listed(wanted)]
-            have = context.get(key)
+            have = context.get(key.lower())
             if base == "Null":
                 if not any((have is None) == (option.lower() == "true") for option in options):
                     return False
@@ -375,12 +376,22 @@ def decide(
         (p, True) for p in (resource_policy, key_policy) if p is not None
     ]:
         for label, statement in policy.statements:
-            named = not with_principal or _principal_matches(statement, request.principal) is not None
+            named = (  # a Deny with NotPrincipal is never read as sparing the caller: it applies
+                not with_principal or "NotPrincipal" in statement or _principal_matches(statement, request.principal)
+            )
             if statement["Effect"] == "Deny" and named and statement_matches(statement, request):
                 return Decision(False, f"explicitly denied by {label}")
     granted = [label for policy in identity for label in allows(policy, with_principal=False)[0]]
     if key_policy is not None:
         labels, how = allows(key_policy, with_principal=True)
+        key_account = request.resource.split(":")[4] if request.resource.count(":") >= 5 else request.account
+        if key_account != request.account:  # "Neither the key policy nor the IAM policy alone is sufficient"
+            if how is not None and granted:
+                return Decision(True, "the key policy names the caller (or its account) and its IAM allows it",
+                                tuple(labels + granted))  # fmt: skip
+            return Decision(
+                False, f"a key in account {key_account} needs its key policy and the caller's IAM to allow it"
+            )
         if how == "direct":
             return Decision(True, "the key policy names the caller", tuple(labels))
         if how == "account" and granted:
@@ -655,6 +666,8 @@ def aws_managed_secrets_key_policy(region: str) -> dict[str, Any]:
 
 
 SECRETS_MANAGER_KMS = "https://docs.aws.amazon.com/secretsmanager/latest/userguide/security-encryption.html"
+CREATE_SECRET = "https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_CreateSecret.html"
+REPLICATE = "https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_ReplicateSecretToRegions.html"
 BATCH_GET = "https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_BatchGetSecretValue.html"
 SQS_BATCH = (
     "https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-api-permissions-reference.html"
@@ -760,6 +773,20 @@ def authorizations(call: Recorded, endpoint: str, lookup: Lookup) -> list[Author
             found.append(_decrypt(arn, key, region))
         if operation in VALUE_WRITES and (params.get("SecretString") or params.get("SecretBinary")):
             found.append(_decrypt(arn, key, region, "kms:GenerateDataKey"))
+        if operation == "CreateSecret" and params.get("Tags"):  # "you also need secretsmanager:TagResource"
+            found.append(Authorization("secretsmanager:TagResource", arn, secret=arn, modelled=CREATE_SECRET))
+        replicas = params.get("AddReplicaRegions") or []
+        if replicas and operation == "CreateSecret":  # "you must also have secretsmanager:ReplicateSecretToRegions"
+            found.append(
+                Authorization("secretsmanager:ReplicateSecretToRegions", arn, secret=arn, modelled=CREATE_SECRET)
+            )
+        for replica in replicas:  # the primary's value decrypted, then encrypted on the replica's key in its region
+            other = replica["Region"]
+            replica_arn = arn.replace(f":{region}:", f":{other}:", 1)
+            replica_key = lookup.key(endpoint, other, replica["KmsKeyId"])[0] if replica.get("KmsKeyId") else None
+            found += [replace(_decrypt(arn, key, region), modelled=REPLICATE)]
+            found += [replace(_decrypt(replica_arn, replica_key, other, kms), modelled=REPLICATE)
+                      for kms in ("kms:GenerateDataKey", "kms:Encrypt")]  # fmt: skip
         return found
     if service == "kms":
         arn, policy = lookup.key(endpoint, region, params.get("KeyId", "*"))
@@ -828,6 +855,11 @@ def _decrypt(arn: str, key: str | None, region: str, action: str = "kms:Decrypt"
 
 # ------------------------------------------------------------------------------------------------ the checker
 DOCS = ROOT / "docs"
+# Where the code under test does not say, the deployment the tests' worlds stand for: the queue they create as
+# the stack's RefreshQueue, and the AppFlow profiles they name as its AppFlowConnectorProfiles (a push to any
+# other profile is denied, as in AWS).
+TEST_QUEUE = "refresh"
+TEST_PROFILES = "snow-prod,snow-backup,model-profile"
 DOCS_ACCOUNT = "111122223333"  # the example account docs/consumer-policies name
 OPERATOR_ARN = f"arn:aws:iam::{ACCOUNT}:role/servicenow-oauth-operator"
 CONSUMER_ARN = f"arn:aws:iam::{ACCOUNT}:role/erp-reader"
@@ -881,16 +913,15 @@ class Checker:
         if env.get("STATE_KEY_SECRET_ID"):
             physical["StateKeySecret"] = env["STATE_KEY_SECRET_ID_ARN"]
         # The queue the sweep sends to is the stack's RefreshQueue (REFRESH_QUEUE_URL: !Ref RefreshQueue); a test
-        # that hands the URL to the code directly rather than through the environment names it in the call.
-        queue = env.get("REFRESH_QUEUE_URL") or (call.params.get("QueueUrl") if call.service == "sqs" else None)
-        if queue:
-            physical["RefreshQueue"] = queue
-            physical["RefreshQueue.QueueName"] = queue.rstrip("/").rsplit("/", 1)[-1]
+        # that hands the URL to the code directly rather than through the environment uses TEST_QUEUE.
+        queue = env.get("REFRESH_QUEUE_URL") or f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{TEST_QUEUE}"
+        physical["RefreshQueue"] = queue
+        physical["RefreshQueue.QueueName"] = queue.rstrip("/").rsplit("/", 1)[-1]
         base = Deployment(stack, physical=tuple(sorted(physical.items()))).with_parameters(
             ConnectionSecretPrefix=env.get("CONNECTION_SECRET_PREFIX") or "servicenow-oauth/"
         )
         if call.service == "appflow" or "appflow!" in authorization.resource:
-            base = base.with_parameters(AppFlowConnectorProfiles=",".join(sorted(call.profiles)))
+            base = base.with_parameters(AppFlowConnectorProfiles=TEST_PROFILES)
         if authorization.action in ("kms:Sign", "kms:GetPublicKey"):  # only ever on a JWT signing key
             issuer = {"JwtCertificateIssuerArn": OPERATOR_ARN} if call.actor == OPERATOR else {}
             own = Deployment(

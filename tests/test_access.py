@@ -30,6 +30,7 @@ HOSTS = ["--allowed-hosts", "127.0.0.1,*.service-now.com"]
 OTHER_ACCOUNT = "444455556666"
 ROLE = f"arn:aws:iam::{OTHER_ACCOUNT}:role/erp-reader"
 SECRET = "servicenow-oauth/prod"
+EXAMPLE_KEY = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"  # other-account.json's
 
 
 @pytest.fixture
@@ -184,9 +185,8 @@ def test_each_consumer_policy_allows_exactly_what_the_helper_calls(
     permissions.RECORDER.take()
     servicenow_session(SECRET, region=region)
     calls = [call for call in permissions.RECORDER.take() if call.actor == permissions.CONSUMER]
-    identity = [
-        Policy.of(snippet, json.loads((DOCS / snippet).read_text().replace("111122223333", permissions.ACCOUNT)))
-    ]
+    text = (DOCS / snippet).read_text().replace(EXAMPLE_KEY, key or EXAMPLE_KEY)  # the stack's key, as the README says
+    identity = [Policy.of(snippet, json.loads(text.replace("111122223333", permissions.ACCOUNT)))]
     shared = primary.get_resource_policy(SecretId=SECRET).get("ResourcePolicy")
     resource_policy = Policy.of("secret", json.loads(shared)) if shared else None
     template = permissions.Template(translate(), permissions.Deployment().with_parameters(

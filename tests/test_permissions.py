@@ -19,6 +19,7 @@ import permissions
 import pytest
 from permissions import ACCOUNT, Checker, Policy, Request, decide
 
+from local.template_check import translate
 from tests.test_callback import FakeContext
 from tests.test_refresh_handlers import add_due_connection
 
@@ -324,3 +325,43 @@ def test_make_connections_needs_only_the_monitoring_policy(permission_checker: C
     for action in ("secretsmanager:GetSecretValue", "secretsmanager:PutSecretValue"):
         assert not decide(Request(permissions.OPERATOR_ARN, action, secret), monitoring).allowed
     permissions.RECORDER.calls.extend(calls)
+
+
+# ------------------------------------------------------------------ found by review (each failed before its fix)
+READER = "arn:aws:iam::444455556666:role/erp-reader"  # a ConsumerPrincipal in another account
+STACK_KEY = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+VIA = (("kms:ViaService", "secretsmanager.us-east-1.amazonaws.com"),)
+
+
+def _secrets_key_policy() -> Policy:
+    """template.yaml's SecretsKey key policy, resolved, with the reader as ConsumerPrincipals."""
+    deployment = permissions.Deployment().with_parameters(SecretsKmsKeyArn="create", ConsumerPrincipals=READER)
+    policy = permissions.Template(translate(), deployment).key_policy("SecretsKey")
+    assert policy is not None
+    return policy
+
+
+def test_a_key_in_another_account_needs_the_callers_own_iam_too() -> None:
+    """KMS: "Neither the key policy nor the IAM policy alone is sufficient" across accounts
+    (https://docs.aws.amazon.com/kms/latest/developerguide/key-policy-modifying-external-accounts.html). The
+    evaluator allowed a reader in another account on the key policy alone."""
+    text = (permissions.DOCS / "consumer-policies" / "other-account.json").read_text().replace("111122223333", ACCOUNT)
+    readers_policy = json.loads(text)
+    request = Request(READER, "kms:Decrypt", STACK_KEY, VIA)
+    assert decide(request, [Policy.of("other-account", readers_policy)], key_policy=_secrets_key_policy()).allowed
+    assert not decide(request, [], key_policy=_secrets_key_policy()).allowed
+    readers_policy["Statement"] = [s for s in readers_policy["Statement"] if not s["Action"].startswith("kms:")]
+    assert not decide(request, [Policy.of("without kms", readers_policy)], key_policy=_secrets_key_policy()).allowed
+
+
+def test_condition_key_names_are_not_case_sensitive() -> None:
+    """IAM: "Condition key names are not case-sensitive." A Deny spelled `AWS:ResourceAccount` was skipped."""
+    role = f"arn:aws:iam::{ACCOUNT}:role/servicenow-oauth-WorkerFunctionRole"
+    allow_it = Policy.of("role", {"Statement": [allow("secretsmanager:GetSecretValue")]})
+    spelled = {"StringEquals": {"AWS:ResourceAccount": ACCOUNT}}
+    guard = Policy.of(
+        "guard", {"Statement": [{"Effect": "Deny", "Action": "*", "Resource": "*", "Condition": spelled}]}
+    )
+    request = Request(role, "secretsmanager:GetSecretValue", SECRET, (("aws:ResourceAccount", ACCOUNT),))
+    assert decide(request, [allow_it]).allowed
+    assert not decide(request, [allow_it, guard]).allowed
