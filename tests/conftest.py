@@ -258,16 +258,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from local.template_check import translate
 
     table, unexplained = permissions.statement_table(permissions.Checker(translate()), permissions.LEDGER.used)
-    table += "\n" + permissions.modelled_table(permissions.LEDGER.modelled)
+    modelled = permissions.modelled_table(permissions.LEDGER.modelled)
     Path(config.rootpath, "test-artifacts").mkdir(exist_ok=True)
-    Path(config.rootpath, "test-artifacts", "permissions.md").write_text(table)
+    Path(config.rootpath, "test-artifacts", "permissions.md").write_text(table + "\n" + modelled)
     text = README.read_text()
     written = (
         text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip() if TABLE_START in text else ""
     )
     problems = [f"statement used by no test and not explained (permissions.UNUSED_BECAUSE): {u}" for u in unexplained]
     if written != table.strip():
-        problems.append("README.md's permissions table is not this run's: copy test-artifacts/permissions.md into it")
+        problems.append(
+            "README.md's permissions table is not this run's: copy the first table of "
+            "test-artifacts/permissions.md into it"
+        )
     _PERMISSIONS_TABLE["problems"] = problems
     if problems:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

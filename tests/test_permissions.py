@@ -365,3 +365,26 @@ def test_condition_key_names_are_not_case_sensitive() -> None:
     request = Request(role, "secretsmanager:GetSecretValue", SECRET, (("aws:ResourceAccount", ACCOUNT),))
     assert decide(request, [allow_it]).allowed
     assert not decide(request, [allow_it, guard]).allowed
+
+
+def test_a_world_no_stack_can_be_allows_nothing(permission_checker: Checker) -> None:
+    """CloudFormation refuses a parameter that fails its AllowedPattern; the checker built a role from one
+    (ConnectionSecretPrefix without its '/') whose prefix also covered the state key, and allowed the worker to
+    overwrite it. Such a world is now denied, naming the parameter."""
+    state_key = f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:servicenow-oauth-state-key-4e8b2c1a-AbCdEf"
+    call = permissions.Recorded(
+        "WorkerFunction", "secretsmanager", "PutSecretValue", {"SecretId": state_key}, "us-east-1",
+        environment=(("CONNECTION_SECRET_PREFIX", "servicenow-oauth"),),
+        authorizations=[permissions.Authorization("secretsmanager:PutSecretValue", state_key, secret=state_key)],
+    )  # fmt: skip
+    [verdict] = permission_checker.verdicts(call)
+    assert not verdict.decision.allowed and "ConnectionSecretPrefix='servicenow-oauth' fails" in verdict.decision.reason
+
+
+def test_ref_of_the_state_key_secret_is_its_arn(permission_checker: Checker) -> None:
+    """Ref of an AWS::SecretsManager::Secret is its ARN (CloudFormation's return values), not a bare name."""
+    template = permission_checker.template(permissions.Deployment())
+    resolved = template.resolve({"Ref": "StateKeySecret"})
+    assert resolved.startswith(
+        f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:servicenow-oauth-state-key-4e8b2c1a-"
+    )
