@@ -19,7 +19,7 @@ import boto3
 import permissions
 import pytest
 from botocore.awsrequest import AWSResponse
-from permissions import Policy, Request, decide
+from iam import Policy, Request, decide
 
 from admin.cli import main as cli
 from core.consumer import servicenow_session

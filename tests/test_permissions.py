@@ -17,7 +17,8 @@ from typing import Any
 import boto3
 import permissions
 import pytest
-from permissions import ACCOUNT, Checker, Policy, Request, decide
+from iam import ACCOUNT, Policy, Request, decide
+from permissions import Checker
 
 from local.template_check import translate
 from tests.test_callback import FakeContext
