@@ -22,9 +22,35 @@ from typing import Any
 from botocore.client import BaseClient
 
 try:
-    from iam import ACCOUNT, REGION, Decision, Deployment, Policy, Request, Template, decide, role_arn, secret_arn
+    from iam import (
+        ACCOUNT,
+        REGION,
+        Decision,
+        Deployment,
+        Policy,
+        Request,
+        Template,
+        _like,
+        _listed,
+        decide,
+        role_arn,
+        secret_arn,
+    )
 except ImportError:  # imported as tests.permissions (make explore)
-    from tests.iam import ACCOUNT, REGION, Decision, Deployment, Policy, Request, Template, decide, role_arn, secret_arn
+    from tests.iam import (
+        ACCOUNT,
+        REGION,
+        Decision,
+        Deployment,
+        Policy,
+        Request,
+        Template,
+        _like,
+        _listed,
+        decide,
+        role_arn,
+        secret_arn,
+    )
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLERS = {
@@ -288,9 +314,7 @@ SECRETS_MANAGER_KMS = "https://docs.aws.amazon.com/secretsmanager/latest/usergui
 CREATE_SECRET = "https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_CreateSecret.html"
 REPLICATE = "https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_ReplicateSecretToRegions.html"
 BATCH_GET = "https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_BatchGetSecretValue.html"
-SQS_BATCH = (
-    "https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-api-permissions-reference.html"
-)
+SQS_BATCH = "https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-batch-api.html"
 NO_PERMISSION = {
     ("sts", "GetCallerIdentity")
 }  # https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
@@ -631,7 +655,7 @@ RECORDER = Recorder()
 class Ledger:
     """What the whole run authorized: which statements were used, which calls were modelled."""
 
-    used: dict[str, int] = field(default_factory=dict)
+    used: dict[str, set[str]] = field(default_factory=dict)  # statement label -> the actions it granted
     modelled: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     actors: dict[str, int] = field(default_factory=dict)
     denied: int = 0
@@ -642,7 +666,7 @@ class Ledger:
             if not verdict.decision.allowed:
                 self.denied += 1
             for label in verdict.decision.used:
-                self.used[label] = self.used.get(label, 0) + 1
+                self.used.setdefault(label, set()).add(verdict.authorization.action)
             if verdict.authorization.modelled:
                 key = (verdict.authorization.action, verdict.authorization.modelled)
                 self.modelled.setdefault(key, set()).add(verdict.actor)
@@ -684,29 +708,43 @@ def invocation(actor: str, template: Template, environment: tuple[tuple[str, str
 UNUSED_BECAUSE: dict[str, str] = {}
 
 
-def statement_table(checker: Checker, used: dict[str, int]) -> tuple[str, list[str]]:
-    """(a Markdown table of used/total statements per role, the unused statements nobody explained)."""
+def statement_table(checker: Checker, used: dict[str, set[str]]) -> tuple[str, list[str]]:
+    """(a Markdown table per role of the statements and the action patterns some test's call used, the unused ones
+    nobody explained). A role is taken with every optional policy attached."""
     full = Deployment().with_parameters(
         JwtSigningKey=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab",
         AppFlowConnectorProfiles="snow-prod",
     )
     template = checker.template(full)
     created = checker.template(full.with_parameters(JwtSigningKey="create", JwtCertificateIssuerArn=OPERATOR_ARN))
-    rows: list[tuple[str, list[str]]] = [
-        (f"{actor}Role", [label for policy in template.identity(actor) for label, _ in policy.statements])
-        for actor in HANDLERS.values()
-    ]
-    rows.append(("operator (docs/operator-policy.json)", [label for label, _ in checker.operator.statements]))
     key = created.key_policy("JwtSigningKmsKey")
     assert key is not None
-    rows.append(("JwtSigningKmsKey's key policy", [label for label, _ in key.statements]))
-    lines = ["| role or policy | statements used by a test | unused, and why |", "|---|---|---|"]
+    rows: list[tuple[str, list[Policy]]] = [(f"{actor}Role", template.identity(actor)) for actor in HANDLERS.values()]
+    rows += [("operator (docs/operator-policy.json)", [checker.operator]), ("JwtSigningKmsKey's key policy", [key])]
+    lines = [
+        "| role or policy | statements used | actions used | unused, and why |",
+        "|---|---|---|---|",
+    ]
     unexplained = []
-    for name, labels in rows:
-        unused = [label for label in labels if not used.get(label)]
-        unexplained += [label for label in unused if label not in UNUSED_BECAUSE]
-        why = "; ".join(f"`{label}`: {UNUSED_BECAUSE.get(label, 'UNEXPLAINED')}" for label in unused) or "-"
-        lines.append(f"| {name} | {len(labels) - len(unused)} of {len(labels)} | {why} |")
+    for name, policies in rows:
+        statements = [(label, statement) for policy in policies for label, statement in policy.statements]
+        unused = [label for label, _ in statements if label not in used]
+        patterns = [
+            (label, action) for label, statement in statements for action in _listed(statement.get("Action", []))
+        ]
+        idle = [
+            f"{label} {action}"
+            for label, action in patterns
+            if label in used and not any(_like(done, action, ignore_case=True) for done in used[label])
+        ]
+        idle += [f"{label} {action}" for label, action in patterns if label in unused]
+        unexplained += [
+            item for item in unused + idle if item not in UNUSED_BECAUSE and item.split(" ")[0] not in UNUSED_BECAUSE
+        ]
+        why = "; ".join(f"`{item}`: {UNUSED_BECAUSE.get(item, UNUSED_BECAUSE.get(item.split(' ')[0], 'UNEXPLAINED'))}"
+                        for item in unused + [i for i in idle if i.split(" ")[0] not in unused]) or "-"  # fmt: skip
+        lines.append(f"| {name} | {len(statements) - len(unused)} of {len(statements)} | "
+                     f"{len(patterns) - len(idle)} of {len(patterns)} | {why} |")  # fmt: skip
     return "\n".join(lines) + "\n", unexplained
 
 
