@@ -392,7 +392,8 @@ def test_ref_of_the_state_key_secret_is_its_arn(permission_checker: Checker) -> 
 
 
 def test_an_unused_statement_or_action_is_named_unless_explained(permission_checker: Checker) -> None:
-    """The whole run's least-privilege check (conftest's session end) fails on what no test used and nobody explained."""
+    """The whole run's least-privilege check (conftest's session end) fails on what no test used and nobody
+    explained."""
     everything = permissions.statement_table(permission_checker, {})[1]
     assert (
         "ConnectionWriterPolicy/ConnectionSecrets" in everything and "operator-policy/ManageConnections" in everything
