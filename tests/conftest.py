@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import socket
@@ -261,6 +262,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     modelled = permissions.modelled_table(permissions.LEDGER.modelled)
     Path(config.rootpath, "test-artifacts").mkdir(exist_ok=True)
     Path(config.rootpath, "test-artifacts", "permissions.md").write_text(table + "\n" + modelled)
+    used = {label: sorted(actions) for label, actions in sorted(permissions.LEDGER.used.items())}
+    Path(config.rootpath, "test-artifacts", "permissions-used.json").write_text(json.dumps(used, indent=1))
     text = README.read_text()
     written = (
         text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip() if TABLE_START in text else ""

@@ -705,7 +705,26 @@ def invocation(actor: str, template: Template, environment: tuple[tuple[str, str
 
 # ------------------------------------------------------------------------------ least privilege, measured
 # Statements no test's call uses, each with why it stays. The session's end fails on any other unused one.
-UNUSED_BECAUSE: dict[str, str] = {}
+# A statement's label explains all of its actions; "label action" one of them.
+_MANAGED_AS_A_WHOLE = "an AWS managed policy SAM attaches whole"
+UNUSED_BECAUSE: dict[str, str] = {
+    "AWSLambdaBasicExecutionRole/#0 logs:CreateLogGroup": f"{_MANAGED_AS_A_WHOLE}; Lambda creates a group only when "
+    "it is missing, and the stack makes each function's group first",
+    "AWSLambdaSQSQueueExecutionRole/#0 logs:CreateLogGroup": f"{_MANAGED_AS_A_WHOLE} (the SQS event source's)",
+    "AWSXrayWriteOnlyAccess/#0 xray:GetSamplingRules": f"{_MANAGED_AS_A_WHOLE} for `Tracing: Active`; sampling rules "
+    "are for the X-Ray SDK, and Lambda samples for the functions",
+    "AWSXrayWriteOnlyAccess/#0 xray:GetSamplingTargets": "as GetSamplingRules",
+    "AWSXrayWriteOnlyAccess/#0 xray:GetSamplingStatisticSummaries": "as GetSamplingRules",
+    "AppFlowPushPolicy/AppFlowManagedCredentials secretsmanager:UpdateSecret": "AWS does not document which write "
+    "AppFlow makes to its credential secret on an update (PutSecretValue is modelled); kept so a push never "
+    "fails on the other",
+    "JwtSigningKmsKey/AccountAdministersTheKey": "the account administers its key (CloudFormation updates and "
+    "deletes it; a person disables or schedules it); the functions only sign, through the statement beside it",
+}
+
+
+def _label(item: str) -> str:
+    return item.split(" ")[0]
 
 
 def statement_table(checker: Checker, used: dict[str, set[str]]) -> tuple[str, list[str]]:
@@ -739,12 +758,22 @@ def statement_table(checker: Checker, used: dict[str, set[str]]) -> tuple[str, l
         ]
         idle += [f"{label} {action}" for label, action in patterns if label in unused]
         unexplained += [
-            item for item in unused + idle if item not in UNUSED_BECAUSE and item.split(" ")[0] not in UNUSED_BECAUSE
+            item for item in unused + idle if item not in UNUSED_BECAUSE and _label(item) not in UNUSED_BECAUSE
         ]
-        why = "; ".join(f"`{item}`: {UNUSED_BECAUSE.get(item, UNUSED_BECAUSE.get(item.split(' ')[0], 'UNEXPLAINED'))}"
-                        for item in unused + [i for i in idle if i.split(" ")[0] not in unused]) or "-"  # fmt: skip
-        lines.append(f"| {name} | {len(statements) - len(unused)} of {len(statements)} | "
-                     f"{len(patterns) - len(idle)} of {len(patterns)} | {why} |")  # fmt: skip
+        reasons: dict[str, list[str]] = {}  # reason -> what it explains, a whole statement's actions counted once
+        for item in unused + [i for i in idle if _label(i) not in unused]:
+            whole = _label(item) in UNUSED_BECAUSE
+            reason = UNUSED_BECAUSE[_label(item)] if whole else UNUSED_BECAUSE.get(item, "UNEXPLAINED")
+            reasons.setdefault(reason, []).append(_label(item) if whole else item)
+        why = "; ".join(
+            f"{', '.join(f'`{item}`' for item in dict.fromkeys(items))}"
+            f"{f' ({len(items)} actions)' if len(set(items)) < len(items) else ''}: {reason}"
+            for reason, items in reasons.items()
+        )
+        lines.append(
+            f"| {name} | {len(statements) - len(unused)} of {len(statements)} | "
+            f"{len(patterns) - len(idle)} of {len(patterns)} | {why or '-'} |"
+        )
     return "\n".join(lines) + "\n", unexplained
 
 
