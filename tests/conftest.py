@@ -262,7 +262,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     modelled = permissions.modelled_table(permissions.LEDGER.modelled)
     Path(config.rootpath, "test-artifacts").mkdir(exist_ok=True)
     Path(config.rootpath, "test-artifacts", "permissions.md").write_text(table + "\n" + modelled)
-    used = {label: sorted(actions) for label, actions in sorted(permissions.LEDGER.used.items())}
+    used = {
+        actor: {label: sorted(actions) for label, actions in sorted(labels.items())}
+        for actor, labels in sorted(permissions.LEDGER.used.items())
+    }
     Path(config.rootpath, "test-artifacts", "permissions-used.json").write_text(json.dumps(used, indent=1))
     text = README.read_text()
     written = (

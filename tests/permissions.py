@@ -655,7 +655,7 @@ RECORDER = Recorder()
 class Ledger:
     """What the whole run authorized: which statements were used, which calls were modelled."""
 
-    used: dict[str, set[str]] = field(default_factory=dict)  # statement label -> the actions it granted
+    used: dict[str, dict[str, set[str]]] = field(default_factory=dict)  # actor -> statement label -> actions granted
     modelled: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     actors: dict[str, int] = field(default_factory=dict)
     denied: int = 0
@@ -666,7 +666,7 @@ class Ledger:
             if not verdict.decision.allowed:
                 self.denied += 1
             for label in verdict.decision.used:
-                self.used.setdefault(label, set()).add(verdict.authorization.action)
+                self.used.setdefault(verdict.actor, {}).setdefault(label, set()).add(verdict.authorization.action)
             if verdict.authorization.modelled:
                 key = (verdict.authorization.action, verdict.authorization.modelled)
                 self.modelled.setdefault(key, set()).add(verdict.actor)
@@ -727,9 +727,22 @@ def _label(item: str) -> str:
     return item.split(" ")[0]
 
 
-def statement_table(checker: Checker, used: dict[str, set[str]]) -> tuple[str, list[str]]:
-    """(a Markdown table per role of the statements and the action patterns some test's call used, the unused ones
-    nobody explained). A role is taken with every optional policy attached."""
+def _label(item: str) -> str:
+    return item.split(" ")[0]
+
+
+def _why(row: str, item: str) -> str | None:
+    """The reason an unused statement or action is kept: for this role, for every role, or its whole statement's."""
+    for key in (f"{row}: {item}", item, f"{row}: {_label(item)}", _label(item)):
+        if key in UNUSED_BECAUSE:
+            return UNUSED_BECAUSE[key]
+    return None
+
+
+def statement_table(checker: Checker, used_by: dict[str, dict[str, set[str]]]) -> tuple[str, list[str]]:
+    """(a Markdown table per role of the statements and the action patterns that role's own calls used, the unused
+    ones nobody explained). A role is taken with every optional policy attached; a shared managed policy's statement
+    counts for a role only if that role's calls used it."""
     full = Deployment().with_parameters(
         JwtSigningKey=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab",
         AppFlowConnectorProfiles="snow-prod",
@@ -738,14 +751,23 @@ def statement_table(checker: Checker, used: dict[str, set[str]]) -> tuple[str, l
     created = checker.template(full.with_parameters(JwtSigningKey="create", JwtCertificateIssuerArn=OPERATOR_ARN))
     key = created.key_policy("JwtSigningKmsKey")
     assert key is not None
-    rows: list[tuple[str, list[Policy]]] = [(f"{actor}Role", template.identity(actor)) for actor in HANDLERS.values()]
-    rows += [("operator (docs/operator-policy.json)", [checker.operator]), ("JwtSigningKmsKey's key policy", [key])]
+    anyone: dict[str, set[str]] = {}
+    for labels in used_by.values():
+        for label, actions in labels.items():
+            anyone.setdefault(label, set()).update(actions)
+    rows: list[tuple[str, list[Policy], dict[str, set[str]]]] = [
+        (f"{actor}Role", template.identity(actor), used_by.get(actor, {})) for actor in HANDLERS.values()
+    ]
+    rows += [
+        ("operator (docs/operator-policy.json)", [checker.operator], used_by.get(OPERATOR, {})),
+        ("JwtSigningKmsKey's key policy", [key], anyone),
+    ]
     lines = [
         "| role or policy | statements used | actions used | unused, and why |",
         "|---|---|---|---|",
     ]
     unexplained = []
-    for name, policies in rows:
+    for name, policies, used in rows:
         statements = [(label, statement) for policy in policies for label, statement in policy.statements]
         unused = [label for label, _ in statements if label not in used]
         patterns = [
@@ -757,13 +779,11 @@ def statement_table(checker: Checker, used: dict[str, set[str]]) -> tuple[str, l
             if label in used and not any(_like(done, action, ignore_case=True) for done in used[label])
         ]
         idle += [f"{label} {action}" for label, action in patterns if label in unused]
-        unexplained += [
-            item for item in unused + idle if item not in UNUSED_BECAUSE and _label(item) not in UNUSED_BECAUSE
-        ]
+        unexplained += [f"{name}: {item}" for item in unused + idle if _why(name, item) is None]
         reasons: dict[str, list[str]] = {}  # reason -> what it explains, a whole statement's actions counted once
         for item in unused + [i for i in idle if _label(i) not in unused]:
-            whole = _label(item) in UNUSED_BECAUSE
-            reason = UNUSED_BECAUSE[_label(item)] if whole else UNUSED_BECAUSE.get(item, "UNEXPLAINED")
+            whole = item not in unused and _why(name, item) == _why(name, _label(item))
+            reason = _why(name, item) or "UNEXPLAINED"
             reasons.setdefault(reason, []).append(_label(item) if whole else item)
         why = "; ".join(
             f"{', '.join(f'`{item}`' for item in dict.fromkeys(items))}"
