@@ -718,6 +718,12 @@ UNUSED_BECAUSE: dict[str, str] = {
     "AppFlowPushPolicy/AppFlowManagedCredentials secretsmanager:UpdateSecret": "AWS does not document which write "
     "AppFlow makes to its credential secret on an update (PutSecretValue is modelled); kept so a push never "
     "fails on the other",
+    "ConnectionWriterPolicy/ConnectionSecrets secretsmanager:UntagResource": "the functions' shared policy; only "
+    "rotation removes a tag (its base marker, in finishSecret)",
+    "RotationFunctionRole: JwtSigningPolicy/JwtSigningKey": "rotation of a JWT connection signs through the "
+    "refresher's path, whose JWT tests (sweep, worker) use this same policy; not run through rotation itself",
+    "DashboardFunctionRole: MonitoringPolicy/DescribeConnections": "MonitoringPolicy is also the operators' watch "
+    "policy: `make connections` uses this statement, checked against MonitoringPolicy alone; the widget only lists",
     "JwtSigningKmsKey/AccountAdministersTheKey": "the account administers its key (CloudFormation updates and "
     "deletes it; a person disables or schedules it); the functions only sign, through the statement beside it",
 }
