@@ -20,6 +20,7 @@ faster a call (benchmarks/RESULTS.md). ServiceNow is the emulator, a real HTTP s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -56,9 +57,11 @@ from core.sweep import Sweep
 from local.servicenow_emulator import ConsentForm, ServiceNowEmulator
 
 try:
-    import permissions
-except ImportError:  # imported as tests.explorer (make explore)
-    from tests import permissions
+    from permissions import OPERATOR, acting_as
+    from permissions import WRITERS as ROLES  # the function each writer stands for
+except ImportError:  # make explore imports tests.explorer: nothing checks permissions there
+    OPERATOR, ROLES = "operator", {}
+    acting_as = lambda _actor: contextlib.nullcontext()  # noqa: E731
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
@@ -194,7 +197,7 @@ class Scheduler:
             with self.cond:
                 self._wait(name)
             try:
-                with permissions.acting_as(permissions.WRITERS.get(name.split(".", 1)[-1], permissions.OPERATOR)):
+                with acting_as(ROLES.get(name.split(".", 1)[-1], OPERATOR)):
                     function()
             except BaseException as error:  # a failed invocation: Lambda reports it; judged by the checks
                 self.errors[name] = error

@@ -20,37 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from botocore.client import BaseClient
-
-try:
-    from iam import (
-        ACCOUNT,
-        REGION,
-        Decision,
-        Deployment,
-        Policy,
-        Request,
-        Template,
-        _like,
-        _listed,
-        decide,
-        role_arn,
-        secret_arn,
-    )
-except ImportError:  # imported as tests.permissions (make explore)
-    from tests.iam import (
-        ACCOUNT,
-        REGION,
-        Decision,
-        Deployment,
-        Policy,
-        Request,
-        Template,
-        _like,
-        _listed,
-        decide,
-        role_arn,
-        secret_arn,
-    )
+from iam import (
+    ACCOUNT,
+    REGION,
+    Decision,
+    Deployment,
+    Policy,
+    Request,
+    Template,
+    _like,
+    _listed,
+    decide,
+    role_arn,
+    secret_arn,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLERS = {
