@@ -8,6 +8,7 @@ captured output or the exceptions the test saw.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -205,11 +206,17 @@ import permissions  # noqa: E402
 permissions.install()
 
 
-@pytest.fixture(scope="session")
-def permission_checker() -> permissions.Checker:
+@functools.cache
+def _checker() -> permissions.Checker:
+    """One translation of the template per session, for the tests and for the session's end."""
     from local.template_check import translate
 
     return permissions.Checker(translate())
+
+
+@pytest.fixture(scope="session")
+def permission_checker() -> permissions.Checker:
+    return _checker()
 
 
 @pytest.fixture(autouse=True)
@@ -226,10 +233,6 @@ def _aws_calls_recorded(request: pytest.FixtureRequest) -> Iterator[None]:
     verdicts = [verdict for call in calls + checker.invocations(calls) for verdict in checker.verdicts(call)]
     permissions.LEDGER.add(verdicts)
     denied = sorted({str(v) for v in verdicts if not v.decision.allowed})
-    if os.environ.get("PERMISSIONS_DUMP"):
-        with open(os.environ["PERMISSIONS_DUMP"], "a") as dump:
-            dump.writelines(f"{request.node.nodeid}\t{line}\n" for line in denied)
-        return
     assert not denied, "AWS calls the role that made them does not allow:\n" + "\n".join(denied)
 
 
@@ -256,9 +259,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     )
     if not whole:
         return
-    from local.template_check import translate
-
-    table, unexplained = permissions.statement_table(permissions.Checker(translate()), permissions.LEDGER.used)
+    table, unexplained = permissions.statement_table(_checker(), permissions.LEDGER.used)
     modelled = permissions.modelled_table(permissions.LEDGER.modelled)
     Path(config.rootpath, "test-artifacts").mkdir(exist_ok=True)
     Path(config.rootpath, "test-artifacts", "permissions.md").write_text(table + "\n" + modelled)

@@ -95,6 +95,12 @@ class Request:
     def account(self) -> str:
         return self.principal.split(":")[4]
 
+    @property
+    def resource_account(self) -> str:
+        """The account in the resource's ARN ("" for "*" or an ARN without one, as an S3 bucket's)."""
+        parts = self.resource.split(":")
+        return parts[4] if len(parts) > 5 else ""
+
 
 def _principal_matches(statement: Statement, principal: str) -> str | None:
     """ "direct" when the statement names the caller, "account" when it names the caller's account (which
@@ -184,7 +190,7 @@ def decide(
     granted = [label for policy in identity for label in allows(policy, with_principal=False)[0]]
     if key_policy is not None:
         labels, how = allows(key_policy, with_principal=True)
-        key_account = request.resource.split(":")[4] if request.resource.count(":") >= 5 else request.account
+        key_account = request.resource_account or request.account
         if key_account != request.account:  # "Neither the key policy nor the IAM policy alone is sufficient"
             if how is not None and granted:
                 return Decision(True, "the key policy names the caller (or its account) and its IAM allows it",
@@ -200,7 +206,7 @@ def decide(
             return Decision(False, f"no identity policy allows {request.action} (the key policy delegates to IAM)")
         return Decision(False, f"the key policy of {request.resource} does not allow {request.action}")
     resource_labels, how = allows(resource_policy, with_principal=True) if resource_policy else ([], None)
-    resource_account = request.resource.split(":")[4] if request.resource.count(":") >= 5 else ""
+    resource_account = request.resource_account
     if resource_account and resource_account != request.account:
         if granted and resource_labels:
             return Decision(True, "both accounts allow it", tuple(granted + resource_labels))

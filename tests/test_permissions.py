@@ -150,8 +150,7 @@ def sweep_calls(aws: str, secretsmanager: Any, emulator: Any, monkeypatch: pytes
     ) == {"refreshed": 1}
     calls = permissions.RECORDER.take()
     yield calls
-    for call in calls:  # back for conftest's check with the real template
-        permissions.RECORDER.calls.append(call)
+    permissions.RECORDER.give_back(calls)  # for conftest's check with the real template
 
 
 def denials(checker: Checker, calls: list[Any]) -> list[str]:
@@ -212,7 +211,7 @@ def test_an_unmet_condition_denies_the_call_aws_makes_for_the_function(
     found = denials(Checker(template), calls)
     assert found and all("kms:Decrypt" in line or "kms:GenerateDataKey" in line for line in found), found
     assert any("made by AWS on its behalf" in line for line in found)
-    permissions.RECORDER.calls.extend(calls)
+    permissions.RECORDER.give_back(calls)
 
 
 def test_the_operators_policy_is_what_the_cli_needs(permission_checker: Checker, aws: str) -> None:
@@ -240,7 +239,7 @@ def test_the_operators_policy_is_what_the_cli_needs(permission_checker: Checker,
         line.startswith("operator called secretsmanager:CreateSecret at src/core/store.py:")
         and "no statement allows" in line
     )
-    permissions.RECORDER.calls.extend(calls)
+    permissions.RECORDER.give_back(calls)
 
 
 def test_rotation_pushes_to_appflow_with_its_own_role(
@@ -286,7 +285,7 @@ def test_rotation_pushes_to_appflow_with_its_own_role(
     assert found and all(line.startswith("RotationFunction called appflow:UpdateConnectorProfile") for line in found), (
         found
     )
-    permissions.RECORDER.calls.extend(calls)
+    permissions.RECORDER.give_back(calls)
 
 
 def test_make_connections_needs_only_the_monitoring_policy(permission_checker: Checker, aws: str) -> None:
@@ -325,7 +324,7 @@ def test_make_connections_needs_only_the_monitoring_policy(permission_checker: C
     secret = next(a.resource for call in calls for a in call.authorizations if a.action.endswith("DescribeSecret"))
     for action in ("secretsmanager:GetSecretValue", "secretsmanager:PutSecretValue"):
         assert not decide(Request(permissions.OPERATOR_ARN, action, secret), monitoring).allowed
-    permissions.RECORDER.calls.extend(calls)
+    permissions.RECORDER.give_back(calls)
 
 
 # ------------------------------------------------------------------ found by review (each failed before its fix)

@@ -13,6 +13,7 @@ import permissions
 from permissions import Checker
 
 from admin.cli import main as cli
+from tests.test_permissions import denials
 
 HOSTS = ["--allowed-hosts", "*.service-now.com"]
 
@@ -24,11 +25,6 @@ def _add(*extra: str) -> list[Any]:
             "--client-id", "c1", *extra]  # fmt: skip
     assert cli(argv, out=out, err=err, stdin=io.StringIO("s3cret-A1\n")) == 0, err.getvalue()
     return permissions.RECORDER.take()
-
-
-def _denials(checker: Checker, calls: list[Any]) -> list[str]:
-    return sorted({str(v) for call in calls if call.actor != permissions.SETUP for v in checker.verdicts(call)
-                   if not v.decision.allowed})  # fmt: skip
 
 
 def _operator_policy_without(action: str) -> dict[str, Any]:
@@ -45,12 +41,12 @@ def test_create_secret_with_tags_needs_tag_resource(permission_checker: Checker,
     calls = _add()
     [create] = [c for c in calls if c.operation == "CreateSecret"]
     assert create.params.get("Tags")
-    assert _denials(permission_checker, calls) == []
+    assert denials(permission_checker, calls) == []
     checker = Checker(
         permission_checker.translated, operator_policy=_operator_policy_without("secretsmanager:TagResource")
     )
-    found = _denials(checker, [create])
-    permissions.RECORDER.calls.extend(calls)
+    found = denials(checker, [create])
+    permissions.RECORDER.give_back(calls)
     assert any("secretsmanager:TagResource" in line for line in found), (
         "CreateSecret with Tags is allowed without secretsmanager:TagResource: "
         + repr([a.action for a in create.authorizations])
@@ -63,13 +59,13 @@ def test_create_secret_with_replicas_needs_replicate_secret_to_regions(permissio
     calls = _add("--replica-region", "eu-west-1")
     [create] = [c for c in calls if c.operation == "CreateSecret"]
     assert create.params.get("AddReplicaRegions")
-    assert _denials(permission_checker, calls) == []
+    assert denials(permission_checker, calls) == []
     checker = Checker(
         permission_checker.translated,
         operator_policy=_operator_policy_without("secretsmanager:ReplicateSecretToRegions"),
     )
-    found = _denials(checker, [create])
-    permissions.RECORDER.calls.extend(calls)
+    found = denials(checker, [create])
+    permissions.RECORDER.give_back(calls)
     assert any("ReplicateSecretToRegions" in line for line in found), (
         "CreateSecret with AddReplicaRegions is allowed without secretsmanager:ReplicateSecretToRegions: "
         + repr([a.action for a in create.authorizations])
@@ -88,12 +84,12 @@ def test_a_replica_on_its_own_key_needs_that_key_through_the_replica_region(
                  "--replica-kms-key", f"eu-west-1={replica_key}")  # fmt: skip
     [create] = [c for c in calls if c.operation == "CreateSecret"]
     assert create.params["AddReplicaRegions"] == [{"Region": "eu-west-1", "KmsKeyId": replica_key}]
-    assert _denials(permission_checker, calls) == []
+    assert denials(permission_checker, calls) == []
     document = json.loads((permissions.DOCS / "operator-policy.json").read_text())
     [kms] = [s for s in document["Statement"] if s["Sid"] == "SecretsOnACustomerManagedKey"]
     kms["Condition"] = {"StringEquals": {"kms:ViaService": "secretsmanager.us-east-1.amazonaws.com"}}
-    found = _denials(Checker(permission_checker.translated, operator_policy=document), [create])
-    permissions.RECORDER.calls.extend(calls)
+    found = denials(Checker(permission_checker.translated, operator_policy=document), [create])
+    permissions.RECORDER.give_back(calls)
     assert any(replica_key in line for line in found), "the replica's key is never authorized: " + repr(
         [(a.action, a.resource) for a in create.authorizations]
     )
