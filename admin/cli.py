@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import boto3
 import requests
@@ -22,6 +24,21 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from admin.access import AccessError, ConnectionAccess, account_of, parse_principal, parse_region, uses_default_key
+from admin.registration import (
+    JWKS,
+    VERIFIER_MAPS,
+    AdminCredentials,
+    JwtTrust,
+    Plan,
+    Registered,
+    RegistrationError,
+    TableApi,
+    admin_session,
+    ensure_verifier_map,
+    find_entry,
+    register_client,
+    remove_verifier_maps,
+)
 from core.allowlist import normalize_instance_url, parse_allowed_hosts
 from core.appflow import PROFILES_KEY
 from core.clock import to_iso, utc_now
@@ -84,6 +101,12 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     password = _read_secret("ServiceNow password: ", stdin) if args.grant_type == "password" else None
     if args.grant_type == "password" and not args.username:
         raise CliError(f"connection {name!r}: --username is required with --grant-type password")
+    _check_jwt_options(args, name)
+    connection = _new_connection(args, name, instance, args.client_id, client_secret, password)
+    return _create_connection(args, out, store, connection)
+
+
+def _check_jwt_options(args: argparse.Namespace, name: str) -> None:
     jwt_options = (args.jwt_subject, args.jwt_key_id, args.jwt_kms_key)
     if args.grant_type == "jwt_bearer" and not all(jwt_options):
         raise CliError(
@@ -92,17 +115,27 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         )
     if args.grant_type != "jwt_bearer" and any(jwt_options):
         raise CliError(f"connection {name!r}: --jwt-* options only apply to --grant-type jwt_bearer")
-    consumers, replicas = _consumers_and_replicas(args, store, name)
-    extra: dict[str, Any] = {"expectedUser": args.expected_user} if args.expected_user else {}
+
+
+def _new_connection(
+    args: argparse.Namespace,
+    name: str,
+    instance: str,
+    client_id: str,
+    client_secret: str,
+    password: str | None,
+    extra: Mapping[str, Any] | None = None,
+) -> Connection:
+    more: dict[str, Any] = {"expectedUser": args.expected_user} if args.expected_user else {}
     if args.appflow_profile:
-        extra[PROFILES_KEY] = list(args.appflow_profile)
-    connection = Connection(
+        more[PROFILES_KEY] = list(args.appflow_profile)
+    return Connection(
         name=name,
         instance_url=instance,
-        client_id=args.client_id,
+        client_id=client_id,
         client_secret=client_secret,
         grant_type=args.grant_type,
-        username=args.username,
+        username=getattr(args, "username", None),
         password=password,
         scope=args.scope,
         jwt_subject=args.jwt_subject,
@@ -110,8 +143,14 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         kms_key_id=args.jwt_kms_key,
         status="pending_authorization",
         updated_at=utc_now(),
-        extra=extra,
+        extra={**more, **(extra or {})},
     )
+
+
+def _create_connection(args: argparse.Namespace, out: TextIO, store: ConnectionStore, connection: Connection) -> int:
+    """Create a new connection's secret with its readers and replicas, or nothing at all."""
+    name = connection.name
+    consumers, replicas = _consumers_and_replicas(args, store, name)
     try:
         # Exactly what every reader will accept (e.g. an empty --client-id is refused here, not at each sweep).
         parse_connection(name, connection.to_json(), store.allowed_hosts)
@@ -173,9 +212,9 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
             "readers in other accounts also need kms:Decrypt on the secret's key through Secrets Manager: the "
             "stack's key allows exactly its ConsumerPrincipals (docs/consumer-policies/other-account.json)\n"
         )
-    if args.grant_type == "authorization_code":
+    if args.grant_type == "authorization_code" and args.run is cmd_add:
         out.write(f"next: authorize it with `make authorize-url CONNECTION={name}`\n")
-    elif args.grant_type == "jwt_bearer":
+    elif args.grant_type == "jwt_bearer" and args.run is cmd_add:
         out.write(
             f"next: `make refresh CONNECTION={name}` once ServiceNow has the certificate (make jwt-certificate)\n"
         )
@@ -345,9 +384,15 @@ def _change_readers(args: argparse.Namespace, out: TextIO, *, revoke: bool) -> i
 
 
 def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
-    """JWT key rollover: stage the next key before ServiceNow drops the current one's verifier map."""
+    """JWT key rollover: stage the next key, and where ServiceNow trusts keys by verifier maps, add the staged
+    key's (the admin's credentials are asked for first, so a refusal writes nothing in either system)."""
     store = _store(args)
     name = validate_name(args.name)
+    known = store.get(name).connection
+    api, entry = None, None
+    if known.extra.get(TRUST_KEY) == VERIFIER_MAPS:
+        api = _registration_api(args, stdin, name, known.instance_url)
+        entry = _entry(api, known)
 
     def stage(connection: Connection) -> Connection:
         if connection.grant_type != "jwt_bearer":
@@ -362,8 +407,73 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     store.update(name, stage)
     out.write(
         f"staged key id {args.jwt_key_id} for {name}; assertions keep using the current key and switch over, in "
-        "one write with a new token, as soon as ServiceNow refuses the current one\n"
+        "one write with a new token, as soon as ServiceNow refuses the current one (make retire-jwt-key)\n"
     )
+    trust = known.extra.get(TRUST_KEY)
+    if api is not None and entry is not None:
+        try:
+            lines = ensure_verifier_map(api, name, entry, args.jwt_key_id, lambda: _certificate(name, args.jwt_kms_key))
+        except RegistrationError as error:
+            raise CliError(f"the key is staged, but {error}", EXIT_FAILED) from None
+        for line in lines or [f"already trusts key id {args.jwt_key_id!r}"]:
+            out.write(f"ServiceNow ({api.host}): {line}\n")
+    elif trust == JWKS:
+        out.write(f"ServiceNow fetches the staged key from {name}'s JWKS URL: nothing to upload\n")
+    else:
+        out.write(f"ServiceNow needs its certificate: make jwt-certificate CONNECTION={name} NEXT=1\n")
+    return 0
+
+
+def _entry(api: TableApi, connection: Connection) -> str:
+    """The sys_id of the registry entry `servicenow-client` recorded in the connection (reads before writes)."""
+    try:
+        entry = find_entry(api, str(connection.extra.get(ENTRY_KEY)))
+    except RegistrationError as error:
+        raise CliError(str(error), EXIT_FAILED) from None
+    return str(entry.get("sys_id"))
+
+
+def cmd_retire_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    """The end of a JWT key rollover, on an explicit command: a token from the staged key makes it the current
+    one, and where ServiceNow trusts keys by verifier maps, the maps of every other key are removed."""
+    store = _store(args)
+    name = validate_name(args.name)
+    read = store.get(name)
+    if read.connection.grant_type != "jwt_bearer":
+        raise CliError(f"connection {name!r} uses {read.connection.grant_type}, not jwt_bearer: no key to retire")
+    api, entry = None, None
+    if read.connection.extra.get(TRUST_KEY) == VERIFIER_MAPS:
+        api = _registration_api(args, stdin, name, read.connection.instance_url)
+        entry = _entry(api, read.connection)
+    staged = read.connection.jwt_key_next
+    if staged is not None:
+        outcome = _cli_refresher(store).promote_staged_key(read)
+        if outcome is None:
+            raise CliError(
+                f"connection {name!r}: ServiceNow refused an assertion signed by the staged key {staged.key_id!r}: it "
+                "does not trust it yet (make stage-jwt-key adds its verifier map; a JWKS URL needs its cache to "
+                "expire); nothing changed",
+                EXIT_FAILED,
+            )
+        if not outcome.jwt_key_promoted:
+            raise CliError(f"connection {name!r}: the staged key was not promoted ({outcome.result}: {outcome.detail})")
+        out.write(f"{name}: key id {staged.key_id} is now the current key (a token from it is stored)\n")
+    current = store.get(name).connection
+    if api is not None and entry is not None:
+        keep = {key.key_id for key in (current.jwt_key, current.jwt_key_next) if key is not None}
+        try:
+            removed = remove_verifier_maps(api, name, entry, keep)
+        except RegistrationError as error:
+            raise CliError(str(error), EXIT_FAILED) from None
+        out.write(
+            f"ServiceNow ({api.host}): removed the verifier maps of {', '.join(map(repr, removed))}\n"
+            if removed
+            else f"ServiceNow ({api.host}): no verifier map of another key is left\n"
+        )
+    elif staged is None:
+        out.write(f"{name}: no staged key to promote; nothing changed\n")
+    if read.connection.extra.get(TRUST_KEY) == JWKS:
+        out.write(f"{name}'s JWKS URL now publishes only key id {current.jwt_key_id}\n")
     return 0
 
 
@@ -390,17 +500,162 @@ def cmd_authorize_url(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     store = _store(args)
     name = validate_name(args.name)
     store.get(name)  # refuse links for connections that do not exist
-    api_url, key_id = args.api_url or os.environ.get("SERVICENOW_OAUTH_API_URL"), args.state_key_secret
-    if args.stack:
-        outputs = _stack_outputs(args.stack)
-        api_url, key_id = api_url or outputs.get("ApiUrl"), key_id or outputs.get("StateKeySecretArn")
+    out.write(_authorize_link(args, store, name, _stack_outputs(args.stack) if args.stack else {}) + "\n")
+    return 0
+
+
+def _api_url(args: argparse.Namespace, outputs: Mapping[str, str]) -> str:
+    api_url = args.api_url or os.environ.get("SERVICENOW_OAUTH_API_URL") or outputs.get("ApiUrl")
     if not api_url:
         raise CliError("the consent API's URL is unknown: pass --stack NAME or --api-url URL")
-    key_id = key_id or load_settings().state_key_secret_id
+    return str(api_url).rstrip("/")
+
+
+def _authorize_link(args: argparse.Namespace, store: ConnectionStore, name: str, outputs: Mapping[str, str]) -> str:
+    key_id = args.state_key_secret or outputs.get("StateKeySecretArn") or load_settings().state_key_secret_id
     key = store.client.get_secret_value(SecretId=key_id, VersionStage="AWSCURRENT")["SecretString"].encode()
     ttl = timedelta(minutes=args.ttl_minutes)
-    out.write(sign_authorize_link(key, api_url, name, datetime.now(UTC), ttl) + "\n")
+    return sign_authorize_link(key, _api_url(args, outputs), name, datetime.now(UTC), ttl)
+
+
+ENTRY_KEY = "servicenowEntry"  # the Application Registry entry `servicenow-client` made or adopted
+TRUST_KEY = "servicenowTrust"  # jwt_bearer: how ServiceNow trusts the keys (jwks or verifier_map)
+ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._()-]{0,79}")
+LIFESPANS = {"--access-lifespan": (60, 86_400), "--refresh-lifespan": (3_600, 31_536_000)}
+
+
+def _read_admin(args: argparse.Namespace, stdin: TextIO) -> AdminCredentials:
+    """A ServiceNow admin for this run only: user and password at a prompt (or two lines of standard input)."""
+    if stdin.isatty():
+        username = args.admin_user or input("ServiceNow admin user: ").strip()
+        password = getpass.getpass("ServiceNow admin password: ")
+    else:
+        username = args.admin_user or stdin.readline().strip()
+        password = stdin.readline().rstrip("\n")
+    if not username or not password:
+        raise CliError("no ServiceNow admin user and password given (prompt or standard input); nothing was written")
+    return AdminCredentials(username, password)
+
+
+def _registration_api(args: argparse.Namespace, stdin: TextIO, connection: str, instance: str) -> TableApi:
+    return TableApi(admin_session(), instance, _read_admin(args, stdin), connection)
+
+
+def cmd_servicenow_client(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    """Register (or find) the connection's OAuth client in ServiceNow and keep its secret in the connection."""
+    store = _store(args)
+    name = validate_name(args.name)
+    entry_name = args.adopt or args.entry_name or f"servicenow-oauth {name}"
+    if not ENTRY_NAME.fullmatch(entry_name):
+        raise CliError(f"connection {name!r}: entry name {entry_name!r} must be 1-80 letters, digits, spaces or ._()-")
+    for option, (low, high) in LIFESPANS.items():
+        value = getattr(args, option[2:].replace("-", "_"))
+        if not low <= value <= high:
+            raise CliError(f"connection {name!r}: {option} must be {low}-{high} seconds; nothing was written")
+    outputs = _stack_outputs(args.stack) if args.stack else {}
+    api_url = _api_url(args, outputs)
+    callback_url = args.callback_url or outputs.get("CallbackUrl") or f"{api_url}/callback"
+    try:
+        existing: Connection | None = store.get(name).connection
+    except ConnectionNotFound:
+        existing = None
+    try:
+        instance = normalize_instance_url(
+            args.instance_url or (existing.instance_url if existing else ""), store.allowed_hosts
+        )
+    except InstanceNotAllowed as error:
+        raise CliError(f"connection {name!r}: {error}; nothing was written") from None
+    if existing is not None:
+        if existing.instance_url != instance:
+            raise CliError(
+                f"connection {name!r} is for {existing.host}, not {urlsplit(instance).hostname}; nothing was written"
+            )
+        if existing.grant_type != args.grant_type:
+            raise CliError(
+                f"connection {name!r} uses {existing.grant_type}, not {args.grant_type}: pass --grant-type "
+                f"{existing.grant_type}; nothing was written"
+            )
+    jwt = None
+    if args.grant_type == "jwt_bearer":
+        if existing is not None:
+            args.jwt_subject = args.jwt_subject or existing.jwt_subject
+            args.jwt_key_id = args.jwt_key_id or existing.jwt_key_id
+            args.jwt_kms_key = args.jwt_kms_key or existing.kms_key_id
+        args.jwt_kms_key = args.jwt_kms_key or outputs.get("JwtSigningKeyArn")
+        _check_jwt_options(args, name)
+        jwt = JwtTrust(
+            key_id=args.jwt_key_id,
+            user_field=args.jwt_user_field,
+            jwks_url=f"{api_url}/connections/{name}/jwks.json",
+            certificate=lambda: _certificate(name, args.jwt_kms_key),
+            mode=args.trust,
+        )
+    plan = Plan(
+        connection=name,
+        entry_name=entry_name,
+        callback_url=callback_url,
+        access_lifespan=args.access_lifespan,
+        refresh_lifespan=args.refresh_lifespan,
+        adopt=bool(args.adopt),
+        jwt=jwt,
+    )
+    holds = existing.client_id if existing else None
+    tokens_of = holds if existing is not None and (existing.access_token or existing.refresh_token) else None
+    api = _registration_api(args, stdin, name, instance)
+    try:
+        registered = register_client(api, plan, holds_client_id=holds, tokens_of=tokens_of)
+    except RegistrationError as error:
+        raise CliError(str(error), EXIT_FAILED) from None
+    for line in registered.changes:
+        out.write(f"ServiceNow ({api.host}): {line}\n")
+    extra: dict[str, Any] = {ENTRY_KEY: entry_name}
+    if registered.trust:
+        extra[TRUST_KEY] = registered.trust
+    finish = "ServiceNow is registered, but the connection secret was not written"
+    try:
+        if existing is None:
+            assert registered.client_secret is not None  # a connection that did not exist held no client
+            secret = registered.client_secret
+            connection = _new_connection(args, name, instance, registered.client_id, secret, None, extra)
+            _create_connection(args, out, store, connection)
+        elif registered.client_secret is not None or any(existing.extra.get(k) != v for k, v in extra.items()):
+            _take_client(store, name, holds, registered, extra)
+            out.write(f"connection {name}: now holds the client of {entry_name!r}\n")
+        elif not registered.changes:
+            out.write(f"{name}: ServiceNow's entry {entry_name!r} and the connection already match; nothing changed\n")
+    except CliError as error:
+        raise CliError(f"{finish} ({error}): run the same command again to finish", error.code) from None
+    except (BotoCoreError, ClientError) as error:
+        raise CliError(f"{finish} (AWS said: {error}): run the same command again to finish", EXIT_FAILED) from None
+    if args.grant_type == "authorization_code":
+        out.write(f"authorize it (a signed link, valid {args.ttl_minutes} minutes):\n")
+        out.write(_authorize_link(args, store, name, outputs) + "\n")
+    else:
+        out.write(f"next: `make refresh CONNECTION={name}` (ServiceNow trusts key id {args.jwt_key_id!r})\n")
     return 0
+
+
+def _take_client(
+    store: ConnectionStore, name: str, held: str | None, registered: Registered, extra: Mapping[str, Any]
+) -> None:
+    """Put the entry's client (and a secret set by this run) into the connection, in one conditional write."""
+
+    def take(current: Connection) -> Connection:
+        if current.client_id != held:
+            raise CliError(f"connection {name!r} changed its client meanwhile; nothing was written to it")
+        secret = registered.client_secret or current.client_secret
+        return replace(current, client_id=registered.client_id, client_secret=secret, extra={**current.extra, **extra})
+
+    store.update(name, take)
+
+
+def _certificate(name: str, kms_key: str) -> str:
+    from admin.certificate import kms_certificate
+
+    try:
+        return kms_certificate(boto3.client("kms"), kms_key, f"servicenow-oauth {name}", utc_now())
+    except ValueError as error:
+        raise CliError(f"connection {name!r}: {error}") from None
 
 
 def _cli_refresher(store: ConnectionStore) -> Refresher:
@@ -462,6 +717,30 @@ def cmd_smoke(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     return smoke(args.stack, clients, out=out)
 
 
+def _connection_options(command: argparse.ArgumentParser) -> None:
+    """What a new connection's secret is made with (connections add, servicenow-client)."""
+    command.add_argument("--scope")
+    command.add_argument("--expected-user", help="refuse consents given by any other ServiceNow user")
+    command.add_argument(
+        "--appflow-profile", action="append", help="AppFlow connector profile to keep updated (repeatable)"
+    )
+    command.add_argument(
+        "--kms-key-id", help="the stack's SecretsKmsKeyArn, if it has one (default: $SECRETS_KMS_KEY_ID)"
+    )
+    command.add_argument(
+        "--consumer", action="append", help="account id or role ARN that may read it (repeatable; default: the stack's)"
+    )
+    command.add_argument("--replica-region", action="append", help="keep a read-only copy there (repeatable)")
+    command.add_argument("--replica-kms-key", action="append", help="REGION=KEY: the replica's KMS key (repeatable)")
+    command.add_argument(
+        "--stack", help="read ConsumerPrincipals, ReplicaRegions, SecretsKmsKeyArn (and ApiUrl) from this stack"
+    )
+
+
+def _admin_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--admin-user", help="the ServiceNow admin (default: asked; the password always is)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="servicenow-oauth", description=__doc__.splitlines()[0])
     root.add_argument(
@@ -488,18 +767,7 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--jwt-key-id", help="jwt_bearer: the key id (kid) of the JWT Verifier Map")
     add.add_argument("--jwt-kms-key", help="jwt_bearer: the KMS signing key (the stack's JwtSigningKeyArn output)")
     add.add_argument("--username", help="password grant only (the password is read from prompt/stdin)")
-    add.add_argument("--scope")
-    add.add_argument("--expected-user", help="refuse consents given by any other ServiceNow user")
-    add.add_argument(
-        "--appflow-profile", action="append", help="AppFlow connector profile to keep updated (repeatable)"
-    )
-    add.add_argument("--kms-key-id", help="the stack's SecretsKmsKeyArn, if it has one (default: $SECRETS_KMS_KEY_ID)")
-    add.add_argument(
-        "--consumer", action="append", help="account id or role ARN that may read it (repeatable; default: the stack's)"
-    )
-    add.add_argument("--replica-region", action="append", help="keep a read-only copy there (repeatable)")
-    add.add_argument("--replica-kms-key", action="append", help="REGION=KEY: the replica's KMS key (repeatable)")
-    add.add_argument("--stack", help="read ConsumerPrincipals, ReplicaRegions and SecretsKmsKeyArn from this stack")
+    _connection_options(add)
     add.set_defaults(run=cmd_add)
     listing = connections.add_parser("list", help="health of every connection (list permission only; never tokens)")
     listing.set_defaults(run=cmd_list)
@@ -518,7 +786,41 @@ def parser() -> argparse.ArgumentParser:
     key_staging.add_argument("name")
     key_staging.add_argument("--jwt-key-id", required=True, help="the new verifier map's key id (kid)")
     key_staging.add_argument("--jwt-kms-key", required=True, help="the new KMS signing key (id, ARN or alias)")
+    _admin_options(key_staging)
     key_staging.set_defaults(run=cmd_stage_jwt_key)
+    retire = connections.add_parser(
+        "retire-jwt-key", help="promote the staged JWT key now and remove the other keys' verifier maps"
+    )
+    retire.add_argument("name")
+    _admin_options(retire)
+    retire.set_defaults(run=cmd_retire_jwt_key)
+
+    client = commands.add_parser(
+        "servicenow-client", help="register the connection's OAuth client in ServiceNow (admin asked at a prompt)"
+    )
+    client.add_argument("name")
+    client.add_argument("--instance-url", help="https://<name>.service-now.com (default: the connection's)")
+    client.add_argument(
+        "--grant-type", default="authorization_code", choices=["authorization_code", "jwt_bearer"], help="the client"
+    )
+    client.add_argument("--entry-name", help="Application Registry entry name (default: servicenow-oauth <name>)")
+    client.add_argument("--adopt", metavar="NAME", help="use this existing entry, which this tool did not create")
+    client.add_argument("--access-lifespan", type=int, default=1800, help="seconds (default 1800)")
+    client.add_argument("--refresh-lifespan", type=int, default=8_640_000, help="seconds (default 100 days)")
+    client.add_argument("--api-url", help="the consent API (default: $SERVICENOW_OAUTH_API_URL, the stack's)")
+    client.add_argument("--callback-url", help="redirect URL (default: the stack's CallbackUrl, else API + /callback)")
+    client.add_argument("--state-key-secret", help="secret id of the link signing key (default: the stack's)")
+    client.add_argument("--ttl-minutes", type=int, default=15, choices=range(1, 61), metavar="1-60")
+    client.add_argument("--jwt-subject", help="jwt_bearer: the ServiceNow user the token acts as")
+    client.add_argument("--jwt-key-id", help="jwt_bearer: the key id (kid) the assertions carry")
+    client.add_argument("--jwt-kms-key", help="jwt_bearer: the KMS signing key (default: the stack's JwtSigningKeyArn)")
+    client.add_argument("--jwt-user-field", default="user_name", choices=["user_name", "email", "sys_id"])
+    client.add_argument(
+        "--trust", default="auto", choices=["auto", JWKS, VERIFIER_MAPS], help="jwt_bearer: how ServiceNow trusts keys"
+    )
+    _admin_options(client)
+    _connection_options(client)
+    client.set_defaults(run=cmd_servicenow_client)
 
     certificate = commands.add_parser("jwt-certificate", help="print the certificate ServiceNow needs (PEM)")
     certificate.add_argument("name")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
 
+from local.servicenow_tables import ADMIN_TABLES, NOT_AUTHENTICATED, AdminTables, basic_user, split_table_path
 from local.serving import BackgroundServer, TrackedHandler
 
 TOKEN_PATH = "/oauth_token.do"
@@ -49,13 +50,13 @@ FAULT_KINDS = frozenset({"hibernate", "rate_limit", "server_error", "slow", "dro
 QUERY_CREDENTIALS = frozenset({"client_secret", "password", "refresh_token", "code", "code_verifier", "assertion"})
 WHOAMI_QUERY = "user_name=javascript:gs.getUserName()"
 RATE_LIMIT = 100
+# How long the instance keeps a JWKS URL's keys, and how soon an unknown kid may fetch them again (assumed:
+# ServiceNow does not document its JWKS cache; see docs/servicenow-tables.md).
+JWKS_CACHE_SECONDS = 3600
+JWKS_REFETCH_SECONDS = 60
 MAX_BODY = 1_000_000
 
 ACCESS_DENIED = {"error_description": "access_denied", "error": "server_error"}
-NOT_AUTHENTICATED = {
-    "error": {"message": "User Not Authenticated", "detail": "Required to provide Auth information"},
-    "status": "failure",
-}
 HIBERNATE_HTML = (
     "<!DOCTYPE html><html><head><title>Instance Hibernating page</title></head><body>"
     '<div class="instance-hibernating-page"><h1>Your instance is hibernating</h1>'
@@ -85,6 +86,7 @@ class _JwtEndpoint:
     """The "OAuth JWT API endpoint for external clients" part of a registry entry."""
 
     verifiers: dict[str, _JwtVerifier] = field(default_factory=dict)
+    jwks_url: str | None = None  # Zurich+: keys fetched from this URL (cached) for kids no verifier map has
     user_field: str = "user_name"  # sys_user field that `sub` is matched against: user_name, email or sys_id
     jti_verification: bool = True  # ServiceNow's default: a jti is accepted once
     clock_skew: int = 300  # seconds allowed on exp and nbf (ServiceNow's default)
@@ -204,6 +206,23 @@ def _error_page(message: str) -> _Reply:
     )
 
 
+def _fetch_jwks(url: str) -> dict[str, Any]:
+    """kid -> RSA public key of a JWK Set (RFC 7517); an unreachable URL or a bad document trusts nothing."""
+    import requests
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    try:
+        document = requests.get(url, timeout=5).json()
+        keys: dict[str, Any] = {}
+        for jwk in document["keys"]:
+            if jwk.get("kty") == "RSA" and isinstance(jwk.get("kid"), str):
+                n, e = (int.from_bytes(_b64url_decode(jwk[name]), "big") for name in ("n", "e"))
+                keys[jwk["kid"]] = rsa.RSAPublicNumbers(e, n).public_key()
+        return keys
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _first(params: dict[str, list[str]], name: str) -> str | None:
     """First value of a parsed form field; duplicates are ignored like most servlet containers do."""
     values = params.get(name)
@@ -265,6 +284,10 @@ class ServiceNowEmulator(BackgroundServer):
         self.requests_log: list[dict[str, Any]] = []
         self._clients: dict[str, _Client] = {}
         self._users: dict[str, str] = {}
+        self._roles: dict[str, set[str]] = {}
+        self.supports_jwks = True  # a Zurich or later release: JWT entries may name a JWKS URL
+        self._jwks: dict[str, tuple[float, dict[str, Any]]] = {}  # JWKS URL -> (fetched at, kid -> public key)
+        self.jwks_fetches = 0
         self._emails: dict[str, str] = {}  # sys_user.email -> user_name
         self._jtis: dict[str, float] = {}  # jti -> when it may be forgotten (its assertion expired)
         self._codes: dict[str, _Code] = {}
@@ -273,7 +296,10 @@ class ServiceNowEmulator(BackgroundServer):
         self._faults: list[_Fault] = []
         self._records: dict[str, list[dict[str, Any]]] = {}
         self._issued: set[str] = set()  # every secret value ever configured or issued, for leak checks
-        self.add_user("admin", secrets.token_urlsafe(16))
+        self.admin_password = secrets.token_urlsafe(16)
+        self.add_user("admin", self.admin_password, roles={"admin"})
+        self.tables = AdminTables(self, lambda: self.url)
+        self._tables_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle (BackgroundServer)
     # ------------------------------------------------------------------ configuration
@@ -294,19 +320,76 @@ class ServiceNowEmulator(BackgroundServer):
             )
             self._issued.add(client_secret)
 
+    def configure_client(
+        self,
+        client_id: str,
+        client_secret: str,
+        redirect_uris: list[str],
+        *,
+        access_lifespan: int | None,
+        refresh_lifespan: int | None,
+        user_field: str | None = None,
+        jwks_url: str | None = None,
+    ) -> None:
+        """What the Table API's writes to oauth_entity mean: create or change an entry, keeping its verifiers."""
+        with self._lock:
+            known = self._clients.get(client_id)
+            client = _Client(client_secret, list(redirect_uris), None, access_lifespan, refresh_lifespan)
+            if known is not None:
+                client.jwt = known.jwt
+                client.client_credentials_user = known.client_credentials_user
+            client.jwt.user_field = user_field or client.jwt.user_field
+            client.jwt.jwks_url = jwks_url
+            self._clients[client_id] = client
+            self._issued.add(client_secret)
+
+    def unregister_client(self, client_id: str) -> None:
+        """An entry deleted or made inactive: its client id is unknown at every endpoint."""
+        with self._lock:
+            self._clients.pop(client_id, None)
+
+    def client_redirect_uris(self, client_id: str) -> list[str]:
+        with self._lock:
+            return list(self._clients[client_id].redirect_uris)
+
     def set_client_secret(self, client_id: str, new_secret: str) -> None:
         """Operator rotates the client secret in ServiceNow; issued tokens stay valid."""
         with self._lock:
             self._clients[client_id].secret = new_secret
             self._issued.add(new_secret)
 
-    def add_user(self, username: str, password: str, *, email: str | None = None) -> None:
-        """Create or update a sys_user usable by the password grant (and by `sub` of a JWT)."""
+    def add_user(
+        self, username: str, password: str, *, email: str | None = None, roles: set[str] | frozenset[str] = frozenset()
+    ) -> None:
+        """Create or update a sys_user usable by the password grant (and by `sub` of a JWT), with its roles."""
         with self._lock:
             self._users[username] = password
+            self._roles[username] = set(roles)
             self._issued.add(password)
             if email:
                 self._emails[email] = username
+
+    def roles_of(self, username: str) -> set[str]:
+        with self._lock:
+            return set(self._roles.get(username, ()))
+
+    def check_password(self, username: str, password: str) -> bool:
+        """Basic authentication of a REST request (the Table API's admin side)."""
+        with self._lock:
+            known = self._users.get(username)
+            if len(password) >= 8:
+                self._issued.add(password)  # a wrong admin password is as secret as the right one
+        return known is not None and secrets.compare_digest(known.encode(), password.encode())
+
+    @staticmethod
+    def parse_certificate(certificate_pem: str) -> Any:
+        """The public key of one PEM certificate (sys_certificate refuses anything else)."""
+        from cryptography import x509  # a dev dependency: the emulator never ships
+
+        try:
+            return x509.load_pem_x509_certificate(certificate_pem.encode("ascii")).public_key()
+        except (ValueError, UnicodeEncodeError) as error:
+            raise ValueError("certificate must be one PEM-encoded X.509 certificate") from error
 
     def add_jwt_verifier(
         self,
@@ -318,12 +401,7 @@ class ServiceNowEmulator(BackgroundServer):
         jti_verification: bool | None = None,
     ) -> None:
         """Upload a certificate to sys_certificate and map it to `kid` in the entry's JWT Verifier Maps."""
-        from cryptography import x509  # a dev dependency: the emulator never ships
-
-        try:
-            public_key = x509.load_pem_x509_certificate(certificate_pem.encode("ascii")).public_key()
-        except (ValueError, UnicodeEncodeError) as error:
-            raise ValueError("certificate must be one PEM-encoded X.509 certificate") from error
+        public_key = self.parse_certificate(certificate_pem)
         if user_field not in (None, "user_name", "email", "sys_id"):
             raise ValueError("user_field must be user_name, email or sys_id")
         with self._lock:
@@ -553,15 +631,35 @@ class ServiceNowEmulator(BackgroundServer):
         if path == TOKEN_PATH and self.latency > 0:
             time.sleep(self.latency)
 
-        reply = self._route(method, path, query, headers, form if content_type == FORM_TYPE else None)
+        reply = self._route(method, path, query, headers, form if content_type == FORM_TYPE else None, body)
         if fault is not None and fault.kind == "lost":
             reply.drop = True  # every effect happened; only the answer never reaches the client
         if fault is not None and fault.kind == "drip":
             reply.drip = fault.delay  # every effect happened; the answer comes a byte at a time
         return reply, grant_type
 
+    def _admin_table(
+        self, method: str, target: tuple[str, str | None], query: dict[str, list[str]], authorization: str, body: bytes
+    ) -> _Reply:
+        """The Table API with Basic auth: admin tables for admins only, in ServiceNow's shapes."""
+        table, sys_id = target
+        user = basic_user(authorization, self.check_password)
+        if table not in ADMIN_TABLES:
+            return self._not_found(f"{TABLE_PREFIX}{table}") if user else _json_reply(401, NOT_AUTHENTICATED)
+        with self._tables_lock:
+            answer = self.tables.handle(method, table, sys_id, query, body, user)
+        if answer.status == 204:
+            return _Reply(204)
+        return _json_reply(answer.status, answer.payload)
+
     def _route(
-        self, method: str, path: str, query: dict[str, list[str]], headers: Any, form: dict[str, list[str]] | None
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: Any,
+        form: dict[str, list[str]] | None,
+        body: bytes = b"",
     ) -> _Reply:
         """Do the real work of a request; ``form`` is None unless the body was form-encoded."""
         if path == AUTH_PATH:
@@ -578,6 +676,11 @@ class ServiceNowEmulator(BackgroundServer):
             if method != "POST":
                 return self._not_allowed("POST")
             return self._revoke(form or {})
+        if path.startswith(TABLE_PREFIX):
+            authorization = headers.get("Authorization") or ""
+            target = split_table_path(path, TABLE_PREFIX)
+            if target is not None and (target[0] in ADMIN_TABLES or authorization.lower().startswith("basic ")):
+                return self._admin_table(method, target, query, authorization, body)
         if path == CURRENT_USER_PATH or path.startswith(TABLE_PREFIX):
             if method != "GET":
                 return self._not_allowed("GET")
@@ -806,12 +909,11 @@ class ServiceNowEmulator(BackgroundServer):
             raise OAuthFailure
         endpoint = client.jwt
         verifier = endpoint.verifiers.get(str(header.get("kid")))
-        if verifier is None:
+        public_key = verifier.public_key if verifier else self._jwks_key(endpoint.jwks_url, str(header.get("kid")), now)
+        if public_key is None:
             raise OAuthFailure
         try:
-            verifier.public_key.verify(
-                signature, f"{parts[0]}.{parts[1]}".encode("ascii"), padding.PKCS1v15(), hashes.SHA256()
-            )
+            public_key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
         except (InvalidSignature, ValueError, TypeError):
             raise OAuthFailure from None
         if claims.get("aud") != client_id or claims.get("iss") != client_id:
@@ -831,6 +933,19 @@ class ServiceNowEmulator(BackgroundServer):
                 raise OAuthFailure
             self._jtis[jti] = exp + endpoint.clock_skew
         return user
+
+    def _jwks_key(self, url: str | None, kid: str, now: float) -> Any:
+        """The key a JWKS URL publishes for `kid`: fetched once per JWKS_CACHE_SECONDS, or again for a kid the
+        cached set lacks once JWKS_REFETCH_SECONDS have passed (caller holds the lock)."""
+        if not url or not self.supports_jwks:
+            return None
+        fetched_at, keys = self._jwks.get(url, (float("-inf"), {}))
+        age = now - fetched_at
+        if age >= JWKS_CACHE_SECONDS or (kid not in keys and age >= JWKS_REFETCH_SECONDS):
+            keys = _fetch_jwks(url)
+            self.jwks_fetches += 1
+            self._jwks[url] = (now, keys)
+        return keys.get(kid)
 
     def _user_by(self, user_field: str, subject: Any) -> str | None:
         if not isinstance(subject, str) or not subject:
@@ -964,6 +1079,8 @@ class ServiceNowEmulator(BackgroundServer):
                     payload=data.get("payload"),
                 )
             elif path == "/_emulator/settings":
+                if "supports_jwks" in data:
+                    self.supports_jwks = bool(data["supports_jwks"])
                 if "latency" in data:
                     self.latency = float(data["latency"])
                 if "consent_user" in data:

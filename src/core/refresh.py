@@ -281,6 +281,15 @@ class Refresher:
             rotation_unseen=unseen,
         )
 
+    def promote_staged_key(self, read: StoredConnection) -> Outcome | None:
+        """The end of a JWT key rollover on the operator's word: a token from an assertion signed by the staged
+        key, stored in the same write that makes it the current key. None when ServiceNow refuses the staged key
+        (it does not trust it yet): nothing is written."""
+        staged_key = read.connection.jwt_key_next if read.connection.grant_type == "jwt_bearer" else None
+        if staged_key is None:
+            return None
+        return self._try_promoted(read, ("jwt_key",), None, staged_key)
+
     def _try_staged(self, read: StoredConnection, unusable: list[str]) -> Outcome | None:
         """Rollover without downtime: on a refusal, try what the operator staged once - the next client secret
         (`clientSecretNext`), the next JWT signing key (`jwtKeyIdNext` + `kmsKeyIdNext`), then both together;

@@ -1,0 +1,278 @@
+"""The emulator's admin side of ServiceNow's Table API: what a tool writes to register an OAuth client.
+
+Why: `make servicenow-client` creates the Application Registry entry, the certificate and the JWT verifier map
+through `/api/now/table/...`, authenticated as an admin with Basic auth. The emulator must refuse it the way an
+instance does (401 for wrong credentials, 403 without the admin or oauth_admin role), answer in ServiceNow's
+shapes (`{"result": ...}`, every value a string, references as `{"link", "value"}`), and then *honour* what was
+written: the entry's client id, secret, redirect URLs and lifespans at the token endpoint, the verifier map's
+certificate, or the JWKS URL it fetches keys from. Table and field names: docs/servicenow-tables.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from local.servicenow_emulator import ServiceNowEmulator
+
+OAUTH_ENTITY = "oauth_entity"
+CERTIFICATE = "sys_certificate"
+VERIFIER_MAP = "oauth_jwt_verifier_map"
+DICTIONARY = "sys_dictionary"
+# The JWKS URL field of a JWT entry: Zurich and later only (a field older releases do not have).
+JWKS_URL_FIELD = "jwks_url"
+JWT_TYPE = "jwt"  # oauth_entity.type of an "OAuth JWT API endpoint for external clients"
+CLIENT_TYPE = "client"  # "OAuth API endpoint for external clients"
+ADMIN_TABLES = frozenset({OAUTH_ENTITY, CERTIFICATE, VERIFIER_MAP, DICTIONARY})
+OPERATIONS = {"GET": "Read", "POST": "Insert", "PATCH": "Update", "PUT": "Update", "DELETE": "Delete"}
+ADMIN_ROLES = frozenset({"admin", "oauth_admin"})
+ENCRYPTED = "password2"  # what the Table API shows of a stored client secret: never the value itself
+
+NOT_AUTHENTICATED = {
+    "error": {"message": "User Not Authenticated", "detail": "Required to provide Auth information"},
+    "status": "failure",
+}
+NOT_FOUND = {
+    "error": {"message": "No Record found", "detail": "Record doesn't exist or ACL restricts the record retrieval"},
+    "status": "failure",
+}
+
+
+def _not_authorized(operation: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": "Operation Failed",
+            "detail": f"ACL Exception {operation} Failed due to security constraints",
+        },
+        "status": "failure",
+    }
+
+
+def _invalid(error: ValueError) -> dict[str, Any]:
+    return {"error": {"message": "Invalid value", "detail": str(error)}, "status": "failure"}
+
+
+@dataclass
+class TableReply:
+    status: int
+    payload: Any = None
+
+
+def _as_string(value: Any) -> str:
+    """The Table API answers every value as a string (booleans as "true"/"false")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def parse_query(sysparm_query: str) -> list[tuple[str, str]]:
+    """`a=b^c=d` into [(a, b), (c, d)]; only the equality conjunctions a registration tool sends."""
+    terms = []
+    for term in filter(None, sysparm_query.split("^")):
+        field, equals, value = term.partition("=")
+        if not equals:
+            raise ValueError(term)
+        terms.append((field, value))
+    return terms
+
+
+class AdminTables:
+    """Rows of the admin tables, kept in step with the emulator's live OAuth configuration."""
+
+    def __init__(self, emulator: ServiceNowEmulator, base_url: Callable[[], str]) -> None:
+        self.emulator = emulator
+        self.base_url = base_url
+        self.rows: dict[str, dict[str, dict[str, str]]] = {table: {} for table in ADMIN_TABLES - {DICTIONARY}}
+        self._secrets: dict[str, str] = {}  # oauth_entity sys_id -> client secret (never answered)
+
+    # -------------------------------------------------------------- entry point (caller holds the lock)
+    def handle(
+        self, method: str, table: str, sys_id: str | None, query: dict[str, list[str]], body: bytes, user: str | None
+    ) -> TableReply:
+        """One Table API request to an admin table; `user` is the Basic-authenticated user or None."""
+        if user is None:
+            return TableReply(401, NOT_AUTHENTICATED)
+        operation = OPERATIONS.get(method)
+        if operation is None:
+            return TableReply(405, {"error": {"message": "Method not Supported", "detail": None}, "status": "failure"})
+        if not self.emulator.roles_of(user) & ADMIN_ROLES:
+            return TableReply(403, _not_authorized(operation))
+        if table == DICTIONARY:
+            if method != "GET":
+                return TableReply(403, _not_authorized(operation))
+            return TableReply(200, {"result": self._dictionary(query)})
+        rows = self.rows[table]
+        if method == "GET":
+            if sys_id is not None:
+                row = rows.get(sys_id)
+                return TableReply(200, {"result": self._show(table, row)}) if row else TableReply(404, NOT_FOUND)
+            try:
+                terms = parse_query((query.get("sysparm_query") or [""])[0])
+            except ValueError:
+                return TableReply(400, {"error": {"message": "Invalid query", "detail": None}, "status": "failure"})
+            found = [self._show(table, row) for row in rows.values() if all(row.get(f) == v for f, v in terms)]
+            return TableReply(200, {"result": found})
+        if method == "DELETE":
+            if sys_id is None or sys_id not in rows:
+                return TableReply(404, NOT_FOUND)
+            self._delete(table, rows.pop(sys_id))
+            return TableReply(204)
+        try:
+            fields = json.loads(body or b"{}")
+            if not isinstance(fields, dict):
+                raise ValueError
+        except ValueError:
+            return TableReply(400, {"error": {"message": "Exception while reading request", "detail": None}})
+        if method == "POST":
+            if sys_id is not None:
+                return TableReply(405, {"error": {"message": "Method not Supported", "detail": None}})
+            try:
+                row = self._insert(table, fields, user)
+            except ValueError as error:
+                return TableReply(400, _invalid(error))
+            return TableReply(201, {"result": self._show(table, row)})
+        if sys_id is None or sys_id not in rows:
+            return TableReply(404, NOT_FOUND)
+        try:
+            row = self._update(table, rows[sys_id], fields)
+        except ValueError as error:
+            return TableReply(400, _invalid(error))
+        return TableReply(200, {"result": self._show(table, row)})
+
+    # -------------------------------------------------------------- shapes
+    def _reference(self, table: str, sys_id: str) -> dict[str, str]:
+        return {"link": f"{self.base_url()}/api/now/table/{table}/{sys_id}", "value": sys_id}
+
+    def _show(self, table: str, row: dict[str, str] | None) -> dict[str, Any]:
+        shown: dict[str, Any] = dict(row or {})
+        if table == OAUTH_ENTITY and "sys_id" in shown:
+            # Stored encrypted: the Table API shows ciphertext, never the secret (hence a locally made one).
+            shown["client_secret"] = ENCRYPTED + ":" + base64.b64encode(secrets.token_bytes(24)).decode()
+        if table == VERIFIER_MAP:
+            for name, target in (("sys_certificate", CERTIFICATE), ("oauth_entity", OAUTH_ENTITY)):
+                if shown.get(name):
+                    shown[name] = self._reference(target, shown[name])
+        return shown
+
+    def _dictionary(self, query: dict[str, list[str]]) -> list[dict[str, str]]:
+        """Which fields exist: how a tool tells a release with JWKS URLs from an older one."""
+        terms = dict(parse_query((query.get("sysparm_query") or [""])[0]))
+        fields = {(OAUTH_ENTITY, "redirect_url"), (OAUTH_ENTITY, "client_id")}
+        if self.emulator.supports_jwks:
+            fields.add((OAUTH_ENTITY, JWKS_URL_FIELD))
+        return [
+            {"name": table, "element": element, "sys_id": f"{table}.{element}"}
+            for table, element in sorted(fields)
+            if terms.get("name", table) == table and terms.get("element", element) == element
+        ]
+
+    # -------------------------------------------------------------- writes and their effects
+    @staticmethod
+    def _reference_value(value: Any) -> str:
+        return str(value.get("value", "")) if isinstance(value, dict) else _as_string(value)
+
+    def _insert(self, table: str, fields: dict[str, Any], user: str) -> dict[str, str]:
+        row = {name: self._reference_value(value) for name, value in fields.items()}
+        row["sys_id"] = secrets.token_hex(16)
+        row["sys_created_by"] = user
+        if table == OAUTH_ENTITY:
+            row.setdefault("active", "true")
+            row.setdefault("type", CLIENT_TYPE)
+            if not row.get("client_id"):
+                row["client_id"] = secrets.token_hex(16)  # the field's default: ServiceNow makes the id
+            if any(other.get("client_id") == row["client_id"] for other in self.rows[table].values()):
+                raise ValueError("client_id must be unique")
+            self._secrets[row["sys_id"]] = row.pop("client_secret", "") or secrets.token_urlsafe(24)
+            self._apply_entity(row)
+        elif table == CERTIFICATE:
+            self.emulator.parse_certificate(row.get("pem_certificate", ""))
+        elif table == VERIFIER_MAP:
+            self._apply_map(row, add=True)
+        self.rows[table][row["sys_id"]] = row
+        return row
+
+    def _update(self, table: str, row: dict[str, str], fields: dict[str, Any]) -> dict[str, str]:
+        changed = {name: self._reference_value(value) for name, value in fields.items() if name != "sys_id"}
+        if table == VERIFIER_MAP:
+            self._apply_map(row, add=False)
+            row.update(changed)
+            self._apply_map(row, add=True)
+            return row
+        if table == OAUTH_ENTITY:
+            if "client_secret" in changed:
+                self._secrets[row["sys_id"]] = changed.pop("client_secret")
+            if "client_id" in changed and changed["client_id"] != row["client_id"]:
+                raise ValueError("client_id cannot change")
+        if table == CERTIFICATE and "pem_certificate" in changed:
+            self.emulator.parse_certificate(changed["pem_certificate"])
+        row.update(changed)
+        if table == OAUTH_ENTITY:
+            self._apply_entity(row)
+        return row
+
+    def _delete(self, table: str, row: dict[str, str]) -> None:
+        if table == OAUTH_ENTITY:
+            self.emulator.unregister_client(row["client_id"])
+            self._secrets.pop(row["sys_id"], None)
+        elif table == VERIFIER_MAP:
+            self._apply_map(row, add=False)
+
+    def _apply_entity(self, row: dict[str, str]) -> None:
+        """What the token and authorize endpoints see of an entry: only an active one exists for them."""
+        if row.get("active") != "true":
+            self.emulator.unregister_client(row["client_id"])
+            return
+
+        def lifespan(name: str) -> int | None:
+            value = row.get(name, "")
+            return int(value) if value.isdigit() else None
+
+        self.emulator.configure_client(
+            row["client_id"],
+            self._secrets[row["sys_id"]],
+            [url.strip() for url in row.get("redirect_url", "").split(",") if url.strip()],
+            access_lifespan=lifespan("access_token_lifespan"),
+            refresh_lifespan=lifespan("refresh_token_lifespan"),
+            user_field=row.get("user_field") or None,
+            jwks_url=(row.get(JWKS_URL_FIELD) or None) if self.emulator.supports_jwks else None,
+        )
+        for mapping in self.rows[VERIFIER_MAP].values():
+            if mapping.get("oauth_entity") == row["sys_id"]:
+                self._apply_map(mapping, add=True)
+
+    def _apply_map(self, row: dict[str, str], *, add: bool) -> None:
+        """A verifier map trusts its certificate for its kid on its entry (while both exist and it is active)."""
+        entity = self.rows[OAUTH_ENTITY].get(row.get("oauth_entity", ""))
+        certificate = self.rows[CERTIFICATE].get(row.get("sys_certificate", ""))
+        if entity is None or entity.get("active") != "true" or not row.get("kid"):
+            return
+        if add and certificate is not None and row.get("active", "true") == "true":
+            self.emulator.add_jwt_verifier(entity["client_id"], row["kid"], certificate.get("pem_certificate", ""))
+        elif not add:
+            self.emulator.remove_jwt_verifier(entity["client_id"], row["kid"])
+
+
+def basic_user(authorization: str, check: Callable[[str, str], bool]) -> str | None:
+    """The user a Basic Authorization header proves, or None."""
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        username, colon, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return username if colon and check(username, password) else None
+
+
+def split_table_path(path: str, prefix: str) -> tuple[str, str | None] | None:
+    """`/api/now/table/<table>[/<sys_id>]` into (table, sys_id)."""
+    parts = path[len(prefix) :].split("/")
+    if not parts[0] or len(parts) > 2 or (len(parts) == 2 and not parts[1]):
+        return None
+    return urllib.parse.unquote(parts[0]), (urllib.parse.unquote(parts[1]) if len(parts) == 2 else None)

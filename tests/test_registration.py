@@ -1,0 +1,316 @@
+"""`servicenow-client`: the OAuth client registered through the emulator's Table API, idempotently, with every
+refusal one clear line that writes nothing, a half-done run finished by a rerun, and JWT keys trusted and rolled
+with verifier maps. The emulator runs on the real clock here: the CLI signs assertions with the real time."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import boto3
+import pytest
+import requests
+from botocore.exceptions import ClientError
+
+from admin.cli import main
+from admin.registration import MARK, VERIFIER_MAP
+from core.signing import verify_authorize_link
+from core.store import ConnectionStore
+from local.servicenow_emulator import ServiceNowEmulator, press_consent
+from local.stack import free_port
+
+API = "https://abc123.execute-api.us-east-1.amazonaws.com"
+CALLBACK = f"{API}/callback"
+KEY = "k" * 64
+
+
+@pytest.fixture
+def instance(aws: str, secretsmanager: Any) -> Iterator[ServiceNowEmulator]:
+    secretsmanager.create_secret(Name="servicenow-oauth-state-key", SecretString=KEY)
+    with ServiceNowEmulator() as server:
+        server.add_user("svc.integration", "Pa55w0rd-emulator")
+        yield server
+
+
+def admin(instance: ServiceNowEmulator) -> str:
+    return f"admin\n{instance.admin_password}\n"
+
+
+def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["--allowed-hosts", "*.service-now.com,127.0.0.1", *argv], out=out, err=err, stdin=io.StringIO(stdin))
+    return code, out.getvalue(), err.getvalue()
+
+
+def register(instance: ServiceNowEmulator, *more: str, stdin: str | None = None) -> tuple[int, str, str]:
+    argv = ["servicenow-client", "prod", "--instance-url", instance.url, "--api-url", API, *more]
+    return run(*argv, stdin=admin(instance) if stdin is None else stdin)
+
+
+def document(secretsmanager: Any, name: str = "prod") -> dict[str, Any]:
+    value = secretsmanager.get_secret_value(SecretId=f"servicenow-oauth/{name}", VersionStage="AWSCURRENT")
+    return json.loads(value["SecretString"])
+
+
+def connections(secretsmanager: Any) -> list[str]:
+    names = [entry["Name"] for entry in secretsmanager.list_secrets()["SecretList"]]
+    return [name for name in names if name.startswith("servicenow-oauth/")]
+
+
+def versions(secretsmanager: Any, name: str = "prod") -> int:
+    return len(secretsmanager.list_secret_version_ids(SecretId=f"servicenow-oauth/{name}")["Versions"])
+
+
+def table(instance: ServiceNowEmulator, name: str) -> list[dict[str, Any]]:
+    answer = requests.get(
+        f"{instance.url}/api/now/table/{name}", auth=("admin", instance.admin_password), timeout=5
+    ).json()
+    return list(answer["result"])
+
+
+def accepted(instance: ServiceNowEmulator, client_id: str, client_secret: str) -> bool:
+    """The client secret works at the token endpoint (a password grant for a known user)."""
+    answer = requests.post(
+        f"{instance.url}/oauth_token.do",
+        data={
+            "grant_type": "password",
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "username": "svc.integration",
+            "password": "Pa55w0rd-emulator",
+        },
+        timeout=5,
+    )
+    return answer.status_code == 200
+
+
+def no_secret_in(instance: ServiceNowEmulator, *texts: str) -> None:
+    values = {value for value in instance.secret_values() if len(value) >= 8}
+    leaked = [value[:4] + "…" for value in values if any(value in text for text in texts)]
+    assert not leaked, leaked
+
+
+def test_an_empty_instance_gets_the_client_and_the_connection_its_secret(
+    instance: ServiceNowEmulator, secretsmanager: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    code, out, err = register(instance)
+    assert (code, err) == (0, ""), err
+    [entry] = table(instance, "oauth_entity")
+    assert entry["name"] == "servicenow-oauth prod" and entry["redirect_url"] == CALLBACK
+    assert (entry["access_token_lifespan"], entry["refresh_token_lifespan"]) == ("1800", "8640000")
+    assert MARK in entry["comments"] and entry["active"] == "true"
+    stored = document(secretsmanager)
+    assert stored["clientId"] == entry["client_id"] and stored["status"] == "pending_authorization"
+    assert stored["servicenowEntry"] == "servicenow-oauth prod"
+    # The secret made here is the one ServiceNow holds, and the Table API never shows it back.
+    assert accepted(instance, stored["clientId"], stored["clientSecret"])
+    assert stored["clientSecret"] not in json.dumps(entry)
+    link = out.strip().splitlines()[-1]
+    assert link.startswith(f"{API}/connections/prod/authorize?")
+    no_secret_in(instance, out, err, caplog.text)
+
+
+def test_a_rerun_changes_nothing_in_either_system(instance: ServiceNowEmulator, secretsmanager: Any) -> None:
+    assert register(instance)[0] == 0
+    rows, before = copy.deepcopy(instance.tables.rows), versions(secretsmanager)
+    secret = document(secretsmanager)["clientSecret"]
+    code, out, err = register(instance)
+    assert (code, err) == (0, "")
+    assert "nothing changed" in out
+    assert instance.tables.rows == rows and versions(secretsmanager) == before
+    assert accepted(instance, document(secretsmanager)["clientId"], secret)
+
+
+def test_someone_elses_entry_is_refused_then_adopted_keeping_its_redirect_urls(
+    instance: ServiceNowEmulator, secretsmanager: Any
+) -> None:
+    theirs = "https://a.example/cb,https://b.example/cb"
+    requests.post(
+        f"{instance.url}/api/now/table/oauth_entity",
+        json={"name": "shared", "redirect_url": theirs, "client_secret": "their-secret-123"},
+        auth=("admin", instance.admin_password),
+        timeout=5,
+    ).raise_for_status()
+    rows = copy.deepcopy(instance.tables.rows)
+    code, out, err = register(instance, "--entry-name", "shared")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "did not create" in err and "--adopt 'shared'" in err and "nothing was written" in err
+    assert instance.tables.rows == rows and not connections(secretsmanager)
+
+    code, out, err = register(instance, "--adopt", "shared")
+    assert (code, err) == (0, ""), err
+    [entry] = table(instance, "oauth_entity")
+    assert entry["redirect_url"] == f"{theirs},{CALLBACK}"
+    assert accepted(instance, entry["client_id"], document(secretsmanager)["clientSecret"])
+    # ServiceNow sends the code to the URL the authorize request names when it is registered, not the first one.
+    consent = press_consent(
+        f"{instance.url}/oauth_auth.do?response_type=code&client_id={entry['client_id']}&state=s"
+        f"&redirect_uri={CALLBACK}"
+    )
+    assert "code" in consent
+
+
+def test_an_entry_lacking_the_callback_url_gains_it(instance: ServiceNowEmulator, secretsmanager: Any) -> None:
+    assert register(instance, "--api-url", "https://old.example")[0] == 0
+    code, out, _err = register(instance)
+    assert code == 0 and "added the callback URL" in out
+    [entry] = table(instance, "oauth_entity")
+    assert entry["redirect_url"] == f"https://old.example/callback,{CALLBACK}"
+
+
+@pytest.mark.parametrize("problem", ["password", "role", "hibernating", "down", "lifespan", "instance"])
+def test_each_bad_input_is_one_clear_line_and_writes_nothing(
+    instance: ServiceNowEmulator, secretsmanager: Any, caplog: pytest.LogCaptureFixture, problem: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url, more, stdin = instance.url, [], admin(instance)
+    phrase = {
+        "password": "refused the admin credentials (401)",
+        "role": "needs the admin or oauth_admin role",
+        "hibernating": "is hibernating",
+        "down": "could not be reached",
+        "lifespan": "--access-lifespan must be",
+        "instance": "not allowed",
+    }[problem]
+    if problem == "password":
+        stdin = "admin\nnot-the-password-9\n"
+    elif problem == "role":
+        instance.add_user("itil.person", "itil-password-42")
+        stdin = "itil.person\nitil-password-42\n"
+    elif problem == "hibernating":
+        instance.inject("hibernate", path="*", count=10)
+    elif problem == "down":
+        url = f"http://127.0.0.1:{free_port()}"
+    elif problem == "lifespan":
+        more = ["--access-lifespan", "5"]
+    elif problem == "instance":
+        url = "https://evil.example.com"
+    code, out, err = run("servicenow-client", "prod", "--instance-url", url, "--api-url", API, *more, stdin=stdin)
+    assert code != 0 and out == "" and err.count("\n") == 1, err
+    assert phrase in err and "'prod'" in err, err
+    assert "nothing was written" in err or problem == "instance"
+    instance.clear_faults()
+    assert table(instance, "oauth_entity") == [] and not connections(secretsmanager)
+    no_secret_in(instance, out, err, caplog.text)
+
+
+def test_a_failed_secret_write_is_finished_by_a_rerun(
+    instance: ServiceNowEmulator, secretsmanager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_create = ConnectionStore.create
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "CreateSecret")
+
+    monkeypatch.setattr(ConnectionStore, "create", refused)
+    code, out, err = register(instance)
+    assert code == 1 and "run the same command again to finish" in err and err.count("\n") == 1
+    [entry] = table(instance, "oauth_entity")  # ServiceNow's side is done
+    assert not connections(secretsmanager)
+    first = {v for v in instance.secret_values() if len(v) >= 32}
+
+    monkeypatch.setattr(ConnectionStore, "create", real_create)
+    code, out, err = register(instance)
+    assert (code, err) == (0, ""), err
+    assert "set a new client secret" in out
+    stored = document(secretsmanager)
+    assert stored["clientId"] == entry["client_id"] and accepted(instance, stored["clientId"], stored["clientSecret"])
+    # The secret of the half-done run, which nobody holds, no longer opens anything.
+    assert not any(accepted(instance, entry["client_id"], value) for value in first - {stored["clientSecret"]})
+    assert len(table(instance, "oauth_entity")) == 1
+
+
+def test_a_connection_holding_another_clients_tokens_is_not_repointed(
+    instance: ServiceNowEmulator, secretsmanager: Any
+) -> None:
+    assert register(instance)[0] == 0
+    secretsmanager.put_secret_value(
+        SecretId="servicenow-oauth/prod",
+        SecretString=json.dumps({**document(secretsmanager), "refreshToken": "r" * 40, "status": "active"}),
+    )
+    before = versions(secretsmanager)
+    code, _out, err = register(instance, "--entry-name", "another")
+    assert code == 1 and "orphan" in err and err.count("\n") == 1
+    assert versions(secretsmanager) == before and len(table(instance, "oauth_entity")) == 1
+
+
+# ---------------------------------------------------------------- JWT: certificate and verifier maps
+
+
+@pytest.fixture
+def kms(aws: str) -> Any:
+    return boto3.client("kms")
+
+
+def new_key(kms: Any) -> str:
+    return str(kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"])
+
+
+def test_a_jwt_rollover_through_verifier_maps_needs_one_command_each_way(
+    instance: ServiceNowEmulator, secretsmanager: Any, kms: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    instance.supports_jwks = False  # a release before Zurich: no JWKS URL field
+    instance.add_user("svc.jwt", "jwt-user-password-1")
+    old, new = new_key(kms), new_key(kms)
+    jwt = ["--grant-type", "jwt_bearer", "--jwt-subject", "svc.jwt", "--jwt-key-id", "key-1", "--jwt-kms-key", old]
+    code, out, err = register(instance, *jwt)
+    assert (code, err) == (0, ""), err
+    assert "verifier map" in out
+    stored = document(secretsmanager)
+    assert stored["servicenowTrust"] == "verifier_map" and instance.jwt_key_ids(stored["clientId"]) == {"key-1"}
+    outputs = [out]
+
+    code, out, err = run("refresh", "prod")
+    assert (code, err) == (0, "") and "refreshed" in out, (out, err)
+    outputs.append(out)
+
+    stage = ["connections", "stage-jwt-key", "prod", "--jwt-key-id", "key-2", "--jwt-kms-key", new]
+    code, out, err = run(*stage, stdin=admin(instance))
+    assert (code, err) == (0, ""), err
+    assert instance.jwt_key_ids(stored["clientId"]) == {"key-1", "key-2"}
+    outputs.append(out)
+
+    code, out, err = run("connections", "retire-jwt-key", "prod", stdin=admin(instance))
+    assert (code, err) == (0, ""), err
+    assert instance.jwt_key_ids(stored["clientId"]) == {"key-2"}
+    after = document(secretsmanager)
+    assert after["jwtKeyId"] == "key-2" and "jwtKeyIdNext" not in after
+    assert [row["kid"] for row in table(instance, VERIFIER_MAP)] == ["key-2"]
+    outputs.append(out)
+
+    code, out, err = run("refresh", "prod", "--force")
+    assert (code, err) == (0, "") and "refreshed" in out, (out, err)
+    no_secret_in(instance, *outputs, out, err, caplog.text)
+
+
+def test_retiring_before_servicenow_trusts_the_staged_key_changes_nothing(
+    instance: ServiceNowEmulator, secretsmanager: Any, kms: Any
+) -> None:
+    instance.add_user("svc.jwt", "jwt-user-password-1")
+    old, new = new_key(kms), new_key(kms)
+    jwt = ["--grant-type", "jwt_bearer", "--jwt-subject", "svc.jwt", "--jwt-key-id", "key-1", "--jwt-kms-key", old]
+    assert register(instance, *jwt, "--trust", "verifier_map")[0] == 0
+    client_id = document(secretsmanager)["clientId"]
+    # Staged in the secret only (as a connection registered by hand would be): ServiceNow has no map for it.
+    secretsmanager.put_secret_value(
+        SecretId="servicenow-oauth/prod",
+        SecretString=json.dumps({**document(secretsmanager), "jwtKeyIdNext": "key-2", "kmsKeyIdNext": new}),
+    )
+    before = versions(secretsmanager)
+    code, _out, err = run("connections", "retire-jwt-key", "prod", stdin=admin(instance))
+    assert code == 1 and "does not trust it yet" in err and "nothing changed" in err and err.count("\n") == 1
+    assert versions(secretsmanager) == before and instance.jwt_key_ids(client_id) == {"key-1"}
+
+
+def test_the_authorize_link_printed_is_signed_for_the_connection(instance: ServiceNowEmulator) -> None:
+    _code, out, _ = register(instance)
+    query = dict(parse_qsl(urlsplit(out.strip().splitlines()[-1]).query))
+    verify_authorize_link(KEY.encode(), "prod", query["expires"], query["signature"], datetime.now(UTC))
