@@ -2,7 +2,7 @@
 
 Why: `make local`, the browser tests and demos need the consent flow on a real URL a browser can follow
 redirects to, calling the same `lambda_handler` as Lambda does, with no AWS account and no SAM/Docker.
-Only the API's two routes exist; anything else gets API Gateway's own 404, not the function's.
+Only the API's routes exist; anything else gets API Gateway's own 404, not the function's.
 
 Nothing is printed per request: the callback's query string carries the OAuth authorization code.
 """
@@ -28,6 +28,7 @@ Handler = Callable[[dict[str, Any], Any], Any]
 ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("GET /connections/{name}/authorize", re.compile(r"^/connections/(?P<name>[^/]+)/authorize$")),
     ("GET /callback", re.compile(r"^/callback$")),
+    ("GET /connections/{name}/jwks.json", re.compile(r"^/connections/(?P<name>[^/]+)/jwks\.json$")),
 )
 NOT_FOUND = {"message": "Not Found"}
 INTERNAL_ERROR = {"message": "Internal Server Error"}

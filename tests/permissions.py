@@ -240,6 +240,7 @@ ENTRY_POINTS: dict[str, str] = {
     "core/revoke.py": OPERATOR,
     "core/dashboard.py": "DashboardFunction",
     "core/jwt_bearer.py": "WorkerFunction",
+    "core/jwks.py": "CallbackFunction",
 }
 # What the explorer's writers (tests/explorer.py) stand for.
 WRITERS = {

@@ -337,6 +337,59 @@ def test_only_the_refreshing_functions_may_sign_with_the_jwt_key(translated: dic
     assert '"JwtSigningPolicy"' not in callback
 
 
+def test_the_callback_reads_only_the_jwt_keys_public_half(translated: dict[str, Any]) -> None:
+    """The JWKS route needs kms:GetPublicKey and nothing more: the stack's own key names the callback's role in its
+    key policy; an existing key through JwtPublicKeyPolicy, attached to the callback alone."""
+    resources = translated["Resources"]
+    statements = resources["JwtSigningKmsKey"]["Properties"]["KeyPolicy"]["Statement"]
+    readers = [s for s in statements if "CallbackFunctionRole" in json.dumps(s.get("Principal"))]
+    assert readers == [
+        {
+            "Sid": "CallbackPublishesPublicKey",
+            "Effect": "Allow",
+            "Principal": {"AWS": {"Fn::GetAtt": ["CallbackFunctionRole", "Arn"]}},
+            "Action": "kms:GetPublicKey",
+            "Resource": "*",
+        }
+    ]
+    policy = resources["JwtPublicKeyPolicy"]
+    assert policy["Condition"] == "UseExternalJwtKey"
+    assert policy["Properties"]["PolicyDocument"]["Statement"] == [
+        {"Sid": "JwtPublicKey", "Effect": "Allow", "Action": "kms:GetPublicKey", "Resource": {"Ref": "JwtSigningKey"}}
+    ]
+    holders = [name for name, r in resources.items() if '"JwtPublicKeyPolicy"' in json.dumps(r.get("Properties"))]
+    assert holders == ["CallbackFunctionRole"]
+    kms_actions = {
+        action
+        for statement in role_statements(translated)["CallbackFunctionRole"]
+        if "kms:ViaService" not in json.dumps(statement.get("Condition"))  # the secrets' keys, via Secrets Manager
+        for action in _as_list(statement["Action"])
+        if action.startswith("kms:")
+    }
+    assert kms_actions == {"kms:GetPublicKey"}
+
+
+def test_the_api_routes_are_the_same_in_the_template_the_handler_and_the_local_api() -> None:
+    """Every HttpApi route of template.yaml reaches the callback handler and exists in local/api.py, and no more."""
+    from handlers.callback import _ROUTES
+    from local.api import ROUTES
+
+    events = load_template()["Resources"]["CallbackFunction"]["Properties"]["Events"].values()
+    declared = {f"{e['Properties']['Method']} {e['Properties']['Path']}" for e in events if e["Type"] == "HttpApi"}
+    assert (
+        declared
+        == {route for route, _ in ROUTES}
+        == {
+            "GET /callback",
+            "GET /connections/{name}/authorize",
+            "GET /connections/{name}/jwks.json",
+        }
+    )
+    for route in declared:
+        path = route.split(" ", 1)[1].replace("{name}", "prod")
+        assert sum(bool(pattern.match(path)) for pattern, _ in _ROUTES) == 1, route
+
+
 def test_the_dashboard_shows_only_this_stack_and_its_widget_can_only_list(translated: dict[str, Any]) -> None:
     """Every resource the dashboard names is the stack's own; the custom widget's role has the list-only
     MonitoringPolicy and nothing else (no GetSecretValue: the page can hold no token)."""

@@ -97,6 +97,39 @@ class ConnectionNotFound(ServiceNowOAuthError):
         )
 
 
+class NoPublicKeys(ServiceNowOAuthError):
+    """A name with no keys to publish: no such connection, an invalid name or secret, or not a jwt_bearer connection.
+    The JWKS endpoint answers all of them alike; `reason` is for the log only."""
+
+    def __init__(self, connection: str | None, reason: str) -> None:
+        self.connection = connection
+        self.reason = reason
+        super().__init__(f"connection {connection!r} publishes no JWT keys ({reason})")
+
+
+class PublicKeyUnavailable(ServiceNowOAuthError):
+    """KMS would not give (or gave an unusable) public key of a jwt_bearer connection's signing key. `retryable`:
+    throttled or unreachable now; else a person must fix the key or the role."""
+
+    def __init__(self, connection: str, key_id: str, which: str, reason: str, *, retryable: bool) -> None:
+        self.connection = connection
+        self.key_id = key_id
+        self.which = which  # "current" or "staged"
+        self.reason = reason  # a KMS error code or this project's check that failed, never a value
+        self.retryable = retryable
+        action = (
+            "retry later"
+            if retryable
+            else "check that its KMS key exists, is enabled, is an RSA SIGN_VERIFY key that allows "
+            "RSASSA_PKCS1_V1_5_SHA_256, and that the callback function's role may call kms:GetPublicKey on it "
+            "(see README, JWT bearer)"
+        )
+        super().__init__(
+            f"connection {connection!r}: the public key of its {which} JWT key {key_id!r} is unavailable ({reason}); "
+            f"{action}"
+        )
+
+
 class ConcurrentUpdate(ServiceNowOAuthError):
     """A compare-and-swap write lost: someone else changed the secret after we read it."""
 

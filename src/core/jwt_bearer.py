@@ -29,7 +29,7 @@ KMS_KEY_ID = re.compile(
     r"|arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:(?:key/(?:[0-9a-f-]{36}|mrk-[0-9a-f]{32})|alias/[A-Za-z0-9/_-]{1,250}))$"
 )
 # KMS errors a later attempt may not see (the others need a person: a disabled key, a missing grant).
-_KMS_TRANSIENT = frozenset({"ThrottlingException", "KMSInternalException", "DependencyTimeoutException"})
+KMS_TRANSIENT = frozenset({"ThrottlingException", "KMSInternalException", "DependencyTimeoutException"})
 
 
 def b64url(data: bytes) -> str:
@@ -93,7 +93,7 @@ class KmsSigner:
 
 def _kms_failure(error: ClientError, key: JwtKey, host: str) -> ProviderError:
     code = str(error.response.get("Error", {}).get("Code", "ClientError"))
-    if code in _KMS_TRANSIENT:
+    if code in KMS_TRANSIENT:
         return RateLimited(host, "jwt_bearer", f"KMS refused to sign now ({code}); retry later")
     # Not ServiceNow's refusal: the connection backs off and alarms as failing, it is not marked for re-consent
     # (unless ServiceNow refused the current key and this is the staged one: refresh.py).

@@ -1,7 +1,9 @@
-"""HTTP API (payload 2.0): GET /connections/{name}/authorize starts a consent, GET /callback completes it."""
+"""HTTP API (payload 2.0): GET /connections/{name}/authorize starts a consent, GET /callback completes it,
+GET /connections/{name}/jwks.json publishes a jwt_bearer connection's public keys."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -17,15 +19,18 @@ from core.errors import (
     ConsentError,
     CredentialRejected,
     InvalidName,
+    NoPublicKeys,
     ProviderError,
+    PublicKeyUnavailable,
     RateLimited,
     SecretFormatError,
     ServiceNowOAuthError,
     TransientProviderError,
 )
+from core.jwks import CACHE_SECONDS, KeyPublisher
 from core.pages import SECURITY_HEADERS, authorized_page, error_page
 from core.servicenow import ServiceNowClient, build_session
-from handlers.runtime import CachedSecret, build_logger, build_monitor, build_store
+from handlers.runtime import KMS_CONFIG, CachedSecret, LazyClient, build_logger, build_monitor, build_store
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,6 +48,8 @@ state_key = CachedSecret(store.client, settings.state_key_secret_id, max_age=300
 # exchange cut off is lost (its code is spent, and ServiceNow may hold tokens the stack never saw). The function
 # has 29 s (template.yaml): the exchange, the user check and the writes; a revocation only after a failure.
 servicenow = ServiceNowClient(build_session(), request_seconds=10.0)
+# The KMS client is made on the first JWKS request: a consent never pays for it.
+publisher = KeyPublisher(store, LazyClient("kms", config=KMS_CONFIG), max_age=CACHE_SECONDS)
 
 # Upstream failures the person can do nothing about in this request get 5xx; their own request, 4xx.
 _STATUS: list[tuple[type[Exception], int, str]] = [
@@ -119,6 +126,38 @@ def callback(event: Event) -> Answer:
     return _html(200, authorized_page(connection))
 
 
+def _json(status: int, body: Any, headers: dict[str, str]) -> Answer:
+    return _answer(status, json.dumps(body, separators=(",", ":")), {"X-Content-Type-Options": "nosniff", **headers})
+
+
+def jwks(event: Event, name: str) -> Answer:
+    """The connection's JWK Set. An unknown name, a non-JWT connection and a broken secret get one and the same
+    404 (API Gateway's own body), so the public endpoint tells no grant types apart."""
+    try:
+        keys = publisher.jwks(name)
+    except NoPublicKeys as error:
+        logger.info("jwks: nothing to publish", extra={"connection": error.connection, "reason": error.reason})
+        return _json(404, {"message": "Not Found"}, {"Content-Type": "application/json", "Cache-Control": "no-store"})
+    except PublicKeyUnavailable as error:
+        status = 503 if error.retryable else 502
+        logger.warning(
+            "jwks: public key unavailable",
+            extra={
+                "connection": error.connection,
+                "signing_key": error.which,
+                "reason": error.reason,
+                "status": status,
+            },
+        )
+        metrics.add_metric(name="JwksKeyUnavailable", unit=MetricUnit.Count, value=1)
+        headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+        if error.retryable:
+            headers["Retry-After"] = "60"
+        return _json(status, {"message": str(error), "connection": error.connection}, headers)
+    headers = {"Content-Type": "application/jwk-set+json", "Cache-Control": f"public, max-age={CACHE_SECONDS}"}
+    return _json(200, keys, headers)
+
+
 def refused(error: ServiceNowOAuthError) -> Answer:
     """Every refusal gets its own page and one structured log line; the secret was not written."""
     status, title = 500, "Request refused"
@@ -149,13 +188,14 @@ def not_found() -> Answer:
     return _html(404, error_page("Not found", "There is nothing here."))
 
 
-# The API's two routes, matched on the path as Powertools' resolver did (a path segment: RFC 3986's unreserved and
+# The API's routes, matched on the path as Powertools' resolver did (a path segment: RFC 3986's unreserved and
 # sub-delims, plus what browsers send unencoded); its event_handler package costs more cold start than the rest of
-# this handler, to route two GETs. API Gateway only invokes the function for these routes anyway.
+# this handler, to route three GETs. API Gateway only invokes the function for these routes anyway.
 _SEGMENT = r"[-._~()'!*:@,;=+&$%<> \[\]{}|^\w]+"
 _ROUTES: list[tuple[re.Pattern[str], Callable[..., Answer]]] = [
     (re.compile(r"^/callback$"), callback),
     (re.compile(rf"^/connections/(?P<name>{_SEGMENT})/authorize$"), authorize),
+    (re.compile(rf"^/connections/(?P<name>{_SEGMENT})/jwks\.json$"), jwks),
 ]
 
 
