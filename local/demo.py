@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -41,14 +42,37 @@ def expect(condition: bool, what: str) -> None:
         raise DemoFailed(what)
 
 
+def _admin(stack: LocalStack) -> tuple[str, str]:
+    assert stack.emulator is not None
+    return ("admin", stack.emulator.admin_password)
+
+
+def set_access_lifespan(stack: LocalStack, client_id: str, seconds: int) -> None:
+    """What an admin changes on the registry entry (Access Token Lifespan), through the Table API."""
+    entries = f"{stack.instance_url}/api/now/table/oauth_entity"
+    found = requests.get(entries, params={"sysparm_query": f"client_id={client_id}"}, auth=_admin(stack), timeout=10)
+    sys_id = found.json()["result"][0]["sys_id"]
+    changed = requests.patch(
+        f"{entries}/{sys_id}", json={"access_token_lifespan": str(seconds)}, auth=_admin(stack), timeout=10
+    )
+    expect(changed.status_code == 200, f"the registry entry could not be changed ({changed.status_code})")
+
+
 def run() -> int:
     timeline = Timeline()
     with LocalStack(refresh_interval=None, access_lifespan=DEMO_ACCESS_LIFESPAN) as stack:
         assert stack.emulator is not None
         timeline.say("stack", f"API {stack.api.url}, ServiceNow emulator {stack.emulator.url}, moto {stack.moto.url}")
         name = stack.connection
+        for line in stack.registered[name].splitlines()[:-2]:  # the link comes next, from the operator
+            servicenow = re.match(r"ServiceNow \([^)]*\): ", line)
+            timeline.say("servicenow" if servicenow else "operator", line[servicenow.end() if servicenow else 0 :])
         document = json.loads(stack.read_secret()["SecretString"])
-        timeline.say("secret", f"{stack.secret_id()} created, status {document['status']}")
+        timeline.say(
+            "secret",
+            f"{stack.secret_id()}: status {document['status']}, client id and secret from the registration "
+            "(the secret made locally, never printed; the code exchange below proves ServiceNow holds it)",
+        )
 
         link = stack.authorize_link()
         timeline.say("operator", f"signed authorize link for {name!r} (expires in 15 minutes)")
@@ -75,7 +99,7 @@ def run() -> int:
         )
 
         # The registry entry now hands out ServiceNow's default 1800 s tokens; the one stored is due.
-        stack.emulator.access_lifespan = 1800
+        set_access_lifespan(stack, document["clientId"], 1800)
         counts = stack.sweep()
         timeline.say("eventbridge", f"sweep 1: {counts} (the access token was inside the 600 s leeway)")
         expect(counts.get("refreshed") == 1, "the due connection was not refreshed")
@@ -94,18 +118,28 @@ def run() -> int:
         timeline.say("eventbridge", f"sweep 2: {counts}; secret versions {versions} -> {after} (no write)")
         expect(counts.get("not_due") == 1 and after == versions, "a not-due sweep wrote to the secret")
 
-        # A machine-to-machine connection: no consent, no refresh token, the private key never outside KMS.
-        key = stack.create_jwt_connection("jwt-demo")
-        timeline.say(
-            "operator",
-            f"jwt_bearer connection 'jwt-demo': KMS key {key.rsplit('/', 1)[1][:8]}..., its certificate "
-            "(make jwt-certificate) in ServiceNow's JWT Verifier Map",
-        )
+        # Machine-to-machine connections: no consent, no refresh token, the private key never outside KMS. One is
+        # trusted through its JWKS URL (Zurich and later), the other through a certificate in a verifier map.
+        for jwt_name, trust in (("jwt-demo", "jwks"), ("jwt-maps", "verifier_map")):
+            key = stack.create_jwt_connection(jwt_name, trust=trust)
+            how = (
+                f"its JWKS URL {stack.api.url}/connections/{jwt_name}/jwks.json"
+                if trust == "jwks"
+                else "a certificate signed by kms:Sign and a verifier map"
+            )
+            timeline.say(
+                "servicenow", f"registered {jwt_name!r} (KMS key {key.rsplit('/', 1)[1][:8]}...), trusted through {how}"
+            )
+        fetches = stack.emulator.jwks_fetches
         counts = stack.sweep()
-        jwt = json.loads(stack.read_secret("jwt-demo")["SecretString"])
-        timeline.say("eventbridge", f"sweep 3: {counts} (an assertion signed by kms:Sign, a fresh jti)")
-        expect(jwt["status"] == "active" and "refreshToken" not in jwt, "the JWT connection did not get a token")
-        timeline.say("secret", f"jwt-demo: access token until {jwt['accessTokenExpiresAt']}; no refresh token exists")
+        timeline.say("eventbridge", f"sweep 3: {counts} (assertions signed by kms:Sign, a fresh jti each)")
+        expect(stack.emulator.jwks_fetches == fetches + 1, "ServiceNow did not fetch the JWKS URL once")
+        for jwt_name in ("jwt-demo", "jwt-maps"):
+            jwt = json.loads(stack.read_secret(jwt_name)["SecretString"])
+            expect(jwt["status"] == "active" and "refreshToken" not in jwt, f"{jwt_name} did not get a token")
+            timeline.say(
+                "secret", f"{jwt_name}: access token until {jwt['accessTokenExpiresAt']}; no refresh token exists"
+            )
         status = requests.get(f"{stack.api.url}/status", timeout=30)
         expect(status.status_code == 200 and "jwt-demo" in status.text, "the status page does not show the connections")
         expect(consented["refreshToken"] not in status.text, "a token reached the status page")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import json
 import os
 import secrets
@@ -203,8 +204,8 @@ class LocalStack:
         self.secretsmanager: Any = None
         self.store: ConnectionStore | None = None
         self.handler: ModuleType | None = None
-        self._emulator_client: tuple[str, str] | None = None
         self._saved_environ: dict[str, str | None] = {}
+        self.registered: dict[str, str] = {}  # connection -> what `servicenow-client` printed for it
         self._cleanup = contextlib.ExitStack()
 
     # ------------------------------------------------------------------ lifecycle
@@ -225,11 +226,9 @@ class LocalStack:
             self.api.start()
             cleanup.callback(self.api.stop)
             if self.instance is None:
+                # An empty instance: the client is registered through its Table API, as `make servicenow-client`.
                 self.emulator = ServiceNowEmulator(self.host, access_lifespan=self.access_lifespan).start()
                 cleanup.callback(self.emulator.stop)
-                self._emulator_client = (secrets.token_hex(16), secrets.token_urlsafe(32))
-                client_id, client_secret = self._emulator_client
-                self.emulator.register_client(client_id, client_secret, [self.callback_url])
 
             allowed = self.allowed_hosts
             self._set_environ(
@@ -341,16 +340,36 @@ class LocalStack:
     def secret_id(self, name: str | None = None) -> str:
         return f"{DEFAULT_PREFIX}{name or self.connection}"
 
+    def register(self, name: str, *options: str) -> str:
+        """`make servicenow-client` for `name`, answered at its prompt by the emulator's admin: the registry
+        entry, its client secret in the connection secret (both made without a person). Returns its output."""
+        if self.emulator is None:
+            raise RuntimeError("local stack not started (with the emulator)")
+        argv = ["servicenow-client", name, "--instance-url", self.emulator.url, "--api-url", self.api.url, *options]
+        code, out, err = self.admin(*argv, stdin=f"admin\n{self.emulator.admin_password}\n")
+        if code != 0:
+            raise RuntimeError(f"servicenow-client {name} failed: {err.strip()}")
+        return out
+
+    def admin(self, *argv: str, stdin: str = "") -> tuple[int, str, str]:
+        """The operator's CLI (`python -m admin`, what `make` runs) against this stack: (exit code, out, err)."""
+        from admin.cli import main as admin_cli
+
+        out, err = io.StringIO(), io.StringIO()
+        argv = ("--allowed-hosts", ",".join(self.allowed_hosts), *argv)
+        code = admin_cli(list(argv), out=out, err=err, stdin=io.StringIO(stdin))
+        return code, out.getvalue(), err.getvalue()
+
     def create_connection(self, name: str, *, scope: str | None = DEFAULT_SCOPE) -> None:
-        """A new `pending_authorization` connection secret for the configured ServiceNow client."""
+        """A new `pending_authorization` connection: registered in the emulator through the Table API, or for a
+        real instance, with the client configured in the environment."""
         if self.store is None:
             raise RuntimeError("local stack not started")
-        if self.instance is not None:
-            client_id, client_secret = self.instance.client_id, self.instance.client_secret
-        elif self._emulator_client is not None:
-            client_id, client_secret = self._emulator_client
-        else:
-            raise RuntimeError("local stack not started")
+        if self.instance is None:
+            lifespan = ["--access-lifespan", str(self.access_lifespan)]
+            self.registered[name] = self.register(name, *lifespan, *(["--scope", scope] if scope else []))
+            return
+        client_id, client_secret = self.instance.client_id, self.instance.client_secret
         connection = Connection(
             name=name,
             instance_url=normalize_instance_url(self.instance_url, self.allowed_hosts),
@@ -362,33 +381,23 @@ class LocalStack:
         )
         self.store.create(connection, description=f"ServiceNow OAuth connection {name} (local stack)")
 
-    def create_jwt_connection(self, name: str, *, subject: str = "svc.jwt", key_id: str = "local-key-1") -> str:
-        """A jwt_bearer connection signed by a fresh KMS key (moto's), trusted by the emulator the way the README
-        has a person trust it in ServiceNow: the certificate from `make jwt-certificate` in a JWT Verifier Map.
-        Returns the key's ARN."""
-        from admin.certificate import kms_certificate  # dev dependency (cryptography), like the emulator
-
-        if self.store is None or self.emulator is None or self._emulator_client is None:
-            raise RuntimeError("local stack not started (with the emulator)")
+    def new_signing_key(self) -> str:
+        """A fresh RSA signing key in moto's KMS (what JwtSigningKey=create makes in AWS); returns its ARN."""
         kms = boto3.client("kms", endpoint_url=self.moto.url, region_name=REGION)
-        key = str(kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"])
-        client_id, client_secret = self._emulator_client
+        return str(kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"])
+
+    def create_jwt_connection(
+        self, name: str, *, subject: str = "svc.jwt", key_id: str = "local-key-1", trust: str = "jwks"
+    ) -> str:
+        """A jwt_bearer connection signed by a fresh KMS key (moto's), registered through the Table API: ServiceNow
+        trusts its keys through the connection's JWKS URL (`trust="jwks"`) or a certificate in a verifier map
+        (`"verifier_map"`). Returns the key's ARN."""
+        if self.store is None or self.emulator is None:
+            raise RuntimeError("local stack not started (with the emulator)")
+        key = self.new_signing_key()
         self.emulator.add_user(subject, secrets.token_urlsafe(16))
-        self.emulator.add_jwt_verifier(
-            client_id, key_id, kms_certificate(kms, key, f"servicenow-oauth {name}", datetime.now(UTC))
-        )
-        connection = Connection(
-            name=name,
-            instance_url=normalize_instance_url(self.instance_url, self.allowed_hosts),
-            client_id=client_id,
-            client_secret=client_secret,
-            grant_type="jwt_bearer",
-            jwt_subject=subject,
-            jwt_key_id=key_id,
-            kms_key_id=key,
-            status="pending_authorization",
-        )
-        self.store.create(connection, description=f"ServiceNow OAuth JWT connection {name} (local stack)")
+        jwt = ["--jwt-subject", subject, "--jwt-key-id", key_id, "--jwt-kms-key", key, "--trust", trust]
+        self.registered[name] = self.register(name, "--grant-type", "jwt_bearer", *jwt)
         return key
 
     def read_secret(self, name: str | None = None) -> dict[str, Any]:
@@ -453,7 +462,10 @@ def banner(stack: LocalStack, link: str, ttl: timedelta) -> str:
     minutes = int(ttl.total_seconds() // 60)
     if stack.instance is None:
         servicenow = f"  ServiceNow emulator      {stack.instance_url}"
-        register = ""
+        register = (
+            f"  OAuth client             registered through the Table API: 'servicenow-oauth {stack.connection}' "
+            "(make servicenow-client; no hand step)\n"
+        )
     else:
         servicenow = f"  ServiceNow instance      {stack.instance_url}"
         register = "  (register the callback URL as the Redirect URL of the OAuth application in ServiceNow)\n"

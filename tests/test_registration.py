@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from admin.registration import MARK, VERIFIER_MAP
 from core.signing import verify_authorize_link
 from core.store import ConnectionStore
 from local.servicenow_emulator import ServiceNowEmulator, press_consent
-from local.stack import free_port
+from local.stack import LocalStack, free_port
 
 API = "https://abc123.execute-api.us-east-1.amazonaws.com"
 CALLBACK = f"{API}/callback"
@@ -314,3 +315,46 @@ def test_the_authorize_link_printed_is_signed_for_the_connection(instance: Servi
     _code, out, _ = register(instance)
     query = dict(parse_qsl(urlsplit(out.strip().splitlines()[-1]).query))
     verify_authorize_link(KEY.encode(), "prod", query["expires"], query["signature"], datetime.now(UTC))
+
+
+# ---------------------------------------------------------------- JWT: a JWKS URL (Zurich and later)
+
+
+def test_a_jwks_rollover_needs_no_upload_and_no_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    with LocalStack(refresh_interval=None) as stack:
+        assert stack.emulator is not None
+        emulator = stack.emulator
+        stack.create_jwt_connection("machine", key_id="key-1", trust="jwks")
+        assert "trusts the keys published at" in stack.registered["machine"]
+        assert stack.sweep().get("refreshed") == 1 and emulator.jwks_fetches == 1
+        client_id = json.loads(stack.read_secret("machine")["SecretString"])["clientId"]
+        assert emulator.jwt_key_ids(client_id) == set()  # no verifier map: the JWKS URL alone
+        writes = len(emulator.requests_log)
+
+        new = stack.new_signing_key()
+        code, out, err = stack.admin(
+            "connections", "stage-jwt-key", "machine", "--jwt-key-id", "key-2", "--jwt-kms-key", new
+        )
+        assert (code, err) == (0, "") and "nothing to upload" in out
+        # Until ServiceNow has fetched the staged key, retiring the current one is refused and changes nothing.
+        before = stack.secretsmanager.list_secret_version_ids(SecretId=stack.secret_id("machine"))["Versions"]
+        code, out, err = stack.admin("connections", "retire-jwt-key", "machine")
+        assert code == 1 and "does not trust it yet" in err, err
+        after = stack.secretsmanager.list_secret_version_ids(SecretId=stack.secret_id("machine"))["Versions"]
+        assert len(after) == len(before)
+
+        # The stack's 300 s cache and ServiceNow's wait before refetching for an unknown kid (60 s) have passed.
+        assert stack.handler is not None
+        monkeypatch.setattr(stack.handler.publisher, "max_age", 0)
+        later = time.time() + 61
+        monkeypatch.setattr(emulator, "clock", lambda: later)
+        code, out, err = stack.admin("connections", "retire-jwt-key", "machine")
+        assert (code, err) == (0, ""), err
+        assert "key-2 is now the current key" in out and "publishes only key id key-2" in out
+        document = json.loads(stack.read_secret("machine")["SecretString"])
+        assert document["jwtKeyId"] == "key-2" and "jwtKeyIdNext" not in document
+        published = requests.get(f"{stack.api.url}/connections/machine/jwks.json", timeout=10).json()
+        assert [key["kid"] for key in published["keys"]] == ["key-2"]
+        table_calls = [e for e in emulator.requests_log[writes:] if e["path"].startswith("/api/now/table/")]
+        assert table_calls == []  # the rollover never touched ServiceNow's tables
+        no_secret_in(emulator, out, err, stack.registered["machine"])
