@@ -33,14 +33,20 @@ def _der(tag: int, content: bytes) -> bytes:
     return bytes([tag]) + _der_length(len(content)) + content
 
 
-def kms_certificate(kms: Any, kms_key_id: str, common_name: str, now: datetime, days: int = 730) -> str:
-    """A self-signed X.509 certificate (PEM) for the KMS key, its signature made by `kms:Sign`."""
+def check_signing_key(kms: Any, kms_key_id: str) -> rsa.RSAPublicKey:
+    """The KMS key's public half, if it is an RSA SIGN_VERIFY key that signs RS256 (ValueError otherwise)."""
     answer = kms.get_public_key(KeyId=kms_key_id)
     if answer.get("KeyUsage") != "SIGN_VERIFY" or SIGNING_ALGORITHM not in answer.get("SigningAlgorithms", []):
         raise ValueError(f"KMS key {kms_key_id!r} is not an RSA SIGN_VERIFY key that can sign with {SIGNING_ALGORITHM}")
     public_key = serialization.load_der_public_key(answer["PublicKey"])
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise ValueError(f"KMS key {kms_key_id!r} is not an RSA key (ServiceNow's RS256 needs one)")
+    return public_key
+
+
+def kms_certificate(kms: Any, kms_key_id: str, common_name: str, now: datetime, days: int = 730) -> str:
+    """A self-signed X.509 certificate (PEM) for the KMS key, its signature made by `kms:Sign`."""
+    public_key = check_signing_key(kms, kms_key_id)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     draft = (
         x509.CertificateBuilder()

@@ -147,10 +147,16 @@ def _new_connection(
     )
 
 
-def _create_connection(args: argparse.Namespace, out: TextIO, store: ConnectionStore, connection: Connection) -> int:
-    """Create a new connection's secret with its readers and replicas, or nothing at all."""
+def _create_connection(
+    args: argparse.Namespace,
+    out: TextIO,
+    store: ConnectionStore,
+    connection: Connection,
+    prepared: tuple[list[str], dict[str, str | None]] | None = None,
+) -> int:
+    """Create a new connection's secret with its readers and replicas (`prepared`: already parsed), or nothing."""
     name = connection.name
-    consumers, replicas = _consumers_and_replicas(args, store, name)
+    consumers, replicas = prepared or _consumers_and_replicas(args, store, name)
     try:
         # Exactly what every reader will accept (e.g. an empty --client-id is refused here, not at each sweep).
         parse_connection(name, connection.to_json(), store.allowed_hosts)
@@ -389,6 +395,12 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     store = _store(args)
     name = validate_name(args.name)
     known = store.get(name).connection
+    if known.grant_type == "jwt_bearer":
+        try:  # the options' form first, then a key that cannot sign RS256: each refused before any write
+            parse_connection(name, _staged_key(known, args).to_json(), store.allowed_hosts)
+        except SecretFormatError as error:
+            raise CliError(str(error)) from None
+        _check_signing_key(name, args.jwt_kms_key)
     api, entry = None, None
     if known.extra.get(TRUST_KEY) == VERIFIER_MAPS:
         api = _registration_api(args, stdin, name, known.instance_url)
@@ -397,7 +409,7 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     def stage(connection: Connection) -> Connection:
         if connection.grant_type != "jwt_bearer":
             raise CliError(f"connection {name!r} uses {connection.grant_type}, not jwt_bearer: no key to stage")
-        staged = replace(connection, jwt_key_id_next=args.jwt_key_id, kms_key_id_next=args.jwt_kms_key)
+        staged = _staged_key(connection, args)
         try:  # exactly what every reader will accept, or nothing is written
             parse_connection(name, staged.to_json(), store.allowed_hosts)
         except SecretFormatError as error:
@@ -422,6 +434,10 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     else:
         out.write(f"ServiceNow needs its certificate: make jwt-certificate CONNECTION={name} NEXT=1\n")
     return 0
+
+
+def _staged_key(connection: Connection, args: argparse.Namespace) -> Connection:
+    return replace(connection, jwt_key_id_next=args.jwt_key_id, kms_key_id_next=args.jwt_kms_key)
 
 
 def _entry(api: TableApi, connection: Connection) -> str:
@@ -575,6 +591,9 @@ def cmd_servicenow_client(args: argparse.Namespace, out: TextIO, stdin: TextIO) 
                 f"connection {name!r} uses {existing.grant_type}, not {args.grant_type}: pass --grant-type "
                 f"{existing.grant_type}; nothing was written"
             )
+    # Everything that can refuse is asked before the first write in ServiceNow: the readers and replicas a new
+    # connection gets, and the signing key a JWT connection's certificate needs.
+    prepared = _consumers_and_replicas(args, store, name) if existing is None else None
     jwt = None
     if args.grant_type == "jwt_bearer":
         if existing is not None:
@@ -583,6 +602,7 @@ def cmd_servicenow_client(args: argparse.Namespace, out: TextIO, stdin: TextIO) 
             args.jwt_kms_key = args.jwt_kms_key or existing.kms_key_id
         args.jwt_kms_key = args.jwt_kms_key or outputs.get("JwtSigningKeyArn")
         _check_jwt_options(args, name)
+        _check_signing_key(name, args.jwt_kms_key)
         jwt = JwtTrust(
             key_id=args.jwt_key_id,
             user_field=args.jwt_user_field,
@@ -617,7 +637,7 @@ def cmd_servicenow_client(args: argparse.Namespace, out: TextIO, stdin: TextIO) 
             assert registered.client_secret is not None  # a connection that did not exist held no client
             secret = registered.client_secret
             connection = _new_connection(args, name, instance, registered.client_id, secret, None, extra)
-            _create_connection(args, out, store, connection)
+            _create_connection(args, out, store, connection, prepared)
         elif registered.client_secret is not None or any(existing.extra.get(k) != v for k, v in extra.items()):
             _take_client(store, name, holds, registered, extra)
             out.write(f"connection {name}: now holds the client of {entry_name!r}\n")
@@ -643,10 +663,28 @@ def _take_client(
     def take(current: Connection) -> Connection:
         if current.client_id != held:
             raise CliError(f"connection {name!r} changed its client meanwhile; nothing was written to it")
+        if current.client_id != registered.client_id and (current.access_token or current.refresh_token):
+            # A consent landed while ServiceNow was being written: its tokens belong to the held client.
+            raise CliError(
+                f"connection {name!r} received tokens of its client {held and held[:8]}… meanwhile, which the "
+                "new entry's client would orphan; the connection was not changed"
+            )
         secret = registered.client_secret or current.client_secret
         return replace(current, client_id=registered.client_id, client_secret=secret, extra={**current.extra, **extra})
 
     store.update(name, take)
+
+
+def _check_signing_key(name: str, kms_key: str) -> None:
+    """The key a certificate or an assertion needs, checked (kms:GetPublicKey) before anything is written."""
+    from admin.certificate import check_signing_key
+
+    try:
+        check_signing_key(boto3.client("kms"), kms_key)
+    except ValueError as error:
+        raise CliError(f"connection {name!r}: {error}; nothing was written") from None
+    except (BotoCoreError, ClientError) as error:
+        raise CliError(f"connection {name!r}: signing key unusable (AWS said: {error}); nothing was written") from None
 
 
 def _certificate(name: str, kms_key: str) -> str:
@@ -868,3 +906,6 @@ def main(
         # Our errors' messages name the connection and what to do, and never carry secrets.
         err.write(f"error: {error}\n")
         return EXIT_BAD_INPUT if isinstance(error, BAD_INPUT) else EXIT_FAILED
+    except Exception as error:  # a bug: its type only, since a library's message or repr may hold what it was given
+        err.write(f"error: unexpected {type(error).__name__}; nothing more is shown, as it may hold a secret\n")
+        return EXIT_FAILED

@@ -12,6 +12,7 @@ Table and field names, and which are confirmed: docs/servicenow-tables.md.
 
 from __future__ import annotations
 
+import base64
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -130,12 +131,13 @@ class TableApi:
 
     def call(self, method: str, table: str, sys_id: str | None = None, **kwargs: Any) -> Any:
         url = f"{self.instance_url}{TABLE_PATH}{table}" + (f"/{quote(sys_id, safe='')}" if sys_id else "")
+        # Basic auth in UTF-8 (RFC 7617): requests would encode latin-1 and raise with the password in the error.
+        basic = base64.b64encode(f"{self.admin.username}:{self.admin.password}".encode()).decode("ascii")
         try:
             answer = self.session.request(
                 method,
                 url,
-                auth=(self.admin.username, self.admin.password),
-                headers={"Accept": "application/json"},
+                headers={"Accept": "application/json", "Authorization": f"Basic {basic}"},
                 timeout=REQUEST_SECONDS,
                 allow_redirects=False,
                 **kwargs,
@@ -262,10 +264,10 @@ def register_client(
     if plan.jwt is not None and mode == JWKS and _value(entry.get(JWKS_URL_FIELD)) != plan.jwt.jwks_url:
         changed[JWKS_URL_FIELD] = plan.jwt.jwks_url
         registered.changes.append("set the JWKS URL")
+    if plan.jwt is not None and mode == VERIFIER_MAPS:  # its certificate (kms:Sign) comes before any write
+        registered.changes += ensure_verifier_map(api, plan.connection, sys_id, plan.jwt.key_id, plan.jwt.certificate)
     if changed:
         api.update(OAUTH_ENTITY, sys_id, changed, f"updated entry {plan.entry_name!r}")
-    if plan.jwt is not None and mode == VERIFIER_MAPS:
-        registered.changes += ensure_verifier_map(api, plan.connection, sys_id, plan.jwt.key_id, plan.jwt.certificate)
     registered.trust = mode
     return registered
 
@@ -284,6 +286,8 @@ def _trust_mode(api: TableApi, plan: Plan) -> str:
 
 
 def _create(api: TableApi, plan: Plan, mode: str | None, new_secret: Callable[[], str]) -> Registered:
+    # A verifier map's certificate is made (kms:Sign) before the first write, so a key that cannot sign writes nothing.
+    pem = plan.jwt.certificate() if plan.jwt is not None and mode == VERIFIER_MAPS else None
     client_secret = new_secret()
     fields: dict[str, Any] = {
         "name": plan.entry_name,
@@ -315,8 +319,8 @@ def _create(api: TableApi, plan: Plan, mode: str | None, new_secret: Callable[[]
     )
     if plan.jwt is not None and mode == JWKS:
         registered.changes.append(f"trusts the keys published at {plan.jwt.jwks_url}")
-    if plan.jwt is not None and mode == VERIFIER_MAPS:
-        registered.changes += ensure_verifier_map(api, plan.connection, sys_id, plan.jwt.key_id, plan.jwt.certificate)
+    if plan.jwt is not None and pem is not None:
+        registered.changes += ensure_verifier_map(api, plan.connection, sys_id, plan.jwt.key_id, lambda: pem)
     return registered
 
 

@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -358,3 +359,70 @@ def test_a_jwks_rollover_needs_no_upload_and_no_console(monkeypatch: pytest.Monk
         table_calls = [e for e in emulator.requests_log[writes:] if e["path"].startswith("/api/now/table/")]
         assert table_calls == []  # the rollover never touched ServiceNow's tables
         no_secret_in(emulator, out, err, stack.registered["machine"])
+
+
+# ---------------------------------------------------------------- found by review (each failed before its fix)
+
+
+def test_a_bad_consumer_option_is_refused_before_servicenow_is_written(
+    instance: ServiceNowEmulator, secretsmanager: Any
+) -> None:
+    """A bad option (a --consumer that is not an account id or role ARN) was refused only after the Application
+    Registry entry was inserted, leaving a row in ServiceNow; readers and replicas are now parsed first."""
+    code, _out, err = register(instance, "--consumer", "not-a-principal")
+    assert code != 0 and err.count("\n") == 1, err
+    assert not connections(secretsmanager)
+    assert table(instance, "oauth_entity") == [], f"a refused bad option wrote a ServiceNow entry; stderr: {err}"
+
+
+def test_a_bad_replica_region_is_refused_before_servicenow_is_written(
+    instance: ServiceNowEmulator, secretsmanager: Any
+) -> None:
+    """The same, with --replica-region naming no region."""
+    code, _out, err = register(instance, "--replica-region", "mars-north-9")
+    assert code != 0 and err.count("\n") == 1, err
+    assert not connections(secretsmanager)
+    assert table(instance, "oauth_entity") == [], f"a refused bad option wrote a ServiceNow entry; stderr: {err}"
+
+
+def test_a_bad_jwt_kms_key_is_refused_before_servicenow_is_written(
+    instance: ServiceNowEmulator, secretsmanager: Any
+) -> None:
+    """--trust verifier_map with a KMS key that is not an RSA signing key: the certificate was made after the
+    oauth_entity insert; the key is now checked, and the certificate made, before any write."""
+    instance.add_user("svc.jwt", "jwt-user-password-1")
+    symmetric = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
+    jwt = ["--grant-type", "jwt_bearer", "--jwt-subject", "svc.jwt", "--jwt-key-id", "key-1"]
+    code, _out, err = register(instance, *jwt, "--jwt-kms-key", symmetric, "--trust", "verifier_map")
+    assert code != 0 and err.count("\n") == 1, err
+    assert not connections(secretsmanager)
+    assert table(instance, "oauth_entity") == [], f"a refused bad option wrote a ServiceNow entry; stderr: {err}"
+
+
+def test_a_consent_landing_during_the_run_is_not_repointed_to_another_client(
+    instance: ServiceNowEmulator, secretsmanager: Any
+) -> None:
+    """The token check was made on the connection read at the start only, so tokens stored meanwhile (a consent for
+    the held client) ended up in a connection repointed to a new client; the final conditional write checks too."""
+    assert register(instance)[0] == 0
+    held = document(secretsmanager)["clientId"]
+    instance.inject("slow", path="/api/now/table/oauth_entity", count=1, delay=2.0)
+
+    def consent_lands() -> None:  # what the callback does when the person presses Allow
+        deadline = time.monotonic() + 10
+        while instance._faults and time.monotonic() < deadline:
+            time.sleep(0.02)
+        secretsmanager.put_secret_value(
+            SecretId="servicenow-oauth/prod",
+            SecretString=json.dumps({**document(secretsmanager), "refreshToken": "r" * 40, "status": "active"}),
+        )
+
+    thread = threading.Thread(target=consent_lands)
+    thread.start()
+    code, _out, err = register(instance, "--entry-name", "another")
+    thread.join()
+    stored = document(secretsmanager)
+    assert stored.get("refreshToken") == "r" * 40
+    assert stored["clientId"] == held, (
+        f"the connection holding tokens of {held[:8]} was repointed to {stored['clientId'][:8]} (exit {code}, {err!r})"
+    )
