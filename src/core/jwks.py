@@ -143,13 +143,17 @@ def public_jwk(kms: Any, key: JwtKey, connection: str, which: str) -> Jwk:
         raise PublicKeyUnavailable(connection, key.key_id, which, "UnsupportedPublicKey", retryable=False) from None
 
 
-def load_jwks(store: ConnectionStore, kms: Any, name: str) -> JwkSet:
+def load_jwks(
+    store: ConnectionStore, kms: Any, name: str, problems: list[PublicKeyUnavailable] | None = None
+) -> JwkSet:
     """The current signing key, then the staged next key if any, of one jwt_bearer connection.
+
+    A staged key the stack cannot read is left out and appended to `problems`, never failing the set: ServiceNow
+    refetching a failed set would stop trusting the current key too, which the connection still signs with.
 
     Raises:
         NoPublicKeys: no such connection, an invalid name or secret, or not a jwt_bearer connection (alike).
-        PublicKeyUnavailable: see `public_jwk`; either key failing fails the set, so a staged key the stack could
-            not use is noticed now rather than when ServiceNow refuses the current one.
+        PublicKeyUnavailable: the current key's public half is unavailable (see `public_jwk`).
     """
     try:
         connection = store.get(name).connection
@@ -160,7 +164,12 @@ def load_jwks(store: ConnectionStore, kms: Any, name: str) -> JwkSet:
         raise NoPublicKeys(name, "not_jwt_bearer")
     keys = [public_jwk(kms, current, name, "current")]
     if staged is not None:
-        keys.append(public_jwk(kms, staged, name, "staged"))
+        try:
+            keys.append(public_jwk(kms, staged, name, "staged"))
+        except PublicKeyUnavailable as problem:
+            if problems is None:
+                raise
+            problems.append(problem)
     return {"keys": keys}
 
 
@@ -186,8 +195,8 @@ class KeyPublisher:
         # re-raising one instance would grow its traceback request after request)
         self._cache: OrderedDict[str, tuple[float, JwkSet | tuple[str | None, str]]] = OrderedDict()
 
-    def jwks(self, name: str) -> JwkSet:
-        """The connection's JWK Set, at most `max_age` seconds old.
+    def jwks(self, name: str, problems: list[PublicKeyUnavailable] | None = None) -> JwkSet:
+        """The connection's JWK Set, at most `max_age` seconds old (a set missing its staged key is not kept).
 
         Raises:
             NoPublicKeys, PublicKeyUnavailable: as `load_jwks`.
@@ -195,10 +204,15 @@ class KeyPublisher:
         now = self._clock()
         cached = self._cache.get(name)
         if cached is None or now - cached[0] >= self.max_age:
+            found: list[PublicKeyUnavailable] = []
             try:
-                result: JwkSet | tuple[str | None, str] = load_jwks(self.store, self.kms, name)
+                result: JwkSet | tuple[str | None, str] = load_jwks(self.store, self.kms, name, found)
             except NoPublicKeys as error:
                 result = (error.connection, error.reason)
+            if problems is not None:
+                problems.extend(found)
+            if found:
+                return result  # type: ignore[return-value]  # a set: only NoPublicKeys gives a tuple
             self._cache[name] = cached = (now, result)
             self._cache.move_to_end(name)
             while len(self._cache) > self.max_entries:

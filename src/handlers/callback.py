@@ -130,30 +130,33 @@ def _json(status: int, body: Any, headers: dict[str, str]) -> Answer:
     return _answer(status, json.dumps(body, separators=(",", ":")), {"X-Content-Type-Options": "nosniff", **headers})
 
 
+def _key_unavailable(error: PublicKeyUnavailable, status: int) -> None:
+    logger.warning(
+        "jwks: public key unavailable",
+        extra={"connection": error.connection, "signing_key": error.which, "reason": error.reason, "status": status},
+    )
+    metrics.add_metric(name="JwksKeyUnavailable", unit=MetricUnit.Count, value=1)
+
+
 def jwks(event: Event, name: str) -> Answer:
     """The connection's JWK Set. An unknown name, a non-JWT connection and a broken secret get one and the same
-    404 (API Gateway's own body), so the public endpoint tells no grant types apart."""
+    404 (API Gateway's own body), so the public endpoint tells no grant types apart. A staged key the stack cannot
+    read is left out with a warning: the current key, which the connection signs with, is always published."""
+    problems: list[PublicKeyUnavailable] = []
     try:
-        keys = publisher.jwks(name)
+        keys = publisher.jwks(name, problems)
     except NoPublicKeys as error:
         logger.info("jwks: nothing to publish", extra={"connection": error.connection, "reason": error.reason})
         return _json(404, {"message": "Not Found"}, {"Content-Type": "application/json", "Cache-Control": "no-store"})
     except PublicKeyUnavailable as error:
         status = 503 if error.retryable else 502
-        logger.warning(
-            "jwks: public key unavailable",
-            extra={
-                "connection": error.connection,
-                "signing_key": error.which,
-                "reason": error.reason,
-                "status": status,
-            },
-        )
-        metrics.add_metric(name="JwksKeyUnavailable", unit=MetricUnit.Count, value=1)
+        _key_unavailable(error, status)
         headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
         if error.retryable:
             headers["Retry-After"] = "60"
         return _json(status, {"message": str(error), "connection": error.connection}, headers)
+    for problem in problems:
+        _key_unavailable(problem, 200)
     headers = {"Content-Type": "application/jwk-set+json", "Cache-Control": f"public, max-age={CACHE_SECONDS}"}
     return _json(200, keys, headers)
 
