@@ -75,6 +75,8 @@ def parse_query(sysparm_query: str) -> list[tuple[str, str]]:
     """`a=b^c=d` into [(a, b), (c, d)]; only the equality conjunctions a registration tool sends."""
     terms = []
     for term in filter(None, sysparm_query.split("^")):
+        if term.startswith("ORDERBY"):
+            continue  # ordering: every answer here is in insertion order anyway
         field, equals, value = term.partition("=")
         if not equals:
             raise ValueError(term)
@@ -106,7 +108,10 @@ class AdminTables:
         if table == DICTIONARY:
             if method != "GET":
                 return TableReply(403, _not_authorized(operation))
-            return TableReply(200, {"result": self._dictionary(query)})
+            try:
+                return TableReply(200, {"result": self._dictionary(query)})
+            except ValueError:
+                return TableReply(400, {"error": {"message": "Invalid query", "detail": None}, "status": "failure"})
         rows = self.rows[table]
         if method == "GET":
             if sys_id is not None:
@@ -205,16 +210,27 @@ class AdminTables:
             self._apply_map(row, add=True)
             return row
         if table == OAUTH_ENTITY:
+            if "client_id" in changed and changed["client_id"] != row["client_id"]:
+                raise ValueError("client_id cannot change")  # refused whole: nothing of the request is kept
             if "client_secret" in changed:
                 self._secrets[row["sys_id"]] = changed.pop("client_secret")
-            if "client_id" in changed and changed["client_id"] != row["client_id"]:
-                raise ValueError("client_id cannot change")
         if table == CERTIFICATE and "pem_certificate" in changed:
             self.emulator.parse_certificate(changed["pem_certificate"])
+        if table == CERTIFICATE:
+            maps = self._maps_of(row["sys_id"])
+            for mapping in maps:
+                self._apply_map(mapping, add=False)
+            row.update(changed)
+            for mapping in maps:  # a replaced or deactivated certificate is what its maps trust from now on
+                self._apply_map(mapping, add=True)
+            return row
         row.update(changed)
         if table == OAUTH_ENTITY:
             self._apply_entity(row)
         return row
+
+    def _maps_of(self, certificate_id: str) -> list[dict[str, str]]:
+        return [m for m in self.rows[VERIFIER_MAP].values() if m.get("sys_certificate") == certificate_id]
 
     def _delete(self, table: str, row: dict[str, str]) -> None:
         if table == OAUTH_ENTITY:
@@ -222,6 +238,9 @@ class AdminTables:
             self._secrets.pop(row["sys_id"], None)
         elif table == VERIFIER_MAP:
             self._apply_map(row, add=False)
+        elif table == CERTIFICATE:
+            for mapping in self._maps_of(row["sys_id"]):  # a map whose certificate is gone trusts nothing
+                self._apply_map(mapping, add=False)
 
     def _apply_entity(self, row: dict[str, str]) -> None:
         """What the token and authorize endpoints see of an entry: only an active one exists for them."""
@@ -252,7 +271,8 @@ class AdminTables:
         certificate = self.rows[CERTIFICATE].get(row.get("sys_certificate", ""))
         if entity is None or entity.get("active") != "true" or not row.get("kid"):
             return
-        if add and certificate is not None and row.get("active", "true") == "true":
+        trusted = certificate is not None and certificate.get("active", "true") == "true"
+        if add and trusted and certificate is not None and row.get("active", "true") == "true":
             self.emulator.add_jwt_verifier(entity["client_id"], row["kid"], certificate.get("pem_certificate", ""))
         elif not add:
             self.emulator.remove_jwt_verifier(entity["client_id"], row["kid"])

@@ -103,7 +103,7 @@ def read_rsa_public_key(der: bytes) -> tuple[int, int]:
     if end != len(rsa):
         raise UnsupportedPublicKey("trailing bytes in RSAPublicKey")
     n, e = _positive(modulus), _positive(exponent)
-    if n.bit_length() < MIN_MODULUS_BITS or e < 3 or e % 2 == 0:
+    if n.bit_length() < MIN_MODULUS_BITS or n % 2 == 0 or e < 3 or e % 2 == 0 or e >= n:
         raise UnsupportedPublicKey("RSA key too small or with an invalid exponent")
     return n, e
 

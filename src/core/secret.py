@@ -192,7 +192,7 @@ def parse_connection(name: str, secret_string: str, allowed_hosts: Iterable[str]
         raise SecretFormatError(name, "(document)", "is larger than a secret can hold")
     try:
         document = json.loads(secret_string)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting deeper than the parser's recursion is no document of ours
         raise SecretFormatError(name, "(document)", "is not valid JSON") from None
     if not isinstance(document, dict):
         raise SecretFormatError(name, "(document)", "must be a JSON object")

@@ -198,7 +198,8 @@ _SEGMENT = r"[-._~()'!*:@,;=+&$%<> \[\]{}|^\w]+"
 _ROUTES: list[tuple[re.Pattern[str], Callable[..., Answer]]] = [
     (re.compile(r"^/callback$"), callback),
     (re.compile(rf"^/connections/(?P<name>{_SEGMENT})/authorize$"), authorize),
-    (re.compile(rf"^/connections/(?P<name>{_SEGMENT})/jwks\.json$"), jwks),
+    # Any segment: a name the store refuses gets the same 404 as every other name with nothing to publish.
+    (re.compile(r"^/connections/(?P<name>[^/]+)/jwks\.json$"), jwks),
 ]
 
 
