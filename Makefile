@@ -86,11 +86,11 @@ authorize-url: $(VENV)/.installed ## CONNECTION=, and STACK= (deployed) or SERVI
 refresh: $(VENV)/.installed ## CONNECTION=, FORCE=1 to refresh a token that is not due
 	$(ADMIN) refresh "$(CONNECTION)" $(if $(FORCE),--force)
 
-servicenow-client: $(VENV)/.installed ## CONNECTION=, INSTANCE=, STACK= (or SERVICENOW_OAUTH_API_URL); GRANT=jwt_bearer JWT_SUBJECT= JWT_KEY_ID=, ADOPT=NAME, ACCESS_LIFESPAN=, REFRESH_LIFESPAN=: register the OAuth client in ServiceNow (admin asked at a prompt)
+servicenow-client: $(VENV)/.installed ## CONNECTION=, INSTANCE=, STACK= (or SERVICENOW_OAUTH_API_URL); GRANT=jwt_bearer JWT_SUBJECT= JWT_KEY_ID=, ENTRY= or ADOPT=NAME, TRUST=, ACCESS_LIFESPAN=, REFRESH_LIFESPAN=: register the OAuth client in ServiceNow (admin asked at a prompt)
 	$(ADMIN) servicenow-client "$(CONNECTION)" $(if $(INSTANCE),--instance-url "$(INSTANCE)") $(if $(STACK),--stack "$(STACK)") \
 		$(if $(GRANT),--grant-type "$(GRANT)") $(if $(JWT_SUBJECT),--jwt-subject "$(JWT_SUBJECT)") \
 		$(if $(JWT_KEY_ID),--jwt-key-id "$(JWT_KEY_ID)") $(if $(JWT_KMS_KEY),--jwt-kms-key "$(JWT_KMS_KEY)") \
-		$(if $(ADOPT),--adopt "$(ADOPT)") $(if $(ACCESS_LIFESPAN),--access-lifespan "$(ACCESS_LIFESPAN)") \
+		$(if $(ADOPT),--adopt "$(ADOPT)") $(if $(ENTRY),--entry-name "$(ENTRY)") $(if $(ACCESS_LIFESPAN),--access-lifespan "$(ACCESS_LIFESPAN)") \
 		$(if $(REFRESH_LIFESPAN),--refresh-lifespan "$(REFRESH_LIFESPAN)") $(if $(TRUST),--trust "$(TRUST)")
 
 retire-jwt-key: $(VENV)/.installed ## CONNECTION=: promote the staged JWT key now; remove the other keys' verifier maps
