@@ -25,12 +25,13 @@ from urllib3.util.retry import Retry
 
 TABLE_PATH = "/api/now/table/"
 OAUTH_ENTITY = "oauth_entity"
+JWT_ENTITY = "oauth_jwt"  # "OAuth JWT API endpoint for external clients": a child table of oauth_entity
 CERTIFICATE = "sys_certificate"
-VERIFIER_MAP = "oauth_jwt_verifier_map"
+VERIFIER_MAP = "jwt_verifier_map"
+MAP_ENTRY = "oauth_jwt"  # the verifier map's reference to its JWT entry
 DICTIONARY = "sys_dictionary"
 JWKS_URL_FIELD = "jwks_url"
 CLIENT_TYPE = "client"
-JWT_TYPE = "jwt"
 # How an entry says this tool made it (its Comments); an entry without it is someone else's.
 MARK = "Managed by servicenow-oauth"
 REQUEST_SECONDS = 20.0
@@ -240,11 +241,11 @@ def register_client(
             f"an Application Registry entry named {plan.entry_name!r} exists that this tool did not create: pass "
             f"--adopt {plan.entry_name!r} to use it (its other redirect URLs are kept), or choose another --entry-name"
         )
-    kind = _value(entry.get("type")) or CLIENT_TYPE
-    wanted = JWT_TYPE if plan.jwt is not None else CLIENT_TYPE
-    if kind != wanted:
+    # A query of oauth_entity answers its child tables' rows too, each naming its class.
+    kind = _value(entry.get("sys_class_name")) or OAUTH_ENTITY
+    if kind != _table(plan):
         raise api._refused(
-            f"the entry {plan.entry_name!r} is of type {kind!r}, not {wanted!r}: choose another --entry-name"
+            f"the entry {plan.entry_name!r} is a {kind}, not a {_table(plan)}: choose another --entry-name"
         )
     if tokens_of is not None and tokens_of != client_id:
         raise api._refused(
@@ -267,22 +268,26 @@ def register_client(
     if plan.jwt is not None and mode == VERIFIER_MAPS:  # its certificate (kms:Sign) comes before any write
         registered.changes += ensure_verifier_map(api, plan.connection, sys_id, plan.jwt.key_id, plan.jwt.certificate)
     if changed:
-        api.update(OAUTH_ENTITY, sys_id, changed, f"updated entry {plan.entry_name!r}")
+        api.update(_table(plan), sys_id, changed, f"updated entry {plan.entry_name!r}")
     registered.trust = mode
     return registered
 
 
 def _trust_mode(api: TableApi, plan: Plan) -> str:
     assert plan.jwt is not None
-    supports = api.has_field(OAUTH_ENTITY, JWKS_URL_FIELD)
+    supports = api.has_field(JWT_ENTITY, JWKS_URL_FIELD)
     if plan.jwt.mode == JWKS and not supports:
         raise api._refused(
-            f"ServiceNow at {api.host} has no JWKS URL field ({OAUTH_ENTITY}.{JWKS_URL_FIELD}, Zurich and later): "
+            f"ServiceNow at {api.host} has no JWKS URL field ({JWT_ENTITY}.{JWKS_URL_FIELD}, Zurich and later): "
             "use --trust verifier_map"
         )
     if plan.jwt.mode == VERIFIER_MAPS or not supports:
         return VERIFIER_MAPS
     return JWKS
+
+
+def _table(plan: Plan) -> str:
+    return JWT_ENTITY if plan.jwt is not None else OAUTH_ENTITY
 
 
 def _create(api: TableApi, plan: Plan, mode: str | None, new_secret: Callable[[], str]) -> Registered:
@@ -291,7 +296,6 @@ def _create(api: TableApi, plan: Plan, mode: str | None, new_secret: Callable[[]
     client_secret = new_secret()
     fields: dict[str, Any] = {
         "name": plan.entry_name,
-        "type": JWT_TYPE if plan.jwt is not None else CLIENT_TYPE,
         "redirect_url": plan.callback_url,
         "access_token_lifespan": str(plan.access_lifespan),
         "refresh_token_lifespan": str(plan.refresh_lifespan),
@@ -299,11 +303,13 @@ def _create(api: TableApi, plan: Plan, mode: str | None, new_secret: Callable[[]
         "client_secret": client_secret,
         "comments": f"{MARK} for connection {plan.connection}; the client secret is in its connection secret.",
     }
-    if plan.jwt is not None:
-        fields["user_field"] = plan.jwt.user_field
+    if plan.jwt is None:
+        fields["type"] = CLIENT_TYPE
+    else:  # ServiceNow's documented defaults, set explicitly (its pages disagree on the clock skew's)
+        fields.update({"user_field": plan.jwt.user_field, "enable_jti_verification": "true", "clock_skew": "300"})
         if mode == JWKS:
             fields[JWKS_URL_FIELD] = plan.jwt.jwks_url
-    row = api.insert(OAUTH_ENTITY, fields, f"created entry {plan.entry_name!r}")
+    row = api.insert(_table(plan), fields, f"created entry {plan.entry_name!r}")
     client_id, sys_id = _value(row.get("client_id")), _value(row.get("sys_id"))
     if not client_id or not sys_id:
         raise api._refused("ServiceNow created the entry but did not answer its client id")
@@ -332,7 +338,7 @@ def ensure_verifier_map(
     api: TableApi, connection: str, entity_sys_id: str, key_id: str, certificate: Callable[[], str]
 ) -> list[str]:
     """The certificate of `key_id` in sys_certificate and a verifier map from the kid to it (found, or made)."""
-    if api.find(VERIFIER_MAP, oauth_entity=entity_sys_id, kid=key_id):
+    if api.find(VERIFIER_MAP, **{MAP_ENTRY: entity_sys_id, "kid": key_id}):
         return []
     name = certificate_name(connection, key_id)
     certificates = api.find(CERTIFICATE, name=name)
@@ -343,7 +349,7 @@ def ensure_verifier_map(
             CERTIFICATE,
             {
                 "name": name,
-                "format": "pem",
+                "format": "PEM",
                 "type": "trust_store",
                 "pem_certificate": certificate(),
                 "active": "true",
@@ -353,7 +359,7 @@ def ensure_verifier_map(
         certificate_id = _value(row.get("sys_id"))
     api.insert(
         VERIFIER_MAP,
-        {"name": name, "kid": key_id, "sys_certificate": certificate_id, "oauth_entity": entity_sys_id},
+        {"name": name, "kid": key_id, "sys_certificate": certificate_id, MAP_ENTRY: entity_sys_id},
         f"added verifier map {key_id!r}",
     )
     return [f"trusts key id {key_id!r} through a verifier map (certificate {name!r})"]
@@ -363,7 +369,7 @@ def remove_verifier_maps(api: TableApi, connection: str, entity_sys_id: str, kee
     """Delete the entry's verifier maps for every kid not in `keep`, and the certificates this tool uploaded
     for them; the end of a key rollover, on an explicit command only."""
     removed = []
-    for mapping in api.find(VERIFIER_MAP, oauth_entity=entity_sys_id):
+    for mapping in api.find(VERIFIER_MAP, **{MAP_ENTRY: entity_sys_id}):
         kid = _value(mapping.get("kid"))
         if kid in keep:
             continue
@@ -375,7 +381,7 @@ def remove_verifier_maps(api: TableApi, connection: str, entity_sys_id: str, kee
 
 
 def find_entry(api: TableApi, entry_name: str) -> dict[str, Any]:
-    found = api.find(OAUTH_ENTITY, name=entry_name)
+    found = api.find(JWT_ENTITY, name=entry_name)
     if len(found) != 1:
         raise api._refused(f"found {len(found)} Application Registry entries named {entry_name!r}, expected one")
     return found[0]

@@ -87,6 +87,7 @@ class _JwtEndpoint:
 
     verifiers: dict[str, _JwtVerifier] = field(default_factory=dict)
     jwks_url: str | None = None  # Zurich+: keys fetched from this URL (cached) for kids no verifier map has
+    jwks_cache_seconds: int = 0  # the entry's JWKS cache lifespan (0: JWKS_CACHE_SECONDS)
     user_field: str = "user_name"  # sys_user field that `sub` is matched against: user_name, email or sys_id
     jti_verification: bool = True  # ServiceNow's default: a jti is accepted once
     clock_skew: int = 300  # seconds allowed on exp and nbf (ServiceNow's default)
@@ -330,8 +331,12 @@ class ServiceNowEmulator(BackgroundServer):
         refresh_lifespan: int | None,
         user_field: str | None = None,
         jwks_url: str | None = None,
+        jti_verification: bool = True,
+        clock_skew: int | None = None,
+        jwks_cache_minutes: int | None = None,
     ) -> None:
-        """What the Table API's writes to oauth_entity mean: create or change an entry, keeping its verifiers."""
+        """What the Table API's writes to oauth_entity (and oauth_jwt) mean: create or change an entry, keeping
+        its verifiers."""
         with self._lock:
             known = self._clients.get(client_id)
             client = _Client(client_secret, list(redirect_uris), None, access_lifespan, refresh_lifespan)
@@ -340,6 +345,9 @@ class ServiceNowEmulator(BackgroundServer):
                 client.client_credentials_user = known.client_credentials_user
             client.jwt.user_field = user_field or client.jwt.user_field
             client.jwt.jwks_url = jwks_url
+            client.jwt.jti_verification = jti_verification
+            client.jwt.clock_skew = clock_skew if clock_skew is not None else client.jwt.clock_skew
+            client.jwt.jwks_cache_seconds = (jwks_cache_minutes or 0) * 60
             self._clients[client_id] = client
             self._issued.add(client_secret)
 
@@ -909,7 +917,7 @@ class ServiceNowEmulator(BackgroundServer):
             raise OAuthFailure
         endpoint = client.jwt
         verifier = endpoint.verifiers.get(str(header.get("kid")))
-        public_key = verifier.public_key if verifier else self._jwks_key(endpoint.jwks_url, str(header.get("kid")), now)
+        public_key = verifier.public_key if verifier else self._jwks_key(endpoint, str(header.get("kid")), now)
         if public_key is None:
             raise OAuthFailure
         try:
@@ -934,14 +942,17 @@ class ServiceNowEmulator(BackgroundServer):
             self._jtis[jti] = exp + endpoint.clock_skew
         return user
 
-    def _jwks_key(self, url: str | None, kid: str, now: float) -> Any:
-        """The key a JWKS URL publishes for `kid`: fetched once per JWKS_CACHE_SECONDS, or again for a kid the
-        cached set lacks once JWKS_REFETCH_SECONDS have passed (caller holds the lock)."""
+    def _jwks_key(self, endpoint: _JwtEndpoint, kid: str, now: float) -> Any:
+        """The key the entry's JWKS URL publishes for `kid`: fetched once per cache lifespan (the entry's, else
+        JWKS_CACHE_SECONDS), or again for a kid the cached set lacks once JWKS_REFETCH_SECONDS have passed
+        (caller holds the lock)."""
+        url = endpoint.jwks_url
         if not url or not self.supports_jwks:
             return None
         fetched_at, keys = self._jwks.get(url, (float("-inf"), {}))
         age = now - fetched_at
-        if age >= JWKS_CACHE_SECONDS or (kid not in keys and age >= JWKS_REFETCH_SECONDS):
+        lifespan = endpoint.jwks_cache_seconds or JWKS_CACHE_SECONDS
+        if age >= lifespan or (kid not in keys and age >= JWKS_REFETCH_SECONDS):
             keys = _fetch_jwks(url)
             self.jwks_fetches += 1
             self._jwks[url] = (now, keys)

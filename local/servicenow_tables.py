@@ -22,14 +22,16 @@ if TYPE_CHECKING:
     from local.servicenow_emulator import ServiceNowEmulator
 
 OAUTH_ENTITY = "oauth_entity"
+JWT_ENTITY = "oauth_jwt"  # a child table of oauth_entity: its rows answer queries of oauth_entity too
 CERTIFICATE = "sys_certificate"
-VERIFIER_MAP = "oauth_jwt_verifier_map"
+VERIFIER_MAP = "jwt_verifier_map"
+MAP_ENTRY = "oauth_jwt"  # the verifier map's reference to its JWT entry
 DICTIONARY = "sys_dictionary"
 # The JWKS URL field of a JWT entry: Zurich and later only (a field older releases do not have).
 JWKS_URL_FIELD = "jwks_url"
-JWT_TYPE = "jwt"  # oauth_entity.type of an "OAuth JWT API endpoint for external clients"
 CLIENT_TYPE = "client"  # "OAuth API endpoint for external clients"
-ADMIN_TABLES = frozenset({OAUTH_ENTITY, CERTIFICATE, VERIFIER_MAP, DICTIONARY})
+ADMIN_TABLES = frozenset({OAUTH_ENTITY, JWT_ENTITY, CERTIFICATE, VERIFIER_MAP, DICTIONARY})
+ENTITIES = (OAUTH_ENTITY, JWT_ENTITY)
 OPERATIONS = {"GET": "Read", "POST": "Insert", "PATCH": "Update", "PUT": "Update", "DELETE": "Delete"}
 ADMIN_ROLES = frozenset({"admin", "oauth_admin"})
 ENCRYPTED = "password2"  # what the Table API shows of a stored client secret: never the value itself
@@ -113,6 +115,8 @@ class AdminTables:
             except ValueError:
                 return TableReply(400, {"error": {"message": "Invalid query", "detail": None}, "status": "failure"})
         rows = self.rows[table]
+        if table == OAUTH_ENTITY and sys_id is not None and sys_id in self.rows[JWT_ENTITY]:
+            table, rows = JWT_ENTITY, self.rows[JWT_ENTITY]  # a child row reached through its parent table
         if method == "GET":
             if sys_id is not None:
                 row = rows.get(sys_id)
@@ -121,7 +125,8 @@ class AdminTables:
                 terms = parse_query((query.get("sysparm_query") or [""])[0])
             except ValueError:
                 return TableReply(400, {"error": {"message": "Invalid query", "detail": None}, "status": "failure"})
-            found = [self._show(table, row) for row in rows.values() if all(row.get(f) == v for f, v in terms)]
+            every = [*rows.values(), *(self.rows[JWT_ENTITY].values() if table == OAUTH_ENTITY else ())]
+            found = [self._show(row["sys_class_name"], row) for row in every if all(row.get(f) == v for f, v in terms)]
             return TableReply(200, {"result": found})
         if method == "DELETE":
             if sys_id is None or sys_id not in rows:
@@ -156,11 +161,11 @@ class AdminTables:
 
     def _show(self, table: str, row: dict[str, str] | None) -> dict[str, Any]:
         shown: dict[str, Any] = dict(row or {})
-        if table == OAUTH_ENTITY and "sys_id" in shown:
+        if table in ENTITIES and "sys_id" in shown:
             # Stored encrypted: the Table API shows ciphertext, never the secret (hence a locally made one).
             shown["client_secret"] = ENCRYPTED + ":" + base64.b64encode(secrets.token_bytes(24)).decode()
         if table == VERIFIER_MAP:
-            for name, target in (("sys_certificate", CERTIFICATE), ("oauth_entity", OAUTH_ENTITY)):
+            for name, target in (("sys_certificate", CERTIFICATE), (MAP_ENTRY, JWT_ENTITY)):
                 if shown.get(name):
                     shown[name] = self._reference(target, shown[name])
         return shown
@@ -168,9 +173,9 @@ class AdminTables:
     def _dictionary(self, query: dict[str, list[str]]) -> list[dict[str, str]]:
         """Which fields exist: how a tool tells a release with JWKS URLs from an older one."""
         terms = dict(parse_query((query.get("sysparm_query") or [""])[0]))
-        fields = {(OAUTH_ENTITY, "redirect_url"), (OAUTH_ENTITY, "client_id")}
+        fields = {(OAUTH_ENTITY, "redirect_url"), (OAUTH_ENTITY, "client_id"), (JWT_ENTITY, "user_field")}
         if self.emulator.supports_jwks:
-            fields.add((OAUTH_ENTITY, JWKS_URL_FIELD))
+            fields.add((JWT_ENTITY, JWKS_URL_FIELD))
         return [
             {"name": table, "element": element, "sys_id": f"{table}.{element}"}
             for table, element in sorted(fields)
@@ -186,12 +191,14 @@ class AdminTables:
         row = {name: self._reference_value(value) for name, value in fields.items()}
         row["sys_id"] = secrets.token_hex(16)
         row["sys_created_by"] = user
-        if table == OAUTH_ENTITY:
+        row["sys_class_name"] = table
+        if table in ENTITIES:
             row.setdefault("active", "true")
             row.setdefault("type", CLIENT_TYPE)
             if not row.get("client_id"):
                 row["client_id"] = secrets.token_hex(16)  # the field's default: ServiceNow makes the id
-            if any(other.get("client_id") == row["client_id"] for other in self.rows[table].values()):
+            clients = [other.get("client_id") for entity in ENTITIES for other in self.rows[entity].values()]
+            if row["client_id"] in clients:
                 raise ValueError("client_id must be unique")
             self._secrets[row["sys_id"]] = row.pop("client_secret", "") or secrets.token_urlsafe(24)
             self._apply_entity(row)
@@ -203,13 +210,17 @@ class AdminTables:
         return row
 
     def _update(self, table: str, row: dict[str, str], fields: dict[str, Any]) -> dict[str, str]:
-        changed = {name: self._reference_value(value) for name, value in fields.items() if name != "sys_id"}
+        changed = {
+            name: self._reference_value(value)
+            for name, value in fields.items()
+            if name not in ("sys_id", "sys_class_name")
+        }
         if table == VERIFIER_MAP:
             self._apply_map(row, add=False)
             row.update(changed)
             self._apply_map(row, add=True)
             return row
-        if table == OAUTH_ENTITY:
+        if table in ENTITIES:
             if "client_id" in changed and changed["client_id"] != row["client_id"]:
                 raise ValueError("client_id cannot change")  # refused whole: nothing of the request is kept
             if "client_secret" in changed:
@@ -225,7 +236,7 @@ class AdminTables:
                 self._apply_map(mapping, add=True)
             return row
         row.update(changed)
-        if table == OAUTH_ENTITY:
+        if table in ENTITIES:
             self._apply_entity(row)
         return row
 
@@ -233,7 +244,7 @@ class AdminTables:
         return [m for m in self.rows[VERIFIER_MAP].values() if m.get("sys_certificate") == certificate_id]
 
     def _delete(self, table: str, row: dict[str, str]) -> None:
-        if table == OAUTH_ENTITY:
+        if table in ENTITIES:
             self.emulator.unregister_client(row["client_id"])
             self._secrets.pop(row["sys_id"], None)
         elif table == VERIFIER_MAP:
@@ -260,14 +271,17 @@ class AdminTables:
             refresh_lifespan=lifespan("refresh_token_lifespan"),
             user_field=row.get("user_field") or None,
             jwks_url=(row.get(JWKS_URL_FIELD) or None) if self.emulator.supports_jwks else None,
+            jti_verification=row.get("enable_jti_verification", "true") != "false",
+            clock_skew=lifespan("clock_skew"),
+            jwks_cache_minutes=lifespan("jwks_cache_lifespan"),
         )
         for mapping in self.rows[VERIFIER_MAP].values():
-            if mapping.get("oauth_entity") == row["sys_id"]:
+            if mapping.get(MAP_ENTRY) == row["sys_id"]:
                 self._apply_map(mapping, add=True)
 
     def _apply_map(self, row: dict[str, str], *, add: bool) -> None:
         """A verifier map trusts its certificate for its kid on its entry (while both exist and it is active)."""
-        entity = self.rows[OAUTH_ENTITY].get(row.get("oauth_entity", ""))
+        entity = self.rows[JWT_ENTITY].get(row.get(MAP_ENTRY, ""))
         certificate = self.rows[CERTIFICATE].get(row.get("sys_certificate", ""))
         if entity is None or entity.get("active") != "true" or not row.get("kid"):
             return

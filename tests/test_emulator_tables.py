@@ -116,9 +116,7 @@ def password_grant(server: ServiceNowEmulator, client_id: str, secret: str) -> i
 def jwt_setup(server: ServiceNowEmulator) -> tuple[str, str, str, str, rsa.RSAPrivateKey]:
     """An active JWT entry, a certificate and a verifier map for kid "key-1"; the grant works."""
     secret = "review-secret-" + secrets.token_hex(8)
-    entry = api(server, "POST", "oauth_entity", {"name": "review", "type": "jwt", "client_secret": secret}).json()[
-        "result"
-    ]
+    entry = api(server, "POST", "oauth_jwt", {"name": "review", "client_secret": secret}).json()["result"]
     key = new_key()
     cert = api(server, "POST", "sys_certificate", {"name": "review", "pem_certificate": certificate(key)})
     assert cert.status_code == 201, cert.text
@@ -126,8 +124,8 @@ def jwt_setup(server: ServiceNowEmulator) -> tuple[str, str, str, str, rsa.RSAPr
     mapping = api(
         server,
         "POST",
-        "oauth_jwt_verifier_map",
-        {"name": "review", "kid": "key-1", "sys_certificate": cert_id, "oauth_entity": entry["sys_id"]},
+        "jwt_verifier_map",
+        {"name": "review", "kid": "key-1", "sys_certificate": cert_id, "oauth_jwt": entry["sys_id"]},
     )
     assert mapping.status_code == 201, mapping.text
     assert jwt_grant(server, entry["client_id"], secret, key, "key-1") == 200

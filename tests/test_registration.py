@@ -268,6 +268,13 @@ def test_a_jwt_rollover_through_verifier_maps_needs_one_command_each_way(
     assert "verifier map" in out
     stored = document(secretsmanager)
     assert stored["servicenowTrust"] == "verifier_map" and instance.jwt_key_ids(stored["clientId"]) == {"key-1"}
+    # An "OAuth JWT API endpoint": a row of oauth_jwt (which oauth_entity answers too), its map pointing at it.
+    [entry] = table(instance, "oauth_jwt")
+    [parent] = table(instance, "oauth_entity")
+    assert parent["sys_id"] == entry["sys_id"] and parent["sys_class_name"] == "oauth_jwt"
+    assert (entry["user_field"], entry["enable_jti_verification"], entry["clock_skew"]) == ("user_name", "true", "300")
+    [mapping] = table(instance, VERIFIER_MAP)
+    assert mapping["oauth_jwt"]["value"] == entry["sys_id"] and mapping["kid"] == "key-1"
     outputs = [out]
 
     code, out, err = run("refresh", "prod")
@@ -330,6 +337,8 @@ def test_a_jwks_rollover_needs_no_upload_and_no_console(monkeypatch: pytest.Monk
         assert stack.sweep().get("refreshed") == 1 and emulator.jwks_fetches == 1
         client_id = json.loads(stack.read_secret("machine")["SecretString"])["clientId"]
         assert emulator.jwt_key_ids(client_id) == set()  # no verifier map: the JWKS URL alone
+        entries = emulator.tables.rows["oauth_jwt"].values()
+        assert [e["jwks_url"] for e in entries] == [f"{stack.api.url}/connections/machine/jwks.json"]
         writes = len(emulator.requests_log)
 
         new = stack.new_signing_key()
