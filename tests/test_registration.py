@@ -203,6 +203,14 @@ def test_each_bad_input_is_one_clear_line_and_writes_nothing(
     no_secret_in(instance, out, err, caplog.text)
 
 
+def test_an_oauth_admin_without_admin_may_register(instance: ServiceNowEmulator, secretsmanager: Any) -> None:
+    instance.add_user("oauth.keeper", "oauth-admin-password-7", roles={"oauth_admin"})
+    code, _, err = register(instance, stdin="oauth.keeper\noauth-admin-password-7\n")
+    assert (code, err) == (0, ""), err
+    stored = document(secretsmanager)
+    assert accepted(instance, stored["clientId"], stored["clientSecret"])
+
+
 def test_a_failed_secret_write_is_finished_by_a_rerun(
     instance: ServiceNowEmulator, secretsmanager: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
