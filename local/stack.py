@@ -257,6 +257,11 @@ class LocalStack:
     def stop(self) -> None:
         """Stop everything started, in reverse order, and restore the environment."""
         self._cleanup.close()
+        for module in (self.handler, self.refresher, self.dashboard):
+            # Metrics are off here (POWERTOOLS_METRICS_DISABLED), so never flushed: Powertools keeps them in a set
+            # every Metrics shares, and the next handler to flush in this process would emit them as its own.
+            if module is not None and hasattr(module, "metrics"):
+                module.metrics.clear_metrics()
         self.handler = None
         self.dashboard = None
         self._forget_handler_caches()
