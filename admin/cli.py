@@ -395,12 +395,13 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     store = _store(args)
     name = validate_name(args.name)
     known = store.get(name).connection
+    staged_public: Any = None
     if known.grant_type == "jwt_bearer":
         try:  # the options' form first, then a key that cannot sign RS256: each refused before any write
             parse_connection(name, _staged_key(known, args).to_json(), store.allowed_hosts)
         except SecretFormatError as error:
             raise CliError(str(error)) from None
-        _check_signing_key(name, args.jwt_kms_key)
+        staged_public = _check_signing_key(name, args.jwt_kms_key)
     api, entry = None, None
     if known.extra.get(TRUST_KEY) == VERIFIER_MAPS:
         api = _registration_api(args, stdin, name, known.instance_url)
@@ -424,7 +425,8 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     trust = known.extra.get(TRUST_KEY)
     if api is not None and entry is not None:
         try:
-            lines = ensure_verifier_map(api, name, entry, args.jwt_key_id, lambda: _certificate(name, args.jwt_kms_key))
+            certificate = lambda: _certificate(name, args.jwt_kms_key)  # noqa: E731 (made only if a map is missing)
+            lines = ensure_verifier_map(api, name, entry, args.jwt_key_id, certificate, staged_public)
         except RegistrationError as error:
             raise CliError(f"the key is staged, but {error}", EXIT_FAILED) from None
         for line in lines or [f"already trusts key id {args.jwt_key_id!r}"]:
@@ -596,19 +598,28 @@ def cmd_servicenow_client(args: argparse.Namespace, out: TextIO, stdin: TextIO) 
     prepared = _consumers_and_replicas(args, store, name) if existing is None else None
     jwt = None
     if args.grant_type == "jwt_bearer":
+        recorded = None
         if existing is not None:
+            for option, held in (("jwt_key_id", existing.jwt_key_id), ("jwt_kms_key", existing.kms_key_id)):
+                if getattr(args, option) not in (None, held):
+                    raise CliError(
+                        f"connection {name!r} signs with key id {existing.jwt_key_id!r} on another KMS key or id: "
+                        "roll keys with make stage-jwt-key; nothing was written"
+                    )
             args.jwt_subject = args.jwt_subject or existing.jwt_subject
-            args.jwt_key_id = args.jwt_key_id or existing.jwt_key_id
-            args.jwt_kms_key = args.jwt_kms_key or existing.kms_key_id
+            args.jwt_key_id, args.jwt_kms_key = existing.jwt_key_id, existing.kms_key_id
+            recorded = existing.extra.get(TRUST_KEY) if args.trust == "auto" else None
         args.jwt_kms_key = args.jwt_kms_key or outputs.get("JwtSigningKeyArn")
         _check_jwt_options(args, name)
-        _check_signing_key(name, args.jwt_kms_key)
+        public_key = _check_signing_key(name, args.jwt_kms_key)
         jwt = JwtTrust(
             key_id=args.jwt_key_id,
             user_field=args.jwt_user_field,
             jwks_url=f"{api_url}/connections/{name}/jwks.json",
             certificate=lambda: _certificate(name, args.jwt_kms_key),
-            mode=args.trust,
+            public_key=public_key,
+            mode=recorded if recorded in (JWKS, VERIFIER_MAPS) else args.trust,
+            known=recorded in (JWKS, VERIFIER_MAPS),
         )
     plan = Plan(
         connection=name,
@@ -675,12 +686,13 @@ def _take_client(
     store.update(name, take)
 
 
-def _check_signing_key(name: str, kms_key: str) -> None:
-    """The key a certificate or an assertion needs, checked (kms:GetPublicKey) before anything is written."""
+def _check_signing_key(name: str, kms_key: str) -> Any:
+    """The key a certificate or an assertion needs, checked (kms:GetPublicKey) before anything is written;
+    returns its public half."""
     from admin.certificate import check_signing_key
 
     try:
-        check_signing_key(boto3.client("kms"), kms_key)
+        return check_signing_key(boto3.client("kms"), kms_key)
     except ValueError as error:
         raise CliError(f"connection {name!r}: {error}; nothing was written") from None
     except (BotoCoreError, ClientError) as error:

@@ -59,7 +59,9 @@ class JwtTrust:
     user_field: str
     jwks_url: str
     certificate: Callable[[], str]  # the PEM for the key (made by kms:Sign only when a verifier map needs it)
+    public_key: Any  # the key's public half (cryptography's RSAPublicKey), to recognise its certificates
     mode: str = "auto"  # auto (JWKS where the release has it), jwks, verifier_map
+    known: bool = False  # the mode an earlier run recorded in the connection: kept, whatever the release says
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,9 @@ def register_client(
         changed[JWKS_URL_FIELD] = plan.jwt.jwks_url
         registered.changes.append("set the JWKS URL")
     if plan.jwt is not None and mode == VERIFIER_MAPS:  # its certificate (kms:Sign) comes before any write
-        registered.changes += ensure_verifier_map(api, plan.connection, sys_id, plan.jwt.key_id, plan.jwt.certificate)
+        registered.changes += ensure_verifier_map(
+            api, plan.connection, sys_id, plan.jwt.key_id, plan.jwt.certificate, plan.jwt.public_key
+        )
     if changed:
         api.update(_table(plan), sys_id, changed, f"updated entry {plan.entry_name!r}")
     registered.trust = mode
@@ -275,6 +279,8 @@ def register_client(
 
 def _trust_mode(api: TableApi, plan: Plan) -> str:
     assert plan.jwt is not None
+    if plan.jwt.known:
+        return plan.jwt.mode  # a rerun keeps how ServiceNow trusts the keys, so it changes nothing
     supports = api.has_field(JWT_ENTITY, JWKS_URL_FIELD)
     if plan.jwt.mode == JWKS and not supports:
         raise api._refused(
@@ -326,7 +332,9 @@ def _create(api: TableApi, plan: Plan, mode: str | None, new_secret: Callable[[]
     if plan.jwt is not None and mode == JWKS:
         registered.changes.append(f"trusts the keys published at {plan.jwt.jwks_url}")
     if plan.jwt is not None and pem is not None:
-        registered.changes += ensure_verifier_map(api, plan.connection, sys_id, plan.jwt.key_id, lambda: pem)
+        registered.changes += ensure_verifier_map(
+            api, plan.connection, sys_id, plan.jwt.key_id, lambda: pem, plan.jwt.public_key
+        )
     return registered
 
 
@@ -334,15 +342,44 @@ def certificate_name(connection: str, key_id: str) -> str:
     return f"servicenow-oauth {connection} {key_id}"
 
 
+def _of_key(pem: str, public_key: Any) -> bool:
+    """Whether a certificate in ServiceNow certifies this very key."""
+    from cryptography import x509
+
+    try:
+        found = x509.load_pem_x509_certificate(pem.encode("ascii")).public_key()
+        return bool(found.public_numbers() == public_key.public_numbers())
+    except (ValueError, UnicodeEncodeError, AttributeError):
+        return False
+
+
 def ensure_verifier_map(
-    api: TableApi, connection: str, entity_sys_id: str, key_id: str, certificate: Callable[[], str]
+    api: TableApi,
+    connection: str,
+    entity_sys_id: str,
+    key_id: str,
+    certificate: Callable[[], str],
+    public_key: Any,
 ) -> list[str]:
-    """The certificate of `key_id` in sys_certificate and a verifier map from the kid to it (found, or made)."""
-    if api.find(VERIFIER_MAP, **{MAP_ENTRY: entity_sys_id, "kid": key_id}):
-        return []
+    """The certificate of `key_id` in sys_certificate and a verifier map from the kid to it (found, or made).
+    What is found must certify this key: a map or certificate of another key under the same kid is refused."""
     name = certificate_name(connection, key_id)
+    maps = api.find(VERIFIER_MAP, **{MAP_ENTRY: entity_sys_id, "kid": key_id})
+    if maps:
+        mapped = _value(maps[0].get("sys_certificate"))
+        row = api.call("GET", CERTIFICATE, mapped) if mapped else None
+        if not isinstance(row, dict) or not _of_key(_value(row.get("pem_certificate")), public_key):
+            raise api._refused(
+                f"ServiceNow's verifier map for key id {key_id!r} trusts a certificate of another key: remove that "
+                "map, or use another --jwt-key-id"
+            )
+        return []
     certificates = api.find(CERTIFICATE, name=name)
     if certificates:
+        if not _of_key(_value(certificates[0].get("pem_certificate")), public_key):
+            raise api._refused(
+                f"ServiceNow's certificate {name!r} is of another key: delete it, or use another --jwt-key-id"
+            )
         certificate_id = _value(certificates[0].get("sys_id"))
     else:
         row = api.insert(
