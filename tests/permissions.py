@@ -711,7 +711,8 @@ UNUSED_BECAUSE: dict[str, str] = {
     "DashboardFunctionRole: MonitoringPolicy/DescribeConnections": "MonitoringPolicy is also the operators' watch "
     "policy: `make connections` uses this statement, checked against MonitoringPolicy alone; the widget only lists",
     "JwtSigningKmsKey/AccountAdministersTheKey": "the account administers its key (CloudFormation updates and "
-    "deletes it; a person disables or schedules it); the functions only sign, through the statement beside it",
+    "deletes it; a person disables or schedules it); the functions only sign and the callback reads the public key, "
+    "through the statements beside it",
 }
 
 
