@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
@@ -473,19 +474,28 @@ def cmd_retire_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> 
                 "expire); nothing changed",
                 EXIT_FAILED,
             )
-        if not outcome.jwt_key_promoted:
-            raise CliError(f"connection {name!r}: the staged key was not promoted ({outcome.result}: {outcome.detail})")
+        current = store.get(name).connection
+        if not outcome.jwt_key_promoted or current.jwt_key != staged:
+            # Claimed only from the value stored now: a concurrent write (a stage of yet another key) may have won.
+            now_keys = f"current {current.jwt_key_id!r}, staged {current.jwt_key_id_next!r}"
+            raise CliError(
+                f"connection {name!r}: the staged key was not promoted (the connection changed meanwhile: {now_keys}"
+                f"; {outcome.result}); no verifier map was removed: run make retire-jwt-key again",
+                EXIT_FAILED,
+            )
         out.write(f"{name}: key id {staged.key_id} is now the current key (a token from it is stored)\n")
     current = store.get(name).connection
     if api is not None and entry is not None:
         keep = {key.key_id for key in (current.jwt_key, current.jwt_key_next) if key is not None}
         try:
             removed = remove_verifier_maps(api, name, entry, keep)
+            restored = _restore_maps(store, api, name, entry, set(removed))
         except RegistrationError as error:
             raise CliError(str(error), EXIT_FAILED) from None
+        gone = [kid for kid in removed if kid not in restored]
         out.write(
-            f"ServiceNow ({api.host}): removed the verifier maps of {', '.join(map(repr, removed))}\n"
-            if removed
+            f"ServiceNow ({api.host}): removed the verifier maps of {', '.join(map(repr, gone))}\n"
+            if gone
             else f"ServiceNow ({api.host}): no verifier map of another key is left\n"
         )
     elif staged is None:
@@ -493,6 +503,20 @@ def cmd_retire_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> 
     if read.connection.extra.get(TRUST_KEY) == JWKS:
         out.write(f"{name}'s JWKS URL now publishes only key id {current.jwt_key_id}\n")
     return 0
+
+
+def _restore_maps(store: ConnectionStore, api: TableApi, name: str, entry: str, removed: set[str]) -> set[str]:
+    """After removing maps, read the connection again: a key staged meanwhile whose map went with them gets it
+    back (the list and the deletes are not atomic with a concurrent stage-jwt-key)."""
+    connection = store.get(name).connection
+    restored = set()
+    for key in (connection.jwt_key, connection.jwt_key_next):
+        if key is not None and key.key_id in removed:
+            public = _check_signing_key(name, key.kms_key_id)
+            certificate = partial(_certificate, name, key.kms_key_id)
+            ensure_verifier_map(api, name, entry, key.key_id, certificate, public)
+            restored.add(key.key_id)
+    return restored
 
 
 def cmd_jwt_certificate(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
