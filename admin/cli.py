@@ -104,7 +104,14 @@ def cmd_add(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
         raise CliError(f"connection {name!r}: --username is required with --grant-type password")
     _check_jwt_options(args, name)
     connection = _new_connection(args, name, instance, args.client_id, client_secret, password)
-    return _create_connection(args, out, store, connection)
+    _create_connection(args, out, store, connection)
+    if args.grant_type == "authorization_code":
+        out.write(f"next: authorize it with `make authorize-url CONNECTION={name}`\n")
+    elif args.grant_type == "jwt_bearer":
+        out.write(
+            f"next: `make refresh CONNECTION={name}` once ServiceNow has the certificate (make jwt-certificate)\n"
+        )
+    return 0
 
 
 def _check_jwt_options(args: argparse.Namespace, name: str) -> None:
@@ -219,13 +226,6 @@ def _create_connection(
             "readers in other accounts also need kms:Decrypt on the secret's key through Secrets Manager: the "
             "stack's key allows exactly its ConsumerPrincipals (docs/consumer-policies/other-account.json)\n"
         )
-    if args.grant_type == "authorization_code" and args.run is cmd_add:
-        out.write(f"next: authorize it with `make authorize-url CONNECTION={name}`\n")
-    elif args.grant_type == "jwt_bearer" and args.run is cmd_add:
-        out.write(
-            f"next: `make refresh CONNECTION={name}` once ServiceNow has the certificate (make jwt-certificate)\n"
-        )
-    return 0
 
 
 def _when(moment: datetime | None) -> str:
@@ -403,10 +403,7 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
         except SecretFormatError as error:
             raise CliError(str(error)) from None
         staged_public = _check_signing_key(name, args.jwt_kms_key)
-    api, entry = None, None
-    if known.extra.get(TRUST_KEY) == VERIFIER_MAPS:
-        api = _registration_api(args, stdin, name, known.instance_url)
-        entry = _entry(api, known)
+    api, entry = _map_entry(args, stdin, known)
 
     def stage(connection: Connection) -> Connection:
         if connection.grant_type != "jwt_bearer":
@@ -426,7 +423,7 @@ def cmd_stage_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> i
     trust = known.extra.get(TRUST_KEY)
     if api is not None and entry is not None:
         try:
-            certificate = lambda: _certificate(name, args.jwt_kms_key)  # noqa: E731 (made only if a map is missing)
+            certificate = partial(_certificate, name, args.jwt_kms_key)  # made only if a map is missing
             lines = ensure_verifier_map(api, name, entry, args.jwt_key_id, certificate, staged_public)
         except RegistrationError as error:
             raise CliError(f"the key is staged, but {error}", EXIT_FAILED) from None
@@ -443,13 +440,19 @@ def _staged_key(connection: Connection, args: argparse.Namespace) -> Connection:
     return replace(connection, jwt_key_id_next=args.jwt_key_id, kms_key_id_next=args.jwt_kms_key)
 
 
-def _entry(api: TableApi, connection: Connection) -> str:
-    """The sys_id of the registry entry `servicenow-client` recorded in the connection (reads before writes)."""
+def _map_entry(
+    args: argparse.Namespace, stdin: TextIO, connection: Connection
+) -> tuple[TableApi, str] | tuple[None, None]:
+    """For a connection ServiceNow trusts by verifier maps: the Table API (the admin asked for now, so a refusal
+    comes before any write) and the sys_id of the entry `servicenow-client` recorded. Else nothing."""
+    if connection.extra.get(TRUST_KEY) != VERIFIER_MAPS:
+        return None, None
+    api = _registration_api(args, stdin, connection.name, connection.instance_url)
     try:
         entry = find_entry(api, str(connection.extra.get(ENTRY_KEY)))
     except RegistrationError as error:
         raise CliError(str(error), EXIT_FAILED) from None
-    return str(entry.get("sys_id"))
+    return api, str(entry.get("sys_id"))
 
 
 def cmd_retire_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
@@ -460,10 +463,7 @@ def cmd_retire_jwt_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> 
     read = store.get(name)
     if read.connection.grant_type != "jwt_bearer":
         raise CliError(f"connection {name!r} uses {read.connection.grant_type}, not jwt_bearer: no key to retire")
-    api, entry = None, None
-    if read.connection.extra.get(TRUST_KEY) == VERIFIER_MAPS:
-        api = _registration_api(args, stdin, name, read.connection.instance_url)
-        entry = _entry(api, read.connection)
+    api, entry = _map_entry(args, stdin, read.connection)
     staged = read.connection.jwt_key_next
     if staged is not None:
         outcome = _cli_refresher(store).promote_staged_key(read)
@@ -521,19 +521,13 @@ def _restore_maps(store: ConnectionStore, api: TableApi, name: str, entry: str, 
 
 def cmd_jwt_certificate(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     """The certificate to upload to ServiceNow's sys_certificate for a JWT connection's (current or next) key."""
-    from admin.certificate import kms_certificate
-
     store = _store(args)
     connection = store.get(validate_name(args.name)).connection
     key = connection.jwt_key_next if args.next else connection.jwt_key
     if connection.grant_type != "jwt_bearer" or key is None:
         which = "a staged next key" if args.next else "a JWT signing key"
         raise CliError(f"connection {connection.name!r} has no {which} (grantType jwt_bearer, kmsKeyId)")
-    try:
-        pem = kms_certificate(boto3.client("kms"), key.kms_key_id, f"servicenow-oauth {connection.name}", utc_now())
-    except ValueError as error:
-        raise CliError(f"connection {connection.name!r}: {error}") from None
-    out.write(pem)
+    out.write(_certificate(connection.name, key.kms_key_id))
     out.write(f"# key id (JWT Verifier Map 'Kid'): {key.key_id}\n")
     return 0
 
@@ -640,7 +634,7 @@ def cmd_servicenow_client(args: argparse.Namespace, out: TextIO, stdin: TextIO) 
             key_id=args.jwt_key_id,
             user_field=args.jwt_user_field,
             jwks_url=f"{api_url}/connections/{name}/jwks.json",
-            certificate=lambda: _certificate(name, args.jwt_kms_key),
+            certificate=partial(_certificate, name, args.jwt_kms_key),
             public_key=public_key,
             mode=recorded if recorded in (JWKS, VERIFIER_MAPS) else args.trust,
             known=recorded in (JWKS, VERIFIER_MAPS),

@@ -124,7 +124,7 @@ class TableApi:
         self.connection = connection
         self.written: list[str] = []  # what this run changed in ServiceNow, for an error's last words
 
-    def _refused(self, what: str) -> RegistrationError:
+    def refused(self, what: str) -> RegistrationError:
         done = (
             f"already done in ServiceNow: {'; '.join(self.written)}; run the same command again to finish"
             if self.written
@@ -146,42 +146,42 @@ class TableApi:
                 **kwargs,
             )
         except requests.RequestException as error:
-            raise self._refused(
+            raise self.refused(
                 f"ServiceNow at {self.host} could not be reached ({type(error).__name__}): check the instance URL "
                 "and that it is up"
             ) from None
         status = answer.status_code
         if status == 401:
-            raise self._refused(
+            raise self.refused(
                 f"ServiceNow at {self.host} refused the admin credentials (401): check the user name and password"
             )
         if status == 403:
             verb = {"GET": "read", "POST": "create", "PATCH": "change", "DELETE": "delete"}.get(method, method)
-            raise self._refused(
+            raise self.refused(
                 f"ServiceNow user {self.admin.username!r} may not {verb} {table} (403): it needs the admin or "
                 "oauth_admin role"
             )
         content_type = answer.headers.get("Content-Type", "").lower()
         if status in (200, 201) and "json" not in content_type:
             if "hibernat" in answer.text.lower():
-                raise self._refused(
+                raise self.refused(
                     f"ServiceNow at {self.host} is hibernating: wake it up (developer.servicenow.com) and run again"
                 )
-            raise self._refused(f"ServiceNow at {self.host} answered with a page, not the Table API (an instance?)")
+            raise self.refused(f"ServiceNow at {self.host} answered with a page, not the Table API (an instance?)")
         if status == 404 and sys_id is None:
-            raise self._refused(f"ServiceNow at {self.host} has no table {table} (404): see docs/servicenow-tables.md")
+            raise self.refused(f"ServiceNow at {self.host} has no table {table} (404): see docs/servicenow-tables.md")
         if status == 429:
-            raise self._refused(f"ServiceNow at {self.host} is rate limiting (429): run again later")
+            raise self.refused(f"ServiceNow at {self.host} is rate limiting (429): run again later")
         if status >= 500:
-            raise self._refused(f"ServiceNow at {self.host} failed ({status}): run again later")
+            raise self.refused(f"ServiceNow at {self.host} failed ({status}): run again later")
         if status == 204 or (method == "DELETE" and status == 404):
             return None
         if status not in (200, 201):
-            raise self._refused(f"ServiceNow at {self.host} refused {method} {table} ({status})")
+            raise self.refused(f"ServiceNow at {self.host} refused {method} {table} ({status})")
         try:
             return answer.json()["result"]
         except (ValueError, KeyError, TypeError):
-            raise self._refused(f"ServiceNow at {self.host} answered {table} without a Table API result") from None
+            raise self.refused(f"ServiceNow at {self.host} answered {table} without a Table API result") from None
 
     def find(self, table: str, **equals: str) -> list[dict[str, Any]]:
         query = "^".join(f"{name}={value}" for name, value in equals.items())
@@ -226,11 +226,11 @@ def register_client(
     """
     found = api.find(OAUTH_ENTITY, name=plan.entry_name)
     if len(found) > 1:
-        raise api._refused(f"{len(found)} Application Registry entries are named {plan.entry_name!r}: keep one")
+        raise api.refused(f"{len(found)} Application Registry entries are named {plan.entry_name!r}: keep one")
     mode = _trust_mode(api, plan) if plan.jwt is not None else None
     if not found:
         if tokens_of is not None:
-            raise api._refused(
+            raise api.refused(
                 f"the connection holds tokens of client {tokens_of[:8]}…, which a new entry would orphan: adopt "
                 "that client's entry with --adopt NAME"
             )
@@ -239,18 +239,18 @@ def register_client(
     client_id, sys_id = _value(entry.get("client_id")), _value(entry.get("sys_id"))
     owned = MARK in _value(entry.get("comments"))
     if not owned and not plan.adopt:
-        raise api._refused(
+        raise api.refused(
             f"an Application Registry entry named {plan.entry_name!r} exists that this tool did not create: pass "
             f"--adopt {plan.entry_name!r} to use it (its other redirect URLs are kept), or choose another --entry-name"
         )
     # A query of oauth_entity answers its child tables' rows too, each naming its class.
     kind = _value(entry.get("sys_class_name")) or OAUTH_ENTITY
     if kind != _table(plan):
-        raise api._refused(
+        raise api.refused(
             f"the entry {plan.entry_name!r} is a {kind}, not a {_table(plan)}: choose another --entry-name"
         )
     if tokens_of is not None and tokens_of != client_id:
-        raise api._refused(
+        raise api.refused(
             f"the connection holds tokens of client {tokens_of[:8]}…, not of the entry {plan.entry_name!r}: "
             "revoke it first (make revoke) or register another connection"
         )
@@ -283,7 +283,7 @@ def _trust_mode(api: TableApi, plan: Plan) -> str:
         return plan.jwt.mode  # a rerun keeps how ServiceNow trusts the keys, so it changes nothing
     supports = api.has_field(JWT_ENTITY, JWKS_URL_FIELD)
     if plan.jwt.mode == JWKS and not supports:
-        raise api._refused(
+        raise api.refused(
             f"ServiceNow at {api.host} has no JWKS URL field ({JWT_ENTITY}.{JWKS_URL_FIELD}, Zurich and later): "
             "use --trust verifier_map"
         )
@@ -318,7 +318,7 @@ def _create(api: TableApi, plan: Plan, mode: str | None, new_secret: Callable[[]
     row = api.insert(_table(plan), fields, f"created entry {plan.entry_name!r}")
     client_id, sys_id = _value(row.get("client_id")), _value(row.get("sys_id"))
     if not client_id or not sys_id:
-        raise api._refused("ServiceNow created the entry but did not answer its client id")
+        raise api.refused("ServiceNow created the entry but did not answer its client id")
     registered = Registered(
         client_id=client_id,
         sys_id=sys_id,
@@ -369,7 +369,7 @@ def ensure_verifier_map(
         mapped = _value(maps[0].get("sys_certificate"))
         row = api.call("GET", CERTIFICATE, mapped) if mapped else None
         if not isinstance(row, dict) or not _of_key(_value(row.get("pem_certificate")), public_key):
-            raise api._refused(
+            raise api.refused(
                 f"ServiceNow's verifier map for key id {key_id!r} trusts a certificate of another key: remove that "
                 "map, or use another --jwt-key-id"
             )
@@ -377,7 +377,7 @@ def ensure_verifier_map(
     certificates = api.find(CERTIFICATE, name=name)
     if certificates:
         if not _of_key(_value(certificates[0].get("pem_certificate")), public_key):
-            raise api._refused(
+            raise api.refused(
                 f"ServiceNow's certificate {name!r} is of another key: delete it, or use another --jwt-key-id"
             )
         certificate_id = _value(certificates[0].get("sys_id"))
@@ -420,5 +420,5 @@ def remove_verifier_maps(api: TableApi, connection: str, entity_sys_id: str, kee
 def find_entry(api: TableApi, entry_name: str) -> dict[str, Any]:
     found = api.find(JWT_ENTITY, name=entry_name)
     if len(found) != 1:
-        raise api._refused(f"found {len(found)} Application Registry entries named {entry_name!r}, expected one")
+        raise api.refused(f"found {len(found)} Application Registry entries named {entry_name!r}, expected one")
     return found[0]
