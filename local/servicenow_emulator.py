@@ -356,10 +356,6 @@ class ServiceNowEmulator(BackgroundServer):
         with self._lock:
             self._clients.pop(client_id, None)
 
-    def client_redirect_uris(self, client_id: str) -> list[str]:
-        with self._lock:
-            return list(self._clients[client_id].redirect_uris)
-
     def set_client_secret(self, client_id: str, new_secret: str) -> None:
         """Operator rotates the client secret in ServiceNow; issued tokens stay valid."""
         with self._lock:

@@ -345,16 +345,17 @@ class LocalStack:
     def secret_id(self, name: str | None = None) -> str:
         return f"{DEFAULT_PREFIX}{name or self.connection}"
 
-    def register(self, name: str, *options: str) -> str:
+    def register(self, name: str, *options: str) -> None:
         """`make servicenow-client` for `name`, answered at its prompt by the emulator's admin: the registry
-        entry, its client secret in the connection secret (both made without a person). Returns its output."""
+        entry, its client secret in the connection secret (both made without a person). Its output is kept in
+        `registered`."""
         if self.emulator is None:
             raise RuntimeError("local stack not started (with the emulator)")
         argv = ["servicenow-client", name, "--instance-url", self.emulator.url, "--api-url", self.api.url, *options]
         code, out, err = self.admin(*argv, stdin=f"admin\n{self.emulator.admin_password}\n")
         if code != 0:
             raise RuntimeError(f"servicenow-client {name} failed: {err.strip()}")
-        return out
+        self.registered[name] = out
 
     def admin(self, *argv: str, stdin: str = "") -> tuple[int, str, str]:
         """The operator's CLI (`python -m admin`, what `make` runs) against this stack: (exit code, out, err)."""
@@ -372,7 +373,7 @@ class LocalStack:
             raise RuntimeError("local stack not started")
         if self.instance is None:
             lifespan = ["--access-lifespan", str(self.access_lifespan)]
-            self.registered[name] = self.register(name, *lifespan, *(["--scope", scope] if scope else []))
+            self.register(name, *lifespan, *(["--scope", scope] if scope else []))
             return
         client_id, client_secret = self.instance.client_id, self.instance.client_secret
         connection = Connection(
@@ -402,7 +403,7 @@ class LocalStack:
         key = self.new_signing_key()
         self.emulator.add_user(subject, secrets.token_urlsafe(16))
         jwt = ["--jwt-subject", subject, "--jwt-key-id", key_id, "--jwt-kms-key", key, "--trust", trust]
-        self.registered[name] = self.register(name, "--grant-type", "jwt_bearer", *jwt)
+        self.register(name, "--grant-type", "jwt_bearer", *jwt)
         return key
 
     def read_secret(self, name: str | None = None) -> dict[str, Any]:
