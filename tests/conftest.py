@@ -156,6 +156,17 @@ def emulator(clock: FakeClock) -> Iterator[ServiceNowEmulator]:
         yield server
 
 
+@pytest.fixture
+def kms(aws: str) -> Any:
+    """KMS on the moto server (the `aws` fixture's environment)."""
+    return boto3.client("kms")
+
+
+def new_key(kms: Any, spec: str = "RSA_2048", usage: str = "SIGN_VERIFY") -> str:
+    """A fresh KMS key (by default one that signs RS256, as a JWT connection's); its ARN."""
+    return str(kms.create_key(KeySpec=spec, KeyUsage=usage)["KeyMetadata"]["Arn"])
+
+
 def secret_values(emulator: ServiceNowEmulator) -> set[str]:
     """Everything secret the emulator knows: configured secrets plus every token and code it issued."""
     return {value for value in emulator.secret_values() if value and len(value) >= 8}

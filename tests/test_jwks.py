@@ -19,21 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from core.errors import NoPublicKeys, PublicKeyUnavailable
 from core.jwks import KeyPublisher, UnsupportedPublicKey, load_jwks, read_rsa_public_key, rsa_jwk
 from core.store import ConnectionStore
+from tests.conftest import new_key
 from tests.test_callback import EVENTS, FakeContext, Stack
 from tests.test_callback import stack as stack
 
 SUBJECT = "svc.jwks-subject"
 ACCESS_TOKEN = "jwks-test-access-token-Qm93LZ1"
 JWK_FIELDS = {"kty", "kid", "alg", "use", "n", "e"}
-
-
-@pytest.fixture
-def kms(aws: str) -> Any:
-    return boto3.client("kms")
-
-
-def new_key(kms: Any, spec: str = "RSA_2048", usage: str = "SIGN_VERIFY") -> str:
-    return str(kms.create_key(KeySpec=spec, KeyUsage=usage)["KeyMetadata"]["Arn"])
 
 
 def add_jwt(stack: Stack, key_arn: str, name: str = "prod", **fields: Any) -> None:

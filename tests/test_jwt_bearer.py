@@ -24,22 +24,13 @@ from core.errors import CredentialRejected, InstanceUnavailable, RateLimited
 from core.jwt_bearer import GRANT, JwtKey, KmsSigner, b64url, signing_input
 from core.secret import parse_connection
 from local.servicenow_emulator import ServiceNowEmulator
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, new_key
 from tests.test_lifecycle import SECRET, Deployed
 from tests.test_lifecycle import deployed as deployed
 from tests.test_lifecycle_edges import record_events
 
 SUBJECT = "svc.jwt"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def kms(aws: str) -> Any:
-    return boto3.client("kms")
-
-
-def new_key(kms: Any) -> str:
-    return str(kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"])
 
 
 def trust(emulator: ServiceNowEmulator, kms: Any, kid: str, key_arn: str) -> None:

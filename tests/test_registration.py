@@ -5,7 +5,6 @@ with verifier maps. The emulator runs on the real clock here: the CLI signs asse
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
 import threading
@@ -20,12 +19,13 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from admin.cli import main
 from admin.registration import MARK, VERIFIER_MAP
 from core.signing import verify_authorize_link
 from core.store import ConnectionStore
 from local.servicenow_emulator import ServiceNowEmulator, press_consent
 from local.stack import LocalStack, free_port
+from tests.conftest import new_key
+from tests.test_cli import document, run
 
 API = "https://abc123.execute-api.us-east-1.amazonaws.com"
 CALLBACK = f"{API}/callback"
@@ -44,20 +44,9 @@ def admin(instance: ServiceNowEmulator) -> str:
     return f"admin\n{instance.admin_password}\n"
 
 
-def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(["--allowed-hosts", "*.service-now.com,127.0.0.1", *argv], out=out, err=err, stdin=io.StringIO(stdin))
-    return code, out.getvalue(), err.getvalue()
-
-
 def register(instance: ServiceNowEmulator, *more: str, stdin: str | None = None) -> tuple[int, str, str]:
     argv = ["servicenow-client", "prod", "--instance-url", instance.url, "--api-url", API, *more]
     return run(*argv, stdin=admin(instance) if stdin is None else stdin)
-
-
-def document(secretsmanager: Any, name: str = "prod") -> dict[str, Any]:
-    value = secretsmanager.get_secret_value(SecretId=f"servicenow-oauth/{name}", VersionStage="AWSCURRENT")
-    return json.loads(value["SecretString"])
 
 
 def connections(secretsmanager: Any) -> list[str]:
@@ -254,15 +243,6 @@ def test_a_connection_holding_another_clients_tokens_is_not_repointed(
 # ---------------------------------------------------------------- JWT: certificate and verifier maps
 
 
-@pytest.fixture
-def kms(aws: str) -> Any:
-    return boto3.client("kms")
-
-
-def new_key(kms: Any) -> str:
-    return str(kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"])
-
-
 def test_a_jwt_rollover_through_verifier_maps_needs_one_command_each_way(
     instance: ServiceNowEmulator, secretsmanager: Any, kms: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -381,36 +361,21 @@ def test_a_jwks_rollover_needs_no_upload_and_no_console(monkeypatch: pytest.Monk
 # ---------------------------------------------------------------- found by review (each failed before its fix)
 
 
-def test_a_bad_consumer_option_is_refused_before_servicenow_is_written(
-    instance: ServiceNowEmulator, secretsmanager: Any
+@pytest.mark.parametrize("bad", ["consumer", "replica region", "signing key"])
+def test_a_bad_option_is_refused_before_servicenow_is_written(
+    instance: ServiceNowEmulator, secretsmanager: Any, bad: str
 ) -> None:
-    """A bad option (a --consumer that is not an account id or role ARN) was refused only after the Application
-    Registry entry was inserted, leaving a row in ServiceNow; readers and replicas are now parsed first."""
-    code, _out, err = register(instance, "--consumer", "not-a-principal")
-    assert code != 0 and err.count("\n") == 1, err
-    assert not connections(secretsmanager)
-    assert table(instance, "oauth_entity") == [], f"a refused bad option wrote a ServiceNow entry; stderr: {err}"
-
-
-def test_a_bad_replica_region_is_refused_before_servicenow_is_written(
-    instance: ServiceNowEmulator, secretsmanager: Any
-) -> None:
-    """The same, with --replica-region naming no region."""
-    code, _out, err = register(instance, "--replica-region", "mars-north-9")
-    assert code != 0 and err.count("\n") == 1, err
-    assert not connections(secretsmanager)
-    assert table(instance, "oauth_entity") == [], f"a refused bad option wrote a ServiceNow entry; stderr: {err}"
-
-
-def test_a_bad_jwt_kms_key_is_refused_before_servicenow_is_written(
-    instance: ServiceNowEmulator, secretsmanager: Any
-) -> None:
-    """--trust verifier_map with a KMS key that is not an RSA signing key: the certificate was made after the
-    oauth_entity insert; the key is now checked, and the certificate made, before any write."""
-    instance.add_user("svc.jwt", "jwt-user-password-1")
-    symmetric = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
-    jwt = ["--grant-type", "jwt_bearer", "--jwt-subject", "svc.jwt", "--jwt-key-id", "key-1"]
-    code, _out, err = register(instance, *jwt, "--jwt-kms-key", symmetric, "--trust", "verifier_map")
+    """Each was refused only after the Application Registry entry was inserted, leaving a row in ServiceNow: a
+    --consumer that is not an account id or role ARN, a --replica-region naming no region, and (--trust verifier_map)
+    a KMS key that is not an RSA signing key, whose certificate was made after the insert. Readers and replicas are
+    now parsed, and the key checked and its certificate made, before any write."""
+    options = {"consumer": ["--consumer", "not-a-principal"], "replica region": ["--replica-region", "mars-north-9"]}
+    if bad == "signing key":
+        instance.add_user("svc.jwt", "jwt-user-password-1")
+        symmetric = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
+        jwt = ["--grant-type", "jwt_bearer", "--jwt-subject", "svc.jwt", "--jwt-key-id", "key-1"]
+        options[bad] = [*jwt, "--jwt-kms-key", symmetric, "--trust", "verifier_map"]
+    code, _out, err = register(instance, *options[bad])
     assert code != 0 and err.count("\n") == 1, err
     assert not connections(secretsmanager)
     assert table(instance, "oauth_entity") == [], f"a refused bad option wrote a ServiceNow entry; stderr: {err}"

@@ -6,24 +6,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
 from admin.registration import TableApi
 from core.store import ConnectionStore
 from local.servicenow_emulator import ServiceNowEmulator
+from tests.conftest import new_key
 from tests.test_registration import accepted, document, register, run, table, versions
 from tests.test_registration import instance as instance
-
-
-@pytest.fixture
-def kms(aws: str) -> Any:
-    return boto3.client("kms")
-
-
-def new_key(kms: Any) -> str:
-    return str(kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"])
 
 
 def jwt_args(key: str) -> list[str]:

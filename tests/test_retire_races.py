@@ -12,7 +12,8 @@ import pytest
 import admin.cli as cli_module
 from admin.registration import VERIFIER_MAP
 from local.servicenow_emulator import ServiceNowEmulator
-from tests.test_registration import admin, document, instance, kms, new_key, register, run, table  # noqa: F401
+from tests.conftest import new_key
+from tests.test_registration import admin, document, instance, register, run, table  # noqa: F401
 
 
 def rolled_to_key_2(instance: ServiceNowEmulator, kms: Any) -> tuple[str, str, str]:  # noqa: F811
@@ -24,10 +25,14 @@ def rolled_to_key_2(instance: ServiceNowEmulator, kms: Any) -> tuple[str, str, s
     code, _out, err = register(instance, *jwt)
     assert (code, err) == (0, ""), err
     assert run("refresh", "prod")[0] == 0
-    stage = ["connections", "stage-jwt-key", "prod", "--jwt-key-id", "key-2", "--jwt-kms-key", second]
-    code, _out, err = run(*stage, stdin=admin(instance))
+    code, _out, err = stage_key(instance, "key-2", second)
     assert (code, err) == (0, ""), err
     return first, second, third
+
+
+def stage_key(instance: ServiceNowEmulator, kid: str, key: str) -> tuple[int, str, str]:  # noqa: F811
+    """An operator's `make stage-jwt-key`, the ServiceNow admin answering its prompt."""
+    return run("connections", "stage-jwt-key", "prod", "--jwt-key-id", kid, "--jwt-kms-key", key, stdin=admin(instance))
 
 
 def overwrite(secretsmanager: Any, secret_id: str, value: str) -> None:
@@ -47,7 +52,7 @@ def overwrite(secretsmanager: Any, secret_id: str, value: str) -> None:
 def test_a_key_staged_while_retire_runs_keeps_its_verifier_map(
     instance: ServiceNowEmulator,  # noqa: F811
     secretsmanager: Any,
-    kms: Any,  # noqa: F811
+    kms: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """retire-jwt-key promotes key-2 and re-reads the secret (current key-2, nothing staged). Before it lists and
@@ -61,8 +66,7 @@ def test_a_key_staged_while_retire_runs_keeps_its_verifier_map(
 
     def stage_then_remove(*args: Any, **kwargs: Any) -> list[str]:
         if not staged_meanwhile:  # the concurrent writer, run once at this point of the interleaving
-            stage = ["connections", "stage-jwt-key", "prod", "--jwt-key-id", "key-3", "--jwt-kms-key", third]
-            staged_meanwhile.append(run(*stage, stdin=admin(instance)))
+            staged_meanwhile.append(stage_key(instance, "key-3", third))
         return real_remove(*args, **kwargs)
 
     monkeypatch.setattr(cli_module, "remove_verifier_maps", stage_then_remove)
@@ -84,7 +88,7 @@ def test_a_key_staged_while_retire_runs_keeps_its_verifier_map(
 def test_retire_never_reports_a_promotion_the_secret_did_not_take_up(
     instance: ServiceNowEmulator,  # noqa: F811
     secretsmanager: Any,
-    kms: Any,  # noqa: F811
+    kms: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The stored access token is due. retire-jwt-key gets a token with staged key-2; just before its write, an
@@ -109,8 +113,7 @@ def test_retire_never_reports_a_promotion_the_secret_did_not_take_up(
                 value = json.loads(params.get("SecretString", "{}"))
                 if staged_meanwhile or value.get("jwtKeyId") != "key-2":
                     return
-                stage = ["connections", "stage-jwt-key", "prod", "--jwt-key-id", "key-3", "--jwt-kms-key", third]
-                staged_meanwhile.append(run(*stage, stdin=admin(instance)))
+                staged_meanwhile.append(stage_key(instance, "key-3", third))
 
             store.client.meta.events.register("before-parameter-build.secrets-manager.PutSecretValue", before_put)
         return store
